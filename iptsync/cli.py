@@ -1,0 +1,119 @@
+"""The ``iptsync`` command line: builds settings and adapters, holds no logic of its own.
+
+Flag names and meanings follow kube-proxy's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from iptsync.desired import Desired, desired_from_objects, report
+from iptsync.options import OptionError, build_settings, parse_ips
+from iptsync.render import Settings
+from iptsync.sources.files import load_objects
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def node_options(func: F) -> F:
+    """The flags that say which node this is and how its rules are shaped."""
+    decorators = [
+        click.option("--objects", "objects", multiple=True, type=click.Path(exists=True),
+                     help="Manifest file or directory (YAML/JSON, multi-document, kind: List)."),
+        click.option("--hostname-override", default=None,
+                     help="This node's name, as in the Node object (default: hostname)."),
+        click.option("--cluster-cidr", default=None,
+                     help="Pod CIDR of the cluster; traffic from outside it is masqueraded."),
+        click.option("--masquerade-all", is_flag=True, help="Masquerade all service traffic."),
+        click.option("--iptables-masquerade-bit", "masquerade_bit", default=14, type=int,
+                     show_default=True, help="fwmark bit marking packets to masquerade."),
+        click.option("--nodeport-addresses", default=None,
+                     help="CIDRs of node addresses that accept NodePorts (default: all)."),
+        click.option("--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
+                     "localhost_nodeports", default=True, show_default=True,
+                     help="Accept NodePort connections on 127.0.0.1."),
+        click.option("--node-ip", "node_ips", multiple=True,
+                     help="A node address (repeatable); default: the Node object's addresses."),
+        click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def settings_from(params: dict[str, Any]) -> Settings:
+    try:
+        return build_settings(
+            node_name=params["hostname_override"] or socket.gethostname(),
+            cluster_cidr=params["cluster_cidr"],
+            masquerade_all=params["masquerade_all"],
+            masquerade_bit=params["masquerade_bit"],
+            nodeport_addresses=params["nodeport_addresses"],
+            node_ips=parse_ips(params["node_ips"], "--node-ip"),
+            localhost_nodeports=params["localhost_nodeports"],
+        )
+    except OptionError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def desired_from_params(params: dict[str, Any]) -> Desired:
+    settings = settings_from(params)
+    loaded = load_objects(params["objects"])
+    desired = desired_from_objects(loaded.objects, settings)
+    report(loaded.problems + desired.problems)
+    return desired
+
+
+@click.group()
+@click.version_option(package_name="iptsync")
+def main() -> None:
+    """iptsync: kube-proxy's iptables mode, with incremental syncs and real debugging."""
+
+
+@main.command()
+@node_options
+@click.option("--format", "output_format", type=click.Choice(["restore", "json"]),
+              default="restore", show_default=True, help="iptables-restore text or JSON.")
+def dump(output_format: str, **params: Any) -> None:
+    """Print the rules a full sync would write (iptables-restore input). Needs no root."""
+    setup_logging(params.pop("verbose"))
+    desired = desired_from_params(params)
+    if output_format == "json":
+        json.dump(dump_json(desired), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(desired.ruleset.restore_text())
+
+
+def dump_json(desired: Desired) -> dict[str, Any]:
+    """A machine-readable dump: tables, chains, rules (restore and canonical form), jumps."""
+    rs = desired.ruleset
+    return {
+        "node": desired.settings.node_name,
+        "tables": {
+            table: {chain: [{"rule": r.restore_line(), "canonical": r.canonical}
+                            for r in rules] for chain, rules in chains.items()}
+            for table, chains in rs.tables.items()
+        },
+        "jumps": [{"table": j.table, "chain": j.chain, "rule": j.rule.restore_line()}
+                  for j in rs.jumps],
+        "problems": [{"kind": p.kind, "object": p.ref, "field": p.field, "message": p.message,
+                      "dropped": p.dropped} for p in desired.problems],
+    }
+
+
+if __name__ == "__main__":
+    main()

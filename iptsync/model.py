@@ -1,0 +1,624 @@
+"""Kubernetes objects as kube-proxy sees them: validated, immutable service ports and endpoints.
+
+Input is a manifest dict (camelCase, as ``kubectl get -o json|yaml`` prints it) or an object of
+the official ``kubernetes`` client (converted by duck typing, so this module imports nothing of
+it). Output is frozen dataclasses holding exactly the fields kube-proxy's iptables mode uses.
+
+Invalid input never raises out of this module: a parser returns ``None`` plus a list of
+:class:`Problem`, each naming the object (``Kind namespace/name``) and the field. An object with
+a bad field is skipped whole; a bad endpoint address drops only that endpoint.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_AFFINITY_TIMEOUT = 10800  # kube-proxy's default for sessionAffinity ClientIP
+MAX_AFFINITY_TIMEOUT = 86400
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+class IPFamily(enum.Enum):
+    """An address family; kept explicit everywhere so IPv6 can follow IPv4."""
+
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+    @staticmethod
+    def of(address: IPAddress | IPNetwork) -> IPFamily:
+        return IPFamily.IPV4 if address.version == 4 else IPFamily.IPV6
+
+
+class Protocol(enum.Enum):
+    """Service protocols kube-proxy programs."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+    @property
+    def lower(self) -> str:
+        return self.value.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why (part of) an object was rejected: the object, the field, and what is wrong."""
+
+    kind: str
+    ref: str  # "namespace/name"
+    field: str
+    message: str
+    dropped: str = "object"  # what was skipped: the whole "object" or one "endpoint"
+
+    def __str__(self) -> str:
+        what = f"skipping {self.kind} {self.ref}" if self.dropped == "object" else (
+            f"{self.kind} {self.ref}: dropping {self.dropped}"
+        )
+        return f"{what}: {self.field}: {self.message}"
+
+
+class InvalidField(Exception):
+    """Raised inside a parser to reject the object; never escapes this module."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePortName:
+    """kube-proxy's key for one port of one service: ``namespace/name:port`` (or ``namespace/name``)."""
+
+    namespace: str
+    name: str
+    port: str = ""
+
+    def __str__(self) -> str:
+        base = f"{self.namespace}/{self.name}"
+        return f"{base}:{self.port}" if self.port else base
+
+    @property
+    def service(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One port of one Service, with every field the iptables proxier reads."""
+
+    name: ServicePortName
+    protocol: Protocol
+    family: IPFamily
+    cluster_ip: IPAddress
+    port: int
+    node_port: int = 0
+    external_ips: tuple[IPAddress, ...] = ()
+    load_balancer_ips: tuple[IPAddress, ...] = ()
+    load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
+    external_policy_local: bool = False
+    internal_policy_local: bool = False
+    affinity_timeout: int | None = None  # seconds when sessionAffinity is ClientIP
+    health_check_node_port: int = 0
+
+    @property
+    def externally_accessible(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    @property
+    def uses_cluster_endpoints(self) -> bool:
+        # Even with externalTrafficPolicy=Local, pod and node traffic to external
+        # destinations is short-circuited to the cluster-wide endpoints.
+        return not self.internal_policy_local or self.externally_accessible
+
+    @property
+    def uses_local_endpoints(self) -> bool:
+        return self.internal_policy_local or (
+            self.external_policy_local and self.externally_accessible
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint address of a service port, with its conditions and topology."""
+
+    ip: IPAddress
+    port: int
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: frozenset[str] = frozenset()
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+    @property
+    def key(self) -> str:
+        """``ip:port``, kube-proxy's endpoint string (brackets for IPv6)."""
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    """A port of an EndpointSlice; ``name`` matches the service port's name."""
+
+    name: str
+    protocol: Protocol
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSliceInfo:
+    """An EndpointSlice reduced to what the proxier needs."""
+
+    namespace: str
+    name: str
+    service: str
+    family: IPFamily | None  # None for FQDN slices, which kube-proxy ignores
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[Endpoint, ...]  # port 0: the slice's ports apply to each
+    trigger_time: datetime | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """The fields of this node's Node object the proxier uses."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    addresses: tuple[IPAddress, ...] = ()
+
+    @property
+    def zone(self) -> str | None:
+        return self.labels.get(ZONE_LABEL) or None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """A parsed Service: its ports (empty for headless, ExternalName and other families)."""
+
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...]
+    skipped_reason: str | None = None  # set when the Service is valid but gets no rules
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What a parser returns: the value (None when the object was rejected) and problems."""
+
+    value: ServiceInfo | EndpointSliceInfo | NodeInfo | None
+    problems: tuple[Problem, ...] = ()
+
+
+def to_manifest(obj: Any) -> Any:
+    """Return ``obj`` as a camelCase manifest, converting ``kubernetes`` client models.
+
+    Client models carry ``openapi_types`` and ``attribute_map`` (python name -> JSON name);
+    anything else is returned with its containers converted recursively.
+    """
+    if hasattr(obj, "openapi_types") and hasattr(obj, "attribute_map"):
+        out: dict[str, Any] = {}
+        for attr in obj.openapi_types:
+            value = getattr(obj, attr)
+            if value is not None:
+                out[obj.attribute_map[attr]] = to_manifest(value)
+        return out
+    if isinstance(obj, Mapping):
+        return {key: to_manifest(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_manifest(item) for item in obj]
+    if isinstance(obj, datetime | date):
+        return obj.isoformat()
+    return obj
+
+
+def object_ref(manifest: Mapping[str, Any]) -> str:
+    """``namespace/name`` of a manifest, tolerant of missing metadata."""
+    meta = manifest.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    namespace = meta.get("namespace") or "default"
+    return f"{namespace}/{meta.get('name') or '<unnamed>'}"
+
+
+def parse_object(obj: Any) -> Parsed:
+    """Parse a Service, EndpointSlice or Node manifest (or client object) by its kind."""
+    manifest = to_manifest(obj)
+    if not isinstance(manifest, Mapping):
+        return Parsed(None, (Problem("object", "<unknown>", "", "not a mapping"),))
+    kind = manifest.get("kind")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        return Parsed(None)
+    return parser(manifest)
+
+
+def parse_service(manifest: Mapping[str, Any]) -> Parsed:
+    """Parse a Service; headless, ExternalName and non-IPv4 services yield no ports."""
+    ref = object_ref(manifest)
+    try:
+        return Parsed(_service(manifest))
+    except InvalidField as err:
+        return Parsed(None, (Problem("Service", ref, err.path, err.message),))
+
+
+def parse_endpoint_slice(manifest: Mapping[str, Any]) -> Parsed:
+    """Parse an EndpointSlice; a bad endpoint address drops only that endpoint."""
+    ref = object_ref(manifest)
+    problems: list[Problem] = []
+    try:
+        info = _endpoint_slice(manifest, ref, problems)
+    except InvalidField as err:
+        problems.append(Problem("EndpointSlice", ref, err.path, err.message))
+        return Parsed(None, tuple(problems))
+    return Parsed(info, tuple(problems))
+
+
+def parse_node(manifest: Mapping[str, Any]) -> Parsed:
+    """Parse a Node: name, labels (zone) and status addresses."""
+    ref = object_ref(manifest)
+    try:
+        meta = _mapping(manifest, "metadata", required=True)
+        name = _string(meta, "name", "metadata.name", required=True)
+        labels = _string_map(meta, "labels", "metadata.labels")
+        status = _mapping(manifest, "status")
+        addresses: list[IPAddress] = []
+        for i, item in enumerate(_list(status, "addresses", "status.addresses")):
+            entry = _as_mapping(item, f"status.addresses[{i}]")
+            if entry.get("type") in ("InternalIP", "ExternalIP"):
+                addresses.append(_ip(entry.get("address"), f"status.addresses[{i}].address"))
+        return Parsed(NodeInfo(name=name, labels=labels, addresses=tuple(addresses)))
+    except InvalidField as err:
+        return Parsed(None, (Problem("Node", ref, err.path, err.message),))
+
+
+_PARSERS = {
+    "Service": parse_service,
+    "EndpointSlice": parse_endpoint_slice,
+    "Node": parse_node,
+}
+
+
+def _service(manifest: Mapping[str, Any]) -> ServiceInfo:
+    meta = _mapping(manifest, "metadata", required=True)
+    name = _string(meta, "name", "metadata.name", required=True)
+    namespace = _string(meta, "namespace", "metadata.namespace") or "default"
+    annotations = _string_map(meta, "annotations", "metadata.annotations")
+    spec = _mapping(manifest, "spec", "spec", required=True)
+    svc_type = _string(spec, "type", "spec.type") or "ClusterIP"
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise InvalidField("spec.type", f"unknown service type {svc_type!r}")
+    if svc_type == "ExternalName":
+        return ServiceInfo(namespace, name, (), "ExternalName services get no rules")
+    cluster_ip_text = _string(spec, "clusterIP", "spec.clusterIP")
+    if cluster_ip_text == "None":
+        return ServiceInfo(namespace, name, (), "headless services get no rules")
+    if not cluster_ip_text:
+        raise InvalidField("spec.clusterIP", "missing: the service has no cluster IP allocated")
+    cluster_ip = _ip(cluster_ip_text, "spec.clusterIP")
+    family = IPFamily.of(cluster_ip)
+    if family is not IPFamily.IPV4:
+        return ServiceInfo(namespace, name, (), "IPv6 services are not supported yet")
+
+    external_ips = tuple(
+        ip for ip in (
+            _ip(text, f"spec.externalIPs[{i}]")
+            for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))
+        ) if IPFamily.of(ip) is family
+    )
+    lb_ips: tuple[IPAddress, ...] = ()
+    source_ranges: tuple[IPNetwork, ...] = ()
+    if svc_type == "LoadBalancer":
+        lb_ips = _load_balancer_ips(manifest, family)
+        source_ranges = _source_ranges(spec, annotations, family)
+    external_policy = _policy(spec, "externalTrafficPolicy")
+    internal_policy = _policy(spec, "internalTrafficPolicy")
+    external_local = external_policy == "Local" and svc_type in ("NodePort", "LoadBalancer")
+    affinity = _affinity_timeout(spec)
+    health_check_node_port = 0
+    if svc_type == "LoadBalancer" and external_local:
+        health_check_node_port = _port(spec.get("healthCheckNodePort"),
+                                       "spec.healthCheckNodePort", allow_zero=True)
+
+    raw_ports = _list(spec, "ports", "spec.ports")
+    if not raw_ports:
+        raise InvalidField("spec.ports", "missing: a service with a cluster IP needs ports")
+    ports: list[ServicePort] = []
+    seen: set[tuple[str, Protocol]] = set()
+    for i, raw in enumerate(raw_ports):
+        path = f"spec.ports[{i}]"
+        port_spec = _as_mapping(raw, path)
+        port_name = _string(port_spec, "name", f"{path}.name")
+        protocol = _protocol(port_spec.get("protocol"), f"{path}.protocol")
+        if (port_name, protocol) in seen:
+            raise InvalidField(f"{path}.name", f"duplicate port name {port_name!r}")
+        seen.add((port_name, protocol))
+        ports.append(ServicePort(
+            name=ServicePortName(namespace, name, port_name),
+            protocol=protocol,
+            family=family,
+            cluster_ip=cluster_ip,
+            port=_port(port_spec.get("port"), f"{path}.port"),
+            node_port=_port(port_spec.get("nodePort"), f"{path}.nodePort", allow_zero=True),
+            external_ips=external_ips,
+            load_balancer_ips=lb_ips,
+            load_balancer_source_ranges=source_ranges,
+            external_policy_local=external_local,
+            internal_policy_local=internal_policy == "Local",
+            affinity_timeout=affinity,
+            health_check_node_port=health_check_node_port,
+        ))
+    return ServiceInfo(namespace, name, tuple(ports))
+
+
+def _load_balancer_ips(manifest: Mapping[str, Any], family: IPFamily) -> tuple[IPAddress, ...]:
+    status = _mapping(manifest, "status")
+    load_balancer = _mapping(status, "loadBalancer", "status.loadBalancer")
+    ips: list[IPAddress] = []
+    for i, raw in enumerate(_list(load_balancer, "ingress", "status.loadBalancer.ingress")):
+        path = f"status.loadBalancer.ingress[{i}]"
+        ingress = _as_mapping(raw, path)
+        if not ingress.get("ip"):
+            continue  # hostname-only ingress: nothing to capture
+        if ingress.get("ipMode") == "Proxy":
+            continue  # the load balancer proxies; traffic arrives for the node, not the VIP
+        ip = _ip(ingress.get("ip"), f"{path}.ip")
+        if IPFamily.of(ip) is family:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _source_ranges(spec: Mapping[str, Any], annotations: Mapping[str, str],
+                   family: IPFamily) -> tuple[IPNetwork, ...]:
+    texts = [(f"spec.loadBalancerSourceRanges[{i}]", text) for i, text in
+             enumerate(_list(spec, "loadBalancerSourceRanges", "spec.loadBalancerSourceRanges"))]
+    if not texts and annotations.get(SOURCE_RANGES_ANNOTATION):
+        path = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+        texts = [(path, part) for part in annotations[SOURCE_RANGES_ANNOTATION].split(",")]
+    ranges = [_cidr(text, path) for path, text in texts]
+    return tuple(net for net in ranges if IPFamily.of(net) is family)
+
+
+def _policy(spec: Mapping[str, Any], key: str) -> str:
+    value = _string(spec, key, f"spec.{key}") or "Cluster"
+    if value not in ("Cluster", "Local"):
+        raise InvalidField(f"spec.{key}", f"must be Cluster or Local, not {value!r}")
+    return value
+
+
+def _affinity_timeout(spec: Mapping[str, Any]) -> int | None:
+    affinity = _string(spec, "sessionAffinity", "spec.sessionAffinity") or "None"
+    if affinity == "None":
+        return None
+    if affinity != "ClientIP":
+        raise InvalidField("spec.sessionAffinity", f"must be None or ClientIP, not {affinity!r}")
+    config = _mapping(_mapping(spec, "sessionAffinityConfig", "spec.sessionAffinityConfig"),
+                      "clientIP", "spec.sessionAffinityConfig.clientIP")
+    path = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    raw = config.get("timeoutSeconds")
+    if raw is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    timeout = _int(raw, path)
+    if not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
+        raise InvalidField(path, f"{timeout} is outside 1..{MAX_AFFINITY_TIMEOUT}")
+    return timeout
+
+
+def _endpoint_slice(manifest: Mapping[str, Any], ref: str,
+                    problems: list[Problem]) -> EndpointSliceInfo:
+    meta = _mapping(manifest, "metadata", required=True)
+    name = _string(meta, "name", "metadata.name", required=True)
+    namespace = _string(meta, "namespace", "metadata.namespace") or "default"
+    labels = _string_map(meta, "labels", "metadata.labels")
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        raise InvalidField(f"metadata.labels[{SERVICE_NAME_LABEL}]", "missing")
+    annotations = _string_map(meta, "annotations", "metadata.annotations")
+    address_type = _string(manifest, "addressType", "addressType", required=True)
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise InvalidField("addressType", f"must be IPv4, IPv6 or FQDN, not {address_type!r}")
+    family = None if address_type == "FQDN" else IPFamily(address_type)
+
+    ports: list[SlicePort] = []
+    for i, raw in enumerate(_list(manifest, "ports", "ports")):
+        path = f"ports[{i}]"
+        port_spec = _as_mapping(raw, path)
+        if port_spec.get("port") is None:
+            continue  # kube-proxy ignores a slice port without a number
+        ports.append(SlicePort(
+            name=_string(port_spec, "name", f"{path}.name"),
+            protocol=_protocol(port_spec.get("protocol"), f"{path}.protocol"),
+            port=_port(port_spec.get("port"), f"{path}.port"),
+        ))
+
+    endpoints: list[Endpoint] = []
+    for i, raw in enumerate(_list(manifest, "endpoints", "endpoints")):
+        path = f"endpoints[{i}]"
+        try:
+            endpoint = _endpoint(_as_mapping(raw, path), path, family)
+        except InvalidField as err:
+            problems.append(Problem("EndpointSlice", ref, err.path, err.message,
+                                    dropped=f"endpoint {i}"))
+            continue
+        if endpoint is not None:
+            endpoints.append(endpoint)
+    trigger = annotations.get(TRIGGER_TIME_ANNOTATION)
+    return EndpointSliceInfo(
+        namespace=namespace, name=name, service=service, family=family, ports=tuple(ports),
+        endpoints=tuple(endpoints), trigger_time=_timestamp(trigger) if trigger else None,
+    )
+
+
+def _endpoint(spec: Mapping[str, Any], path: str, family: IPFamily | None) -> Endpoint | None:
+    addresses = _list(spec, "addresses", f"{path}.addresses")
+    if not addresses:
+        raise InvalidField(f"{path}.addresses", "missing")
+    if family is None:
+        return None
+    # kube-proxy uses only the first address of an endpoint.
+    ip = _ip(addresses[0], f"{path}.addresses[0]")
+    if IPFamily.of(ip) is not family:
+        raise InvalidField(f"{path}.addresses[0]", f"{ip} is not an {family.value} address")
+    conditions = _mapping(spec, "conditions", f"{path}.conditions")
+    ready = _optional_bool(conditions, "ready", f"{path}.conditions.ready")
+    serving = _optional_bool(conditions, "serving", f"{path}.conditions.serving")
+    terminating = _optional_bool(conditions, "terminating", f"{path}.conditions.terminating")
+    hints = _mapping(spec, "hints", f"{path}.hints")
+    zones = frozenset(
+        _string(_as_mapping(item, f"{path}.hints.forZones[{i}]"), "name",
+                f"{path}.hints.forZones[{i}].name", required=True)
+        for i, item in enumerate(_list(hints, "forZones", f"{path}.hints.forZones"))
+    )
+    return Endpoint(
+        ip=ip, port=0,
+        node_name=_string(spec, "nodeName", f"{path}.nodeName") or None,
+        zone=_string(spec, "zone", f"{path}.zone") or None,
+        zone_hints=zones,
+        # kube-proxy's defaults: a missing condition means ready/serving, not terminating.
+        ready=True if ready is None else ready,
+        serving=True if serving is None else serving,
+        terminating=bool(terminating),
+    )
+
+
+def _timestamp(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# --- field readers: each raises InvalidField naming the path ---------------------------------
+
+def _as_mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidField(path, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _mapping(parent: Mapping[str, Any], key: str, path: str | None = None, *,
+             required: bool = False) -> Mapping[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        if required:
+            raise InvalidField(path or key, "missing")
+        return {}
+    return _as_mapping(value, path or key)
+
+
+def _list(parent: Mapping[str, Any], key: str, path: str) -> list[Any]:
+    value = parent.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise InvalidField(path, f"must be a list, not {type(value).__name__}")
+    return list(value)
+
+
+def _string(parent: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> str:
+    value = parent.get(key)
+    if value is None or value == "":
+        if required:
+            raise InvalidField(path, "missing")
+        return ""
+    if not isinstance(value, str):
+        raise InvalidField(path, f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _string_map(parent: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
+    value = _mapping(parent, key, path)
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidField(f"{path}[{k}]", "keys and values must be strings")
+        out[k] = v
+    return out
+
+
+def _optional_bool(parent: Mapping[str, Any], key: str, path: str) -> bool | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise InvalidField(path, f"must be true or false, not {value!r}")
+    return value
+
+
+def _int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(path, f"must be an integer, not {value!r}")
+    return value
+
+
+def _port(value: Any, path: str, *, allow_zero: bool = False) -> int:
+    if value is None and allow_zero:
+        return 0
+    if value is None:
+        raise InvalidField(path, "missing")
+    port = _int(value, path)
+    if port == 0 and allow_zero:
+        return 0
+    if not 1 <= port <= 65535:
+        raise InvalidField(path, f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _protocol(value: Any, path: str) -> Protocol:
+    if value is None:
+        return Protocol.TCP
+    try:
+        return Protocol(value)
+    except ValueError:
+        raise InvalidField(path, f"must be TCP, UDP or SCTP, not {value!r}") from None
+
+
+def _ip(value: Any, path: str) -> IPAddress:
+    if not isinstance(value, str):
+        raise InvalidField(path, f"must be an IP address string, not {value!r}")
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise InvalidField(path, f"{value!r} is not a valid IP address") from None
+
+
+def _cidr(value: Any, path: str) -> IPNetwork:
+    if not isinstance(value, str):
+        raise InvalidField(path, f"must be a CIDR string, not {value!r}")
+    try:
+        # Like kube-proxy: surrounding blanks are tolerated and host bits are masked off.
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise InvalidField(path, f"{value!r} is not a valid CIDR") from None
+
+
+def parse_all(objects: Iterable[Any]) -> tuple[list[Parsed], list[Problem]]:
+    """Parse many objects; returns the accepted ones and every problem found."""
+    accepted: list[Parsed] = []
+    problems: list[Problem] = []
+    for obj in objects:
+        parsed = parse_object(obj)
+        problems.extend(parsed.problems)
+        if parsed.value is not None:
+            accepted.append(parsed)
+    return accepted, problems

@@ -1,0 +1,136 @@
+"""Turn command-line flags (kube-proxy's names) and a KubeProxyConfiguration into Settings.
+
+Flags win over the config file, as in kube-proxy. Pure apart from reading the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iptsync.model import IPAddress, IPNetwork, NodeInfo
+from iptsync.render import Settings
+
+
+class OptionError(ValueError):
+    """A flag or config value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The KubeProxyConfiguration fields iptsync uses (None: not set)."""
+
+    hostname_override: str | None = None
+    cluster_cidr: str | None = None
+    masquerade_all: bool | None = None
+    masquerade_bit: int | None = None
+    nodeport_addresses: tuple[str, ...] | None = None
+    localhost_nodeports: bool | None = None
+    min_sync_period: float | None = None
+    sync_period: float | None = None
+    healthz_bind_address: str | None = None
+    metrics_bind_address: str | None = None
+
+
+def parse_cidrs(text: str | Iterable[str] | None, what: str) -> tuple[IPNetwork, ...]:
+    if text is None:
+        return ()
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in parts if p.strip())
+    except ValueError as err:
+        raise OptionError(f"{what}: {err}") from None
+
+
+def parse_ips(texts: Iterable[str], what: str) -> tuple[IPAddress, ...]:
+    try:
+        return tuple(ipaddress.ip_address(t.strip()) for t in texts)
+    except ValueError as err:
+        raise OptionError(f"{what}: {err}") from None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int, what: str) -> float:
+    """A Go-style duration (``1s``, ``500ms``, ``1m30s``) or a number of seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    value = text.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise OptionError(f"{what}: {text!r} is not a duration like 1s, 500ms or 1m30s")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def read_config(path: str | Path) -> ProxyConfig:
+    """Read the fields iptsync uses from a KubeProxyConfiguration YAML file."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise OptionError(f"--config {path}: {err}") from None
+    if not isinstance(doc, Mapping) or doc.get("kind") != "KubeProxyConfiguration":
+        raise OptionError(f"--config {path}: not a KubeProxyConfiguration")
+    iptables = doc.get("iptables") or {}
+    addresses = doc.get("nodePortAddresses")
+    return ProxyConfig(
+        hostname_override=doc.get("hostnameOverride") or None,
+        cluster_cidr=doc.get("clusterCIDR") or None,
+        masquerade_all=_opt(iptables, "masqueradeAll", bool),
+        masquerade_bit=_opt(iptables, "masqueradeBit", int),
+        nodeport_addresses=tuple(addresses) if addresses else None,
+        localhost_nodeports=_opt(iptables, "localhostNodePorts", bool),
+        min_sync_period=_duration_opt(iptables, "minSyncPeriod"),
+        sync_period=_duration_opt(iptables, "syncPeriod"),
+        healthz_bind_address=doc.get("healthzBindAddress") or None,
+        metrics_bind_address=doc.get("metricsBindAddress") or None,
+    )
+
+
+def _opt(section: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = section.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise OptionError(f"--config: iptables.{key} must be a {kind.__name__}")
+    return value
+
+
+def _duration_opt(section: Mapping[str, Any], key: str) -> float | None:
+    value = section.get(key)
+    return None if value is None else parse_duration(value, f"--config: iptables.{key}")
+
+
+def build_settings(*, node_name: str, cluster_cidr: str | None, masquerade_all: bool,
+                   masquerade_bit: int, nodeport_addresses: str | Sequence[str] | None,
+                   node_ips: Sequence[IPAddress], localhost_nodeports: bool) -> Settings:
+    if not 0 <= masquerade_bit <= 31:
+        raise OptionError(f"--iptables-masquerade-bit: {masquerade_bit} is outside 0..31")
+    return Settings(
+        node_name=node_name,
+        cluster_cidrs=parse_cidrs(cluster_cidr, "--cluster-cidr"),
+        masquerade_all=masquerade_all,
+        masquerade_bit=masquerade_bit,
+        nodeport_addresses=parse_cidrs(nodeport_addresses, "--nodeport-addresses"),
+        node_ips=tuple(node_ips),
+        localhost_nodeports=localhost_nodeports,
+    )
+
+
+def with_node(settings: Settings, node: NodeInfo | None,
+              interface_ips: Sequence[IPAddress] = ()) -> Settings:
+    """Fill in node addresses: the Node object's first (primary), then the interfaces'."""
+    if settings.node_ips and not interface_ips:
+        return settings
+    ips = list(settings.node_ips) or list(node.addresses if node else ())
+    ips += [ip for ip in interface_ips if ip not in ips]
+    return replace(settings, node_ips=tuple(ips))

@@ -1,0 +1,352 @@
+"""Rulesets as text: iptables-restore output, iptables-save parsing, and rule canonicalisation.
+
+A rule is kept as the argument list kube-proxy would hand to iptables-restore. The kernel does
+not keep that spelling: ``iptables-save`` prints addresses with a prefix length, moves ``-p``
+before the matches, spells ``--or-mark`` as ``--set-xmark``, rounds probabilities to 2^-31
+steps and adds defaults (``--rsource``, ``--reject-with``). :func:`canonical` maps either
+spelling to the one ``iptables-save`` prints (the same for the nft and legacy backends), so
+desired and live rules can be compared as strings. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+TABLE_ORDER = ("filter", "nat")
+
+
+class RulesetError(ValueError):
+    """Text that is not valid iptables-save/restore input, or a rule we cannot canonicalise."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule: its chain and its arguments (restore-input spelling, values unquoted)."""
+
+    chain: str
+    args: tuple[str, ...]
+
+    def restore_line(self, op: str = "-A") -> str:
+        return f"{op} {self.chain} {join_args(self.args)}".rstrip()
+
+    @property
+    def canonical(self) -> str:
+        return canonical(self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """A jump from a built-in chain to one of ours, ensured near the top of that chain."""
+
+    table: str
+    chain: str
+    args: tuple[str, ...]
+
+    @property
+    def rule(self) -> Rule:
+        return Rule(self.chain, self.args)
+
+
+@dataclass
+class Ruleset:
+    """Desired or live rules: table -> chain -> rules (chains in declaration order)."""
+
+    tables: dict[str, dict[str, list[Rule]]] = field(default_factory=dict)
+    jumps: list[Jump] = field(default_factory=list)
+
+    def chain(self, table: str, chain: str) -> list[Rule]:
+        """The rules of a chain, creating the (empty) chain if needed."""
+        return self.tables.setdefault(table, {}).setdefault(chain, [])
+
+    def add(self, table: str, chain: str, *args: str) -> None:
+        self.chain(table, chain).append(Rule(chain, tuple(args)))
+
+    def rule_count(self, table: str) -> int:
+        return sum(len(rules) for rules in self.tables.get(table, {}).values())
+
+    def restore_text(self) -> str:
+        """The iptables-restore payload that creates this ruleset on a fresh node."""
+        lines: list[str] = []
+        for table in ordered_tables(self.tables):
+            chains = self.tables[table]
+            lines.append(f"*{table}")
+            lines.extend(chain_line(name) for name in chains)
+            for rules in chains.values():
+                lines.extend(rule.restore_line() for rule in rules)
+            # Inserting at position 1 in reverse order leaves the jumps in listed order.
+            for jump in reversed([j for j in self.jumps if j.table == table]):
+                lines.append(jump.rule.restore_line("-I").replace(
+                    f"-I {jump.chain} ", f"-I {jump.chain} 1 ", 1))
+            lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+
+def ordered_tables(tables: Iterable[str]) -> list[str]:
+    names = list(tables)
+    return [t for t in TABLE_ORDER if t in names] + sorted(t for t in names if t not in TABLE_ORDER)
+
+
+def chain_line(name: str) -> str:
+    """A restore chain declaration; for an existing chain it also flushes it (with --noflush)."""
+    return f":{name} - [0:0]"
+
+
+# --- tokenising and quoting ------------------------------------------------------------------
+
+_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
+_NEEDS_QUOTES = re.compile(r'[\s"\\]')
+
+
+def split_args(text: str) -> list[str]:
+    """Split a rule the way iptables-restore does (double quotes, backslash escapes)."""
+    if '"' not in text:
+        return text.split()
+    return [re.sub(r"\\(.)", r"\1", quoted) if quoted is not None and bare == "" else bare
+            for quoted, bare in _TOKEN.findall(text)]
+
+
+def quote(token: str) -> str:
+    if token and not _NEEDS_QUOTES.search(token):
+        return token
+    return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def join_args(args: Iterable[str]) -> str:
+    return " ".join(quote(a) for a in args)
+
+
+# --- parsing iptables-save -------------------------------------------------------------------
+
+@dataclass
+class SavedTable:
+    """One table as iptables-save printed it; rules are kept canonical."""
+
+    name: str
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    policies: dict[str, str] = field(default_factory=dict)  # built-in chains only
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """Parse iptables-save output (either backend, with or without ``-c`` counters)."""
+    tables: dict[str, SavedTable] = {}
+    current: SavedTable | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], SavedTable(line[1:]))
+        elif current is None:
+            raise RulesetError(f"line {number}: {line!r} outside a table")
+        elif line == "COMMIT":
+            current = None
+        elif line.startswith(":"):
+            name, policy, *_ = line[1:].split() + ["-"]
+            current.chains.setdefault(name, [])
+            if policy != "-":
+                current.policies[name] = policy
+        else:
+            chain, args = _parse_rule_line(line, number)
+            current.chains.setdefault(chain, []).append(canonical(args))
+    if current is not None:
+        raise RulesetError(f"table {current.name} has no COMMIT")
+    return tables
+
+
+def _parse_rule_line(line: str, number: int) -> tuple[str, list[str]]:
+    tokens = split_args(line)
+    if tokens and tokens[0].startswith("["):  # counters from iptables-save -c
+        tokens = tokens[1:]
+    if len(tokens) < 2 or tokens[0] not in ("-A", "--append"):
+        raise RulesetError(f"line {number}: expected '-A CHAIN ...', got {line!r}")
+    return tokens[1], tokens[2:]
+
+
+# --- canonicalisation ------------------------------------------------------------------------
+
+_ADDRESS_OPTS = {"-s": "-s", "--source": "-s", "--src": "-s",
+                 "-d": "-d", "--destination": "-d", "--dst": "-d",
+                 "-i": "-i", "--in-interface": "-i", "-o": "-o", "--out-interface": "-o",
+                 "-p": "-p", "--protocol": "-p"}
+_OPT_ALIASES = {"--source-port": "--sport", "--destination-port": "--dport",
+                "--source-ports": "--sports", "--destination-ports": "--dports"}
+# The order in which iptables-save prints each match's options.
+_OPTION_ORDER: dict[str, tuple[str, ...]] = {
+    "tcp": ("--sport", "--dport", "--tcp-flags", "--syn"),
+    "udp": ("--sport", "--dport"),
+    "sctp": ("--sport", "--dport", "--chunk-types"),
+    "addrtype": ("--src-type", "--dst-type", "--limit-iface-in", "--limit-iface-out"),
+    "statistic": ("--mode", "--probability", "--every", "--packet"),
+    "recent": ("--set", "--rcheck", "--update", "--remove", "--seconds", "--reap",
+               "--hitcount", "--rttl", "--name", "--mask", "--rsource", "--rdest"),
+    "conntrack": ("--ctstate", "--ctproto", "--ctorigsrc", "--ctorigdst", "--ctstatus"),
+}
+_CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
+_PROBABILITY_SCALE = 0x80000000  # xt_statistic keeps the probability as a 31-bit fraction
+
+Option = tuple[bool, str, list[str]]  # (negated, name, values)
+
+
+@dataclass
+class _Parsed:
+    basics: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    matches: list[tuple[str, list[Option]]] = field(default_factory=list)
+    target: tuple[str, str] | None = None  # ("-j"|"-g", name)
+    target_opts: list[Option] = field(default_factory=list)
+
+
+def canonical(args: Sequence[str]) -> str:
+    """The rule's arguments as ``iptables-save`` prints them, for comparison and reuse."""
+    parsed = _parse_args(args)
+    out: list[str] = []
+    for opt in ("-s", "-d", "-i", "-o", "-p"):
+        if opt in parsed.basics:
+            negated, value = parsed.basics[opt]
+            out.extend((["!"] if negated else []) + [opt, value])
+    for name, options in parsed.matches:
+        out.extend(["-m", name])
+        out.extend(_match_options(name, options))
+    if parsed.target is not None:
+        flag, target = parsed.target
+        out.extend([flag, target])
+        out.extend(_target_options(target, parsed.target_opts))
+    return " ".join(out)
+
+
+def _parse_args(args: Sequence[str]) -> _Parsed:
+    parsed = _Parsed()
+    current: list[Option] | None = None
+    negated = False
+    i, n = 0, len(args)
+    while i < n:
+        token = args[i]
+        if token == "!":
+            negated = True
+            i += 1
+            continue
+        if i + 1 < n and token in _ADDRESS_OPTS:
+            opt = _ADDRESS_OPTS[token]
+            value = args[i + 1]
+            if opt in ("-s", "-d"):
+                value = _address(value)
+            elif opt == "-p":
+                value = value.lower()
+            parsed.basics[opt] = (negated, value)
+        elif i + 1 < n and token in ("-m", "--match"):
+            current = []
+            parsed.matches.append((args[i + 1], current))
+        elif i + 1 < n and token in ("-j", "--jump", "-g", "--goto"):
+            parsed.target = ("-g" if token in ("-g", "--goto") else "-j", args[i + 1])
+            current = parsed.target_opts
+        elif token.startswith("--"):
+            i += 1
+            values: list[str] = []
+            while i < n and args[i] != "!" and not args[i].startswith("--") and args[i] not in (
+                    "-m", "-j", "-g", "-s", "-d", "-i", "-o", "-p"):
+                values.append(args[i])
+                i += 1
+            if current is None:  # e.g. "-p tcp --dport 80": iptables loads the tcp match itself
+                current = []
+                parsed.matches.append((parsed.basics.get("-p", (False, "?"))[1], current))
+            current.append((negated, _OPT_ALIASES.get(token, token), values))
+            negated = False
+            continue
+        else:
+            raise RulesetError(f"cannot read rule arguments at {token!r}: {join_args(args)}")
+        negated = False
+        i += 2
+    return parsed
+
+
+def _address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise RulesetError(f"bad address {value!r}") from None
+
+
+def _format_options(options: Iterable[Option]) -> Iterator[str]:
+    for negated, name, values in options:
+        if negated:
+            yield "!"
+        yield name
+        yield from values
+
+
+def _match_options(name: str, options: list[Option]) -> list[str]:
+    if name == "comment":
+        return [tok if tok.startswith("--") else _save_quote(tok)
+                for tok in _format_options(options)]
+    normalised = [_normalise_option(name, opt) for opt in options]
+    if name == "recent":
+        present = {opt[1] for opt in normalised}
+        if "--name" not in present:
+            normalised.append((False, "--name", ["DEFAULT"]))
+        if "--mask" not in present:
+            normalised.append((False, "--mask", ["255.255.255.255"]))
+        if not present & {"--rsource", "--rdest"}:
+            normalised.append((False, "--rsource", []))
+    order = _OPTION_ORDER.get(name)
+    if order:
+        rank = {opt: i for i, opt in enumerate(order)}
+        normalised.sort(key=lambda opt: rank.get(opt[1], len(order)))
+    return list(_format_options(normalised))
+
+
+def _normalise_option(match: str, option: Option) -> Option:
+    negated, name, values = option
+    if match == "statistic" and name == "--probability" and values:
+        return negated, name, [_probability(values[0])]
+    if match == "mark" and name == "--mark" and values:
+        return negated, name, [_mark(values[0])]
+    if match == "conntrack" and name in ("--ctstate", "--state") and values:
+        states = values[0].split(",")
+        states.sort(key=lambda s: _CTSTATE_ORDER.index(s) if s in _CTSTATE_ORDER else 99)
+        return negated, "--ctstate", [",".join(states)]
+    return option
+
+
+def _target_options(target: str, options: list[Option]) -> list[str]:
+    if target == "MARK":
+        return list(_format_options(_mark_target(opt) for opt in options))
+    if target == "REJECT" and not options:
+        return ["--reject-with", "icmp-port-unreachable"]
+    return list(_format_options(options))
+
+
+def _mark_target(option: Option) -> Option:
+    negated, name, values = option
+    value, _, mask_text = values[0].partition("/") if values else ("0", "", "")
+    number = int(value, 0)
+    mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    if name == "--or-mark":
+        return negated, "--set-xmark", [f"{number:#x}/{number:#x}"]
+    if name == "--xor-mark":
+        return negated, "--set-xmark", [f"{number:#x}/0x0"]
+    if name == "--and-mark":
+        return negated, "--set-xmark", [f"0x0/{~number & 0xFFFFFFFF:#x}"]
+    if name == "--set-mark":
+        return negated, "--set-xmark", [f"{number:#x}/{(mask | number):#x}"]
+    if name == "--set-xmark":
+        return negated, "--set-xmark", [f"{number:#x}/{mask:#x}"]
+    return option
+
+
+def _mark(text: str) -> str:
+    value, _, mask_text = text.partition("/")
+    number = int(value, 0)
+    mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    return f"{number:#x}" if mask == 0xFFFFFFFF else f"{number:#x}/{mask:#x}"
+
+
+def _probability(text: str) -> str:
+    # The kernel keeps round(p * 2^31); iptables-save prints that fraction with 11 decimals.
+    scaled = int(float(text) * _PROBABILITY_SCALE + 0.5)
+    return f"{scaled / _PROBABILITY_SCALE:.11f}"
+
+
+def _save_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
