@@ -15,9 +15,14 @@ from typing import Any, TypeVar
 import click
 
 from iptsync.desired import Desired, desired_from_objects, report
+from iptsync.netfilter import Backend, Netfilter, NetfilterError, detect_backend
+from iptsync.nodeinfo import interface_addresses
 from iptsync.options import OptionError, build_settings, parse_ips
+from iptsync.plan import cleanup_plan
 from iptsync.render import Settings
 from iptsync.sources.files import load_objects
+from iptsync.sync import SyncError, apply_plan, sync
+from iptsync.sysctl import ensure_proxy_sysctls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,6 +118,66 @@ def dump_json(desired: Desired) -> dict[str, Any]:
         "problems": [{"kind": p.kind, "object": p.ref, "field": p.field, "message": p.message,
                       "dropped": p.dropped} for p in desired.problems],
     }
+
+
+def backend_option(default: str) -> Callable[[F], F]:
+    choices = ["auto", "nft", "legacy", "both"] if default == "both" else ["auto", "nft", "legacy"]
+    return click.option("--iptables-backend", "backend", type=click.Choice(choices),
+                        default=default, show_default=True,
+                        help="iptables kernel backend; auto detects what the node uses.")
+
+
+def resolve_backend(choice: str) -> Backend:
+    return detect_backend() if choice == "auto" else Backend(choice)
+
+
+@main.command()
+@node_options
+@backend_option("auto")
+@click.option("--once", is_flag=True, help="Sync this network namespace once and exit.")
+@click.option("--no-conntrack-cleanup", is_flag=True,
+              help="Do not delete stale UDP/SCTP conntrack entries after the sync.")
+def run(backend: str, once: bool, no_conntrack_cleanup: bool, **params: Any) -> None:
+    """Sync the node's iptables rules with the Services and EndpointSlices."""
+    setup_logging(params.pop("verbose") + 1)
+    if not once:
+        raise click.UsageError("only --once is available in this version")
+    if not params["objects"]:
+        raise click.UsageError("--objects is required (the API source is not available yet)")
+    settings = settings_from(params)
+    ensure_proxy_sysctls(settings.nodeports_on_localhost)
+    netfilter = Netfilter(resolve_backend(backend))
+    loaded = load_objects(params["objects"])
+    desired = desired_from_objects(loaded.objects, settings, interface_addresses())
+    report(loaded.problems + desired.problems)
+    try:
+        result = sync(netfilter, desired, clear_flows=not no_conntrack_cleanup)
+    except (SyncError, NetfilterError) as err:
+        logging.getLogger("iptsync").error("%s", err)
+        sys.exit(1)
+    logging.getLogger("iptsync").info("%s", result.line())
+
+
+@main.command()
+@backend_option("both")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+def cleanup(backend: str, verbose: int) -> None:
+    """Remove every chain and jump rule iptsync (or kube-proxy) owns; leave everything else."""
+    setup_logging(verbose + 1)
+    backends = list(Backend) if backend == "both" else [resolve_backend(backend)]
+    failed = False
+    for chosen in backends:
+        netfilter = Netfilter(chosen)
+        try:
+            plan = cleanup_plan(netfilter.save())
+            apply_plan(netfilter, plan)
+        except (SyncError, NetfilterError, FileNotFoundError) as err:
+            logging.getLogger("iptsync").error("cleanup (%s): %s", chosen.value, err)
+            failed = True
+            continue
+        logging.getLogger("iptsync").info("cleanup (%s): %s", chosen.value, plan.summary())
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ class Rule:
     chain: str
     args: tuple[str, ...]
 
-    def restore_line(self, op: str = "-A") -> str:
-        return f"{op} {self.chain} {join_args(self.args)}".rstrip()
+    def restore_line(self, op: str = "-A", position: int | None = None) -> str:
+        """``-A CHAIN args`` (or ``-I CHAIN POSITION args``, ``-D CHAIN args``)."""
+        where = f"{self.chain} {position}" if position is not None else self.chain
+        return f"{op} {where} {join_args(self.args)}".rstrip()
 
     @property
     def canonical(self) -> str:
@@ -77,9 +79,8 @@ class Ruleset:
             for rules in chains.values():
                 lines.extend(rule.restore_line() for rule in rules)
             # Inserting at position 1 in reverse order leaves the jumps in listed order.
-            for jump in reversed([j for j in self.jumps if j.table == table]):
-                lines.append(jump.rule.restore_line("-I").replace(
-                    f"-I {jump.chain} ", f"-I {jump.chain} 1 ", 1))
+            lines.extend(jump.rule.restore_line("-I", 1) for jump in
+                         reversed([j for j in self.jumps if j.table == table]))
             lines.append("COMMIT")
         return "\n".join(lines) + "\n"
 

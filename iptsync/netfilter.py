@@ -1,0 +1,185 @@
+"""The only module that runs iptables binaries (or python-iptables): save, restore, backend.
+
+Two kernel backends exist and do not see each other's rules: nft (``iptables-nft-*``) and
+legacy (``iptables-legacy-*``). :func:`detect_backend` picks the one the node uses, the way
+kubernetes-sigs/iptables-wrappers does: kubelet's hint chains first, then whichever backend
+holds more rules, nft by default. Every later read and write uses that backend's binaries.
+
+With ``netns`` set, commands run inside that named network namespace (``ip netns exec``),
+which is how the tests and the lab drive a node namespace from outside.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from iptsync.ruleset import SavedTable, parse_save
+
+log = logging.getLogger(__name__)
+
+OWNED_TABLES = ("filter", "nat")
+HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+_ERROR_LINE = re.compile(r"(?:Error occurred at line|line):? (\d+)", re.IGNORECASE)
+_LOCK_MESSAGES = ("xtables lock", "Resource temporarily unavailable", "holding the xtables")
+
+
+class Backend(enum.Enum):
+    NFT = "nft"
+    LEGACY = "legacy"
+
+
+class NetfilterError(RuntimeError):
+    """An iptables command failed."""
+
+
+class XtablesLockError(NetfilterError):
+    """Another program held the xtables lock for longer than we waited; retried."""
+
+
+class RestoreError(NetfilterError):
+    """iptables-restore rejected a payload; ``line`` is the failing line when known."""
+
+    def __init__(self, message: str, line: int | None, context: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.context = context
+
+
+@dataclass
+class Netfilter:
+    """Runs one backend's iptables-save/-restore, optionally inside a named netns."""
+
+    backend: Backend
+    netns: str | None = None
+    lock_wait_seconds: int = 5
+
+    def _argv(self, tool: str, *args: str) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [*prefix, f"iptables-{self.backend.value}-{tool}", *args]
+
+    def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+            message = result.stderr.strip() or f"exit status {result.returncode}"
+            if any(text in message for text in _LOCK_MESSAGES):
+                raise XtablesLockError(message)
+            tool = next((a for a in argv if a.startswith("iptables")), argv[0])
+            raise NetfilterError(f"{tool}: {message}")
+        return result.stdout
+
+    @retry(retry=retry_if_exception_type(XtablesLockError), stop=stop_after_attempt(5),
+           wait=wait_random_exponential(multiplier=0.2, max=3), reraise=True)
+    def save(self, tables: Iterable[str] = OWNED_TABLES) -> dict[str, SavedTable]:
+        """The live state of ``tables`` (missing tables come back empty)."""
+        out: dict[str, SavedTable] = {}
+        for table in tables:
+            text = self._run(self._argv("save", "-t", table))
+            out[table] = parse_save(text).get(table, SavedTable(table))
+        return out
+
+    def save_text(self, table: str) -> str:
+        return self._run(self._argv("save", "-t", table))
+
+    @retry(retry=retry_if_exception_type(XtablesLockError), stop=stop_after_attempt(5),
+           wait=wait_random_exponential(multiplier=0.2, max=3), reraise=True)
+    def restore(self, payload: str, *, noflush: bool = True) -> None:
+        """Feed ``payload`` to iptables-restore; each table's COMMIT is atomic."""
+        args = ["-w", str(self.lock_wait_seconds)]
+        if noflush:
+            args.append("--noflush")
+        try:
+            self._run(self._argv("restore", *args), stdin=payload)
+        except XtablesLockError:
+            raise
+        except NetfilterError as err:
+            line = _failed_line(str(err))
+            raise RestoreError(str(err), line, excerpt(payload, line)) from None
+
+    def chain_exists(self, table: str, chain: str) -> bool:
+        """Cheap existence check (the agent's canary), without saving the whole table."""
+        if self.backend is Backend.LEGACY and self.netns is None:
+            try:
+                return chain in legacy_chain_names(table)
+            except Exception as err:  # noqa: BLE001  (libiptc missing: use the binary)
+                log.debug("python-iptables unavailable, using iptables: %s", err)
+        try:
+            self.run("-t", table, "-S", chain)
+        except NetfilterError:
+            return False
+        return True
+
+    def run(self, *args: str) -> str:
+        """Run the backend's plain ``iptables`` command (used by tests and cleanup)."""
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return self._run([*prefix, f"iptables-{self.backend.value}", *args])
+
+
+def _failed_line(message: str) -> int | None:
+    match = _ERROR_LINE.search(message)
+    return int(match.group(1)) if match else None
+
+
+def excerpt(payload: str, line: int | None, radius: int = 3) -> str:
+    """The lines around ``line`` (1-based) of a payload, numbered, the failing one marked."""
+    if line is None:
+        return ""
+    lines = payload.splitlines()
+    start, end = max(1, line - radius), min(len(lines), line + radius)
+    return "\n".join(f"{'>' if n == line else ' '}{n:6d}  {lines[n - 1]}"
+                     for n in range(start, end + 1))
+
+
+# --- backend detection -----------------------------------------------------------------------
+
+def choose_backend(nft_mangle: str, legacy_mangle: str, nft_rules: int, legacy_rules: int) -> (
+        Backend):
+    """Pure decision: hint chains win (nft first), then the backend with more rules."""
+    def has_hint(text: str) -> bool:
+        return any(f":{chain} " in text for chain in HINT_CHAINS)
+
+    if has_hint(nft_mangle):
+        return Backend.NFT
+    if has_hint(legacy_mangle):
+        return Backend.LEGACY
+    return Backend.LEGACY if legacy_rules > nft_rules else Backend.NFT
+
+
+def detect_backend(netns: str | None = None) -> Backend:
+    """Look at both backends' state and pick the one this node uses."""
+    texts: dict[Backend, str] = {}
+    counts: dict[Backend, int] = {}
+    for backend in Backend:
+        nf = Netfilter(backend, netns)
+        try:
+            mangle = nf.save_text("mangle")
+            everything = "".join(nf.save_text(table) for table in ("filter", "nat"))
+        except (NetfilterError, FileNotFoundError) as err:
+            log.debug("backend %s unavailable: %s", backend.value, err)
+            texts[backend], counts[backend] = "", -1
+            continue
+        texts[backend] = mangle
+        counts[backend] = sum(1 for line in (mangle + everything).splitlines()
+                              if line.startswith("-"))
+    chosen = choose_backend(texts[Backend.NFT], texts[Backend.LEGACY], counts[Backend.NFT],
+                            counts[Backend.LEGACY])
+    log.info("iptables backend: %s (rules: nft=%d legacy=%d)", chosen.value,
+             counts[Backend.NFT], counts[Backend.LEGACY])
+    return chosen
+
+
+def legacy_chain_names(table: str) -> list[str]:
+    """Chain names of a legacy table through libiptc (python-iptables), in this netns.
+
+    python-iptables only sees the legacy backend, so it is used only there.
+    """
+    import iptc  # noqa: PLC0415  (libiptc loads at import; only legacy nodes need it)
+
+    return [chain.name for chain in iptc.Table(table).chains]

@@ -1,0 +1,187 @@
+"""Plan a sync: desired ruleset vs live state -> the smallest iptables-restore payload.
+
+Pure. Only chains whose rules differ (compared in canonical form) are written; stale service
+chains we own are deleted; jumps from built-in chains are inserted only when missing. Nothing
+we do not own is ever named in a payload. For every table the plan also carries an undo
+payload that puts back exactly what the table held, because iptables-restore commits table by
+table: when the nat part of a batch fails after filter was committed, the agent undoes filter
+and the kernel is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from iptsync import names
+from iptsync.ruleset import Jump, Ruleset, SavedTable, chain_line, ordered_tables, split_args
+
+
+@dataclass
+class TablePlan:
+    """The changes to one table, as restore lines, and how to undo them."""
+
+    table: str
+    written: list[str] = field(default_factory=list)  # chains rewritten (new or changed)
+    created: list[str] = field(default_factory=list)  # of which new
+    deleted: list[str] = field(default_factory=list)  # stale chains removed
+    jumps: list[Jump] = field(default_factory=list)  # jumps inserted
+    chain_lines: list[str] = field(default_factory=list)
+    rule_lines: list[str] = field(default_factory=list)
+    tail_lines: list[str] = field(default_factory=list)
+    undo_chain_lines: list[str] = field(default_factory=list)
+    undo_rule_lines: list[str] = field(default_factory=list)
+    undo_tail_lines: list[str] = field(default_factory=list)
+    rules_written: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.written or self.deleted or self.jumps)
+
+    def text(self) -> str:
+        return _table_text(self.table, self.chain_lines, self.rule_lines, self.tail_lines)
+
+    def undo_text(self) -> str:
+        return _table_text(self.table, self.undo_chain_lines, self.undo_rule_lines,
+                           self.undo_tail_lines)
+
+
+@dataclass
+class Plan:
+    """One sync's payload: the non-empty table plans, in restore order."""
+
+    tables: list[TablePlan]
+
+    @property
+    def empty(self) -> bool:
+        return not self.tables
+
+    @property
+    def payload(self) -> str:
+        return "".join(t.text() for t in self.tables)
+
+    def committed_before(self, line: int | None) -> list[TablePlan]:
+        """Tables whose COMMIT precedes payload line ``line`` (all of them when unknown)."""
+        if line is None:
+            return list(self.tables)
+        done, end = [], 0
+        for table in self.tables:
+            end += table.text().count("\n")
+            if end < line:
+                done.append(table)
+        return done
+
+    def summary(self) -> str:
+        parts = []
+        for t in self.tables:
+            parts.append(f"{t.table}: {len(t.written)} chains written ({len(t.created)} new), "
+                         f"{len(t.deleted)} deleted, {len(t.jumps)} jumps, "
+                         f"{t.rules_written} rules")
+        return "; ".join(parts) or "no changes"
+
+
+def _table_text(table: str, chains: list[str], rules: list[str], tail: list[str]) -> str:
+    return "\n".join([f"*{table}", *chains, *rules, *tail, "COMMIT"]) + "\n"
+
+
+def make_plan(desired: Ruleset, live: Mapping[str, SavedTable]) -> Plan:
+    """Compare desired and live table by table; see the module docstring."""
+    tables = []
+    for table in ordered_tables(desired.tables):
+        plan = plan_table(table, desired, live.get(table) or SavedTable(table))
+        if not plan.empty:
+            tables.append(plan)
+    return Plan(tables)
+
+
+def plan_table(table: str, desired: Ruleset, live: SavedTable) -> TablePlan:
+    plan = TablePlan(table)
+    wanted = desired.tables.get(table, {})
+    for chain, rules in wanted.items():
+        current = live.chains.get(chain)
+        if current is not None and current == [rule.canonical for rule in rules]:
+            continue
+        plan.written.append(chain)
+        plan.chain_lines.append(chain_line(chain))
+        plan.rule_lines.extend(rule.restore_line() for rule in rules)
+        plan.rules_written += len(rules)
+        if current is None:
+            plan.created.append(chain)
+            plan.undo_tail_lines.append(f"-X {chain}")
+        else:
+            _restore_chain(plan, chain, current)
+
+    pinned = foreign_references(table, live)
+    for chain in live.chains:
+        if (chain not in wanted and names.is_service_chain(chain)
+                and names.is_owned_chain(table, chain) and chain not in pinned):
+            plan.deleted.append(chain)
+            plan.chain_lines.append(chain_line(chain))
+            plan.tail_lines.append(f"-X {chain}")
+            _restore_chain(plan, chain, live.chains[chain])
+
+    missing = [j for j in desired.jumps if j.table == table
+               and j.rule.canonical not in live.chains.get(j.chain, [])]
+    # Inserting at 1 in reverse order leaves the missing jumps in their listed order.
+    for jump in reversed(missing):
+        plan.tail_lines.insert(0, jump.rule.restore_line("-I", 1))
+        plan.undo_rule_lines.append(jump.rule.restore_line("-D"))
+    plan.jumps = missing
+    return plan
+
+
+def _restore_chain(plan: TablePlan, chain: str, canonical_rules: Iterable[str]) -> None:
+    plan.undo_chain_lines.append(chain_line(chain))
+    plan.undo_rule_lines.extend(f"-A {chain} {rule}".rstrip() for rule in canonical_rules)
+
+
+def foreign_references(table: str, live: SavedTable) -> set[str]:
+    """Our chains that rules in chains we do not own jump to (deleting them would fail)."""
+    pinned = set()
+    for chain, rules in live.chains.items():
+        if names.is_owned_chain(table, chain):
+            continue
+        for rule in rules:
+            target = jump_target(rule)
+            if target is not None and names.is_owned_chain(table, target):
+                pinned.add(target)
+    return pinned
+
+
+def jump_target(canonical_rule: str) -> str | None:
+    """The ``-j``/``-g`` target of a canonical rule, if any."""
+    args = split_args(canonical_rule)
+    for flag in ("-j", "-g"):
+        if flag in args:
+            index = args.index(flag)
+            if index + 1 < len(args):
+                return args[index + 1]
+    return None
+
+
+def cleanup_plan(live: Mapping[str, SavedTable]) -> Plan:
+    """Remove every chain iptsync owns and every rule elsewhere that jumps to one of them.
+
+    kubelet's shared KUBE-FIREWALL (and the jumps to it) stays, as kube-proxy leaves it.
+    """
+    tables = []
+    for table in ordered_tables(live):
+        saved = live[table]
+        plan = TablePlan(table)
+        doomed = [c for c in saved.chains if names.is_deletable_chain(table, c)]
+        for chain, rules in saved.chains.items():
+            if names.is_owned_chain(table, chain):
+                continue
+            for rule in rules:
+                if jump_target(rule) in doomed:
+                    plan.rule_lines.append(f"-D {chain} {rule}")
+                    plan.undo_rule_lines.append(f"-A {chain} {rule}")
+                    plan.jumps.append(Jump(table, chain, tuple(split_args(rule))))
+        for chain in doomed:
+            plan.deleted.append(chain)
+            plan.chain_lines.append(chain_line(chain))
+            plan.tail_lines.append(f"-X {chain}")
+            _restore_chain(plan, chain, saved.chains[chain])
+        if not plan.empty:
+            tables.append(plan)
+    return Plan(tables)

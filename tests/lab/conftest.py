@@ -1,0 +1,39 @@
+"""Fixtures for the network-namespace lab tests.
+
+These tests need root and working ``ip netns``; elsewhere they skip, unless
+``IPTSYNC_REQUIRE_NETNS=1`` says the run must exercise them, in which case they fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from iptsync.lab.netns import netns_required, netns_unavailable_reason
+from iptsync.lab.topology import Cluster, ClusterSpec, PodSpec, cleanup_stale
+
+
+def require_netns() -> None:
+    """Skip (or fail, under IPTSYNC_REQUIRE_NETNS=1) when namespaces are unusable here."""
+    reason = netns_unavailable_reason()
+    if reason is None:
+        return
+    if netns_required():
+        pytest.fail(f"IPTSYNC_REQUIRE_NETNS=1 but network namespaces are unusable: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def netns_ok() -> None:
+    """Namespaces usable; namespaces left by killed earlier runs are removed once."""
+    require_netns()
+    cleanup_stale()
+
+
+@pytest.fixture(scope="module")
+def cluster(netns_ok: None) -> Iterator[Cluster]:
+    """A two-node cluster with pod ``server1`` on node2 and pod ``client1`` on node1."""
+    spec = ClusterSpec(pods=(PodSpec("server1", "node2"), PodSpec("client1", "node1")))
+    with Cluster(spec) as built:
+        yield built
