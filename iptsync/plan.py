@@ -111,7 +111,7 @@ def plan_table(table: str, desired: Ruleset, live: SavedTable) -> TablePlan:
         else:
             _restore_chain(plan, chain, current)
 
-    pinned = foreign_references(table, live)
+    pinned = foreign_references(table, live, rewritten=wanted.keys())
     for chain in live.chains:
         if (chain not in wanted and names.is_service_chain(chain)
                 and names.is_owned_chain(table, chain) and chain not in pinned):
@@ -123,9 +123,8 @@ def plan_table(table: str, desired: Ruleset, live: SavedTable) -> TablePlan:
     missing = [j for j in desired.jumps if j.table == table
                and j.rule.canonical not in live.chains.get(j.chain, [])]
     # Inserting at 1 in reverse order leaves the missing jumps in their listed order.
-    for jump in reversed(missing):
-        plan.tail_lines.insert(0, jump.rule.restore_line("-I", 1))
-        plan.undo_rule_lines.append(jump.rule.restore_line("-D"))
+    plan.tail_lines[:0] = [jump.rule.restore_line("-I", 1) for jump in reversed(missing)]
+    plan.undo_rule_lines.extend(jump.rule.restore_line("-D") for jump in missing)
     plan.jumps = missing
     return plan
 
@@ -135,16 +134,26 @@ def _restore_chain(plan: TablePlan, chain: str, canonical_rules: Iterable[str]) 
     plan.undo_rule_lines.extend(f"-A {chain} {rule}".rstrip() for rule in canonical_rules)
 
 
-def foreign_references(table: str, live: SavedTable) -> set[str]:
-    """Our chains that rules in chains we do not own jump to (deleting them would fail)."""
-    pinned = set()
-    for chain, rules in live.chains.items():
-        if names.is_owned_chain(table, chain):
+def foreign_references(table: str, live: SavedTable,
+                       rewritten: Iterable[str] = ()) -> set[str]:
+    """Our stale chains reachable from rules in chains we do not own (deleting would fail).
+
+    Transitive through chains that stay as they are: a kept chain keeps the chains it jumps
+    to. Chains in ``rewritten`` lose their old rules in the same batch, so they pin nothing.
+    """
+    skip = set(rewritten)
+    pending = [target for chain, rules in live.chains.items()
+               if not names.is_owned_chain(table, chain)
+               for target in map(jump_target, rules)
+               if target is not None and names.is_owned_chain(table, target)]
+    pinned: set[str] = set()
+    while pending:
+        chain = pending.pop()
+        if chain in pinned or chain in skip:
             continue
-        for rule in rules:
-            target = jump_target(rule)
-            if target is not None and names.is_owned_chain(table, target):
-                pinned.add(target)
+        pinned.add(chain)
+        pending.extend(t for t in map(jump_target, live.chains.get(chain, ()))
+                       if t is not None and names.is_owned_chain(table, t))
     return pinned
 
 

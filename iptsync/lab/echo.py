@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import json
@@ -102,10 +103,8 @@ def _serve_udp(sock: socket.socket, name: str) -> None:
                 _ifindex, _spec_dst, dst = _PKTINFO.unpack(payload[: _PKTINFO.size])
                 if not ipaddress.IPv4Address(dst).is_multicast:
                     cmsgs = [(socket.IPPROTO_IP, _IP_PKTINFO, _PKTINFO.pack(0, dst, bytes(4)))]
-        try:
+        with contextlib.suppress(OSError):
             sock.sendmsg([reply_line(name, (peer[0], peer[1]))], cmsgs, 0, peer)
-        except OSError:
-            pass
 
 
 def _watch_parent(parent: int) -> None:
@@ -116,8 +115,9 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-def serve(name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int],
-          bind: str = "0.0.0.0") -> None:
+def serve(
+    name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int], bind: str = "0.0.0.0"
+) -> None:
     """Bind all sockets, print the ready line, then answer requests until killed."""
     sockets: list[tuple[str, socket.socket]] = []
     for port in tcp_ports:
@@ -182,8 +182,9 @@ def _bind_source(sock: socket.socket, src_ip: str | None, src_port: int | None) 
     sock.bind((src_ip or "0.0.0.0", src_port or 0))
 
 
-def ask_tcp(ip: str, port: int, timeout: float, src_ip: str | None = None,
-            src_port: int | None = None) -> dict[str, Any]:
+def ask_tcp(
+    ip: str, port: int, timeout: float, src_ip: str | None = None, src_port: int | None = None
+) -> dict[str, Any]:
     """One request over a new TCP connection; returns the JSON result object."""
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -209,8 +210,9 @@ def ask_tcp(ip: str, port: int, timeout: float, src_ip: str | None = None,
     return parse_reply(data)
 
 
-def ask_udp(ip: str, port: int, timeout: float, src_ip: str | None = None,
-            src_port: int | None = None) -> dict[str, Any]:
+def ask_udp(
+    ip: str, port: int, timeout: float, src_ip: str | None = None, src_port: int | None = None
+) -> dict[str, Any]:
     """One request as a datagram from a new, connected UDP socket; returns the result object."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -226,8 +228,17 @@ def ask_udp(ip: str, port: int, timeout: float, src_ip: str | None = None,
     return parse_reply(data)
 
 
-def ask(proto: str, ip: str, port: int, count: int, timeout: float, src_ip: str | None = None,
-        src_port: int | None = None, interval: float = 0.0) -> None:
+def ask(
+    proto: str,
+    ip: str,
+    port: int,
+    *,
+    count: int,
+    timeout: float,
+    src_ip: str | None = None,
+    src_port: int | None = None,
+    interval: float = 0.0,
+) -> None:
     """Make ``count`` independent requests and print one JSON line for each."""
     once = ask_tcp if proto == "tcp" else ask_udp
     for i in range(count):
@@ -264,8 +275,11 @@ def _endpoint(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``serve`` / ``ask`` command-line parser."""
-    parser = argparse.ArgumentParser(prog="python -m iptsync.lab.echo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m iptsync.lab.echo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="answer TCP/UDP requests with 'NAME CLIENTIP:PORT'")
     srv.add_argument("--name", required=True)
@@ -297,8 +311,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return 0
     ip, port = args.to
-    ask(args.proto, ip, port, max(args.count, 0), args.timeout, args.src_ip, args.src_port,
-        args.interval)
+    ask(
+        args.proto,
+        ip,
+        port,
+        count=max(args.count, 0),
+        timeout=args.timeout,
+        src_ip=args.src_ip,
+        src_port=args.src_port,
+        interval=args.interval,
+    )
     return 0
 
 

@@ -12,10 +12,12 @@ says what went wrong instead of failing later with a confusing timeout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -135,10 +137,8 @@ def kill_netns_processes(name: str) -> None:
     for pid in netns_pids(name):
         if pid == os.getpid():
             continue
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def delete_netns(name: str) -> None:
@@ -252,8 +252,19 @@ def add_veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
     """
     check_ifname(name_a)
     check_ifname(name_b)
-    ip(ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns",
-       check_nsname(ns_b))
+    ip(
+        ns_a,
+        "link",
+        "add",
+        name_a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        name_b,
+        "netns",
+        check_nsname(ns_b),
+    )
 
 
 def netns_required() -> bool:

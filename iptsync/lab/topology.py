@@ -34,6 +34,7 @@ processes are killed first, then the namespaces, which takes their veths and rou
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -49,7 +50,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Self
 
 from iptsync.lab import netns
 from iptsync.lab.echo import DEFAULT_PORT, READY_PREFIX
@@ -68,8 +69,6 @@ PREFIX_RE = re.compile(r"^ipts(\d+)x(\d+)-")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
 _RESERVED_NODE_NAMES = frozenset({"switch", "client"})
 _instance_counter = itertools.count()
-
-Proto = Literal["tcp", "udp"]
 
 
 class LabError(RuntimeError):
@@ -228,16 +227,22 @@ class Pod:
     server: EchoServer | None
 
 
-def _spawn_echo(ns: str, name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int],
-                log_path: Path) -> EchoServer:
+def _spawn_echo(
+    ns: str, name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int], log_path: Path
+) -> EchoServer:
     args = ["serve", "--name", name]
     for port in tcp_ports:
         args += ["--tcp", str(port)]
     for port in udp_ports:
         args += ["--udp", str(port)]
     with log_path.open("wb") as log:
-        proc = netns.ns_popen(ns, netns.python_argv("iptsync.lab.echo", *args),
-                              stdout=subprocess.PIPE, stderr=log, env=netns.lab_env())
+        proc = netns.ns_popen(
+            ns,
+            netns.python_argv("iptsync.lab.echo", *args),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=netns.lab_env(),
+        )
     return EchoServer(name, ns, tuple(tcp_ports), tuple(udp_ports), proc, log_path)
 
 
@@ -260,8 +265,10 @@ def wait_ready(servers: Sequence[EchoServer], timeout: float = READY_TIMEOUT) ->
             chunk = os.read(fd, 4096)
             if not chunk:
                 server.proc.wait(timeout=5)
-                raise LabError(f"echo server {server.name!r} in {server.ns} exited with status "
-                               f"{server.proc.returncode} before ready: {server.log().strip()}")
+                raise LabError(
+                    f"echo server {server.name!r} in {server.ns} exited with status "
+                    f"{server.proc.returncode} before ready: {server.log().strip()}"
+                )
             buffers[fd] += chunk
             if b"\n" in buffers[fd]:
                 line = buffers[fd].split(b"\n", 1)[0].decode(errors="replace")
@@ -305,15 +312,20 @@ class Cluster:
         self._ipv6 = Path("/proc/sys/net/ipv6").exists()
 
     def __repr__(self) -> str:
-        return f"Cluster(prefix={self.prefix!r}, nodes={list(self._nodes)}, pods={list(self._pods)})"
+        nodes, pods = list(self._nodes), list(self._pods)
+        return f"Cluster(prefix={self.prefix!r}, nodes={nodes}, pods={pods})"
 
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc is None:
             self.close()
             return
@@ -346,10 +358,8 @@ class Cluster:
         procs = [s.proc for s in self._servers] + self._procs
         for proc in procs:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
-                except ProcessLookupError:
-                    pass
         for proc in procs:
             try:
                 netns.stop_process(proc)
@@ -396,8 +406,10 @@ class Cluster:
             used_ips.add(addr)
             pod_net = ipaddress.IPv4Network(node.pod_cidr)
             if not pod_net.subnet_of(cluster_net) or any(pod_net.overlaps(n) for n in pod_nets):
-                raise ValueError(f"node {node.name}: pod CIDR {pod_net} outside {cluster_net} "
-                                 "or overlapping another node's")
+                raise ValueError(
+                    f"node {node.name}: pod CIDR {pod_net} outside {cluster_net} "
+                    "or overlapping another node's"
+                )
             pod_nets.append(pod_net)
             self._nodes[node.name] = node
 
@@ -427,18 +439,24 @@ class Cluster:
         netns.set_sysctls(switch, self._base_sysctls())
         netns.set_sysctls(client, self._base_sysctls())
         for node in spec.nodes:
-            netns.set_sysctls(self.ns(node.name), {
-                **self._base_sysctls(),
-                "net.ipv4.ip_forward": 1,
-                "net.ipv4.conf.all.rp_filter": 0,
-                "net.ipv4.conf.default.rp_filter": 0,
-                "net.ipv4.conf.lo.rp_filter": 0,
-            })
-        netns.ip_batch(switch, [
-            "link add br0 type bridge",
-            "link set br0 up",
-            f"addr add {spec.gateway_ip}/{prefixlen} dev br0",
-        ])
+            netns.set_sysctls(
+                self.ns(node.name),
+                {
+                    **self._base_sysctls(),
+                    "net.ipv4.ip_forward": 1,
+                    "net.ipv4.conf.all.rp_filter": 0,
+                    "net.ipv4.conf.default.rp_filter": 0,
+                    "net.ipv4.conf.lo.rp_filter": 0,
+                },
+            )
+        netns.ip_batch(
+            switch,
+            [
+                "link add br0 type bridge",
+                "link set br0 up",
+                f"addr add {spec.gateway_ip}/{prefixlen} dev br0",
+            ],
+        )
         attached = [(self.ns(n.name), n.ip) for n in spec.nodes] + [(client, spec.client_ip)]
         for index, (ns, addr) in enumerate(attached):
             port = f"sw{index}"
@@ -448,8 +466,11 @@ class Cluster:
         for node in spec.nodes:
             ns = self.ns(node.name)
             netns.set_sysctl(ns, "net.ipv4.conf.eth0.rp_filter", 0)
-            routes = [f"route add {other.pod_cidr} via {other.ip} dev eth0"
-                      for other in spec.nodes if other.name != node.name]
+            routes = [
+                f"route add {other.pod_cidr} via {other.ip} dev eth0"
+                for other in spec.nodes
+                if other.name != node.name
+            ]
             routes.append(f"route add default via {spec.gateway_ip} dev eth0")
             netns.ip_batch(ns, routes)
         if spec.pods:
@@ -522,15 +543,29 @@ class Cluster:
         """Add a local address (``/32`` if no length is given) on ``dev`` of ``node``."""
         self._require_running()
         iface = ipaddress.IPv4Interface(cidr)
-        netns.ip(self.ns(self._node(node).name), "addr", "add", iface.with_prefixlen, "dev",
-                 netns.check_ifname(dev))
+        netns.ip(
+            self.ns(self._node(node).name),
+            "addr",
+            "add",
+            iface.with_prefixlen,
+            "dev",
+            netns.check_ifname(dev),
+        )
 
     def route_from_client(self, cidr: str, via_node: str = "node1") -> None:
         """Make the external client send ``cidr`` (e.g. an external or LB IP) via ``via_node``."""
         self._require_running()
         net = ipaddress.IPv4Network(cidr, strict=False)
-        netns.ip(self.client_ns, "route", "replace", str(net), "via", self.node_ip(via_node),
-                 "dev", "eth0")
+        netns.ip(
+            self.client_ns,
+            "route",
+            "replace",
+            str(net),
+            "via",
+            self.node_ip(via_node),
+            "dev",
+            "eth0",
+        )
 
     # ------------------------------------------------------------------ pods
 
@@ -570,16 +605,23 @@ class Cluster:
                 return str(host)
         raise LabError(f"no free pod IP left in {net}")
 
-    def add_pod(self, node: str, name: str, ip: str | None = None, *,
-                tcp_ports: Sequence[int] = (DEFAULT_PORT,),
-                udp_ports: Sequence[int] = (DEFAULT_PORT,)) -> Pod:
+    def add_pod(
+        self,
+        node: str,
+        name: str,
+        ip: str | None = None,
+        *,
+        tcp_ports: Sequence[int] = (DEFAULT_PORT,),
+        udp_ports: Sequence[int] = (DEFAULT_PORT,),
+    ) -> Pod:
         """Create pod ``name`` on ``node`` (IP auto-picked if ``None``) and start its echo server.
 
         The server listens on ``tcp_ports`` and ``udp_ports`` (both empty: no server) and answers
         with the pod's name. Returns once the server is ready.
         """
-        return self.add_pods([PodSpec(name, self._node(node).name, ip, tuple(tcp_ports),
-                                      tuple(udp_ports))])[0]
+        return self.add_pods(
+            [PodSpec(name, self._node(node).name, ip, tuple(tcp_ports), tuple(udp_ports))]
+        )[0]
 
     def add_pods(self, specs: Iterable[PodSpec]) -> list[Pod]:
         """Create several pods, starting their echo servers concurrently; wait until all ready."""
@@ -597,21 +639,34 @@ class Cluster:
             veth = netns.check_ifname(f"vp{next(self._veth_seq)}")
             netns.add_veth(node_ns, veth, pod_ns, "eth0")
             netns.set_sysctls(pod_ns, self._base_sysctls())
-            netns.set_sysctls(node_ns, {f"net.ipv4.conf.{veth}.proxy_arp": 1,
-                                        f"net.ipv4.conf.{veth}.rp_filter": 0,
-                                        # answer the pod's ARP at once, not after up to 0.8 s
-                                        f"net.ipv4.neigh.{veth}.proxy_delay": 0})
+            netns.set_sysctls(
+                node_ns,
+                {
+                    f"net.ipv4.conf.{veth}.proxy_arp": 1,
+                    f"net.ipv4.conf.{veth}.rp_filter": 0,
+                    # answer the pod's ARP at once, not after up to 0.8 s
+                    f"net.ipv4.neigh.{veth}.proxy_delay": 0,
+                },
+            )
             netns.ip_batch(node_ns, [f"link set {veth} up", f"route add {pod_ip}/32 dev {veth}"])
-            netns.ip_batch(pod_ns, [
-                f"addr add {pod_ip}/32 dev eth0",
-                "link set eth0 up",
-                f"route add {POD_GATEWAY_IP} dev eth0 scope link",
-                f"route add default via {POD_GATEWAY_IP} dev eth0",
-            ])
+            netns.ip_batch(
+                pod_ns,
+                [
+                    f"addr add {pod_ip}/32 dev eth0",
+                    "link set eth0 up",
+                    f"route add {POD_GATEWAY_IP} dev eth0 scope link",
+                    f"route add default via {POD_GATEWAY_IP} dev eth0",
+                ],
+            )
             server = None
             if spec.tcp_ports or spec.udp_ports:
-                server = _spawn_echo(pod_ns, spec.name, spec.tcp_ports, spec.udp_ports,
-                                     self._tmpdir / f"pod-{spec.name}.log")
+                server = _spawn_echo(
+                    pod_ns,
+                    spec.name,
+                    spec.tcp_ports,
+                    spec.udp_ports,
+                    self._tmpdir / f"pod-{spec.name}.log",
+                )
                 self._servers.append(server)
             pod = Pod(spec.name, node.name, pod_ip, pod_ns, veth, server)
             self._pods[spec.name] = pod
@@ -634,8 +689,13 @@ class Cluster:
         self._created.remove(pod.ns)
         self._ns.pop(f"pod:{name}", None)
 
-    def start_echo(self, key: str, name: str, tcp_ports: Sequence[int] = (DEFAULT_PORT,),
-                   udp_ports: Sequence[int] = (DEFAULT_PORT,)) -> EchoServer:
+    def start_echo(
+        self,
+        key: str,
+        name: str,
+        tcp_ports: Sequence[int] = (DEFAULT_PORT,),
+        udp_ports: Sequence[int] = (DEFAULT_PORT,),
+    ) -> EchoServer:
         """Start an extra echo server in any namespace (e.g. a host-network one on a node).
 
         It is stopped by :meth:`close`, or earlier by the caller with ``server.stop()``.
@@ -643,8 +703,13 @@ class Cluster:
         self._require_running()
         assert self._tmpdir is not None
         ns = self.ns(key)
-        server = _spawn_echo(ns, name, tuple(tcp_ports), tuple(udp_ports),
-                             self._tmpdir / f"echo-{len(self._servers)}-{name}.log")
+        server = _spawn_echo(
+            ns,
+            name,
+            tuple(tcp_ports),
+            tuple(udp_ports),
+            self._tmpdir / f"echo-{len(self._servers)}-{name}.log",
+        )
         self._servers.append(server)
         wait_ready([server])
         return server
@@ -656,33 +721,66 @@ class Cluster:
 
     # ------------------------------------------------------------------ running things
 
-    def exec(self, key: str, argv: Sequence[str], *, check: bool = True,
-             timeout: float | None = netns.DEFAULT_TIMEOUT, input: str | None = None,
-             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self,
+        key: str,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = netns.DEFAULT_TIMEOUT,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the namespace ``key`` and return its captured text output.
 
         ``env`` defaults to this environment plus a PYTHONPATH that makes ``iptsync``
         importable; with ``check`` a non-zero exit raises :class:`netns.NetnsError`.
         """
         self._require_running()
-        return netns.ns_exec(self.ns(key), argv, check=check, timeout=timeout, input=input,
-                             env=netns.lab_env() if env is None else env)
+        return netns.ns_exec(
+            self.ns(key),
+            argv,
+            check=check,
+            timeout=timeout,
+            input=input,
+            env=netns.lab_env() if env is None else env,
+        )
 
-    def spawn(self, key: str, argv: Sequence[str], *,
-              stdout: int | IO[bytes] | None = subprocess.DEVNULL,
-              stderr: int | IO[bytes] | None = subprocess.DEVNULL,
-              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self,
+        key: str,
+        argv: Sequence[str],
+        *,
+        stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+        stderr: int | IO[bytes] | None = subprocess.DEVNULL,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in the background in namespace ``key``; killed by :meth:`close`."""
         self._require_running()
-        proc = netns.ns_popen(self.ns(key), argv, stdout=stdout, stderr=stderr,
-                              env=netns.lab_env() if env is None else env)
+        proc = netns.ns_popen(
+            self.ns(key),
+            argv,
+            stdout=stdout,
+            stderr=stderr,
+            env=netns.lab_env() if env is None else env,
+        )
         self._procs.append(proc)
         return proc
 
-    def ask(self, from_ns: str, proto: Proto, ip: str, port: int, count: int = 1,
-            timeout: float = 1.0, src_port: int | None = None, *, src_ip: str | None = None,
-            interval: float = 0.0) -> list[Reply]:
-        """Make ``count`` independent requests from namespace ``from_ns`` to ``ip:port``.
+    def ask(  # noqa: PLR0917 - positional order is the documented lab API
+        self,
+        from_ns: str,
+        proto: str,
+        ip: str,
+        port: int,
+        count: int = 1,
+        timeout: float = 1.0,
+        src_port: int | None = None,
+        *,
+        src_ip: str | None = None,
+        interval: float = 0.0,
+    ) -> list[Reply]:
+        """Make ``count`` independent ``proto`` (tcp/udp) requests from ``from_ns`` to ``ip:port``.
 
         All requests run in one ``python -m iptsync.lab.echo ask`` process inside the namespace.
         Each request uses a new connection / new UDP socket; with ``src_port`` every one binds
@@ -693,8 +791,19 @@ class Cluster:
         if count < 1:
             raise ValueError("count must be at least 1")
         argv = netns.python_argv(
-            "iptsync.lab.echo", "ask", "--proto", proto, "--to", f"{ip}:{port}",
-            "--count", str(count), "--timeout", str(timeout), "--interval", str(interval))
+            "iptsync.lab.echo",
+            "ask",
+            "--proto",
+            proto,
+            "--to",
+            f"{ip}:{port}",
+            "--count",
+            str(count),
+            "--timeout",
+            str(timeout),
+            "--interval",
+            str(interval),
+        )
         if src_ip is not None:
             argv += ["--src-ip", src_ip]
         if src_port is not None:
