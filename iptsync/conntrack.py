@@ -78,22 +78,24 @@ def clear_stale_flows(targets: dict[Destination, frozenset[str]]) -> int:
     deleted = 0
     ct = Conntrack()
     try:
-        for proto in sorted({dest[0] for dest in targets}):
-            for entry, flow in _flows(ct, proto):
-                if stale(flow, targets):
-                    ct.delete(entry)
-                    deleted += 1
-                    log.info("deleted stale conntrack entry %s:%d -> %s:%d", flow.orig_dst,
-                             flow.orig_dport, flow.reply_src, flow.reply_sport)
+        protos = {dest[0] for dest in targets}
+        # Collect first: pyroute2's dump generator breaks if the socket is used meanwhile.
+        doomed = [(entry, flow) for entry, flow in _flows(ct, protos) if stale(flow, targets)]
+        for entry, flow in doomed:
+            ct.delete(entry)
+            deleted += 1
+            log.info("deleted stale conntrack entry %s:%d -> %s:%d", flow.orig_dst,
+                     flow.orig_dport, flow.reply_src, flow.reply_sport)
     finally:
         ct.close()
     return deleted
 
 
-def _flows(ct: object, proto: int) -> Iterator[tuple[object, Flow]]:
+def _flows(ct: object, protos: set[int]) -> Iterator[tuple[object, Flow]]:
     entries: Iterable[object] = ct.dump_entries()  # type: ignore[attr-defined]
     for entry in entries:
         orig, reply = entry.tuple_orig, entry.tuple_reply  # type: ignore[attr-defined]
-        if orig.proto != proto or orig.daddr is None or reply.saddr is None:
+        if orig.proto not in protos or orig.daddr is None or reply.saddr is None:
             continue
-        yield entry, Flow(proto, orig.daddr, orig.dport or 0, reply.saddr, reply.sport or 0)
+        yield entry, Flow(orig.proto, orig.daddr, orig.dport or 0, reply.saddr,
+                          reply.sport or 0)

@@ -6,24 +6,23 @@ with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failur
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from iptsync.lab.netns import netns_unavailable_reason
+from iptsync.lab.netns import netns_required, netns_unavailable_reason
 
 
-def require_netns() -> None:
-    """Skip (or, in CI, fail) when namespaces and iptables cannot be used here."""
+@pytest.fixture(scope="session")
+def netns_available() -> None:
+    """Namespaces and iptables usable here; otherwise skip, or fail when they are required."""
     reason = netns_unavailable_reason()
     if reason is None:
         return
-    if os.environ.get("IPTSYNC_REQUIRE_NETNS") == "1":
-        pytest.fail(f"netns tests required but unavailable: {reason}")
+    if netns_required():
+        pytest.fail(f"IPTSYNC_REQUIRE_NETNS=1 but network namespaces are unusable: {reason}")
     pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
 def _netns_gate(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("netns") is not None:
-        require_netns()
+        request.getfixturevalue("netns_available")

@@ -5,12 +5,13 @@ on one Linux machine and without touching the host's network namespace, a topolo
 a small cluster with a Calico-style routed pod network, so every pod packet crosses its node's
 netfilter hooks exactly as on a real node::
 
-                           switch ns: bridge br0 (10.100.0.1, "upstream router", no forwarding)
-             +-------------------+-------------------+-----------------------+
-          node1 (10.100.0.2)   node2 (10.100.0.3)   ...            client (10.100.0.100)
-          pods 10.0.1.0/24     pods 10.0.2.0/24
-          |  vpN (proxy_arp)   |
-          pod ns: eth0 PODIP/32, default via 169.254.1.1
+              switch ns: bridge br0 = 10.100.0.1 (the "upstream router"; forwards nothing)
+         sw0 |                   sw1 |                     swN |
+     eth0 10.100.0.2         eth0 10.100.0.3          eth0 10.100.0.100
+       node1 ns                node2 ns                  client ns
+     vp0 |    vp1 |            vp2 |
+     pod ns   pod ns           pod ns       each: eth0 = PODIP/32, default via 169.254.1.1
+     10.0.1.x 10.0.1.y         10.0.2.z
 
 * Nodes: ``ip_forward=1``, ``rp_filter=0``, ICMP rate limits off, a route to every other node's
   pod CIDR via that node, and a default route via the switch (so node-local processes can
@@ -35,6 +36,7 @@ processes are killed first, then the namespaces, which takes their veths and rou
 from __future__ import annotations
 
 import contextlib
+import glob
 import ipaddress
 import itertools
 import json
@@ -95,19 +97,27 @@ def cleanup_stale(prefix: str | None = None) -> list[str]:
 
     With ``prefix``, every namespace whose name starts with it goes. Without, only namespaces
     shaped like a :class:`Cluster` prefix whose owning process no longer exists, so clusters of
-    runs still in progress (e.g. parallel test workers) are left alone.
+    runs still in progress (e.g. parallel test workers) are left alone. The matching temporary
+    log directories (``<tmp>/<prefix>lab-*``) are removed too.
     """
+    if prefix == "":
+        raise ValueError("an empty prefix would match every namespace")
+
+    def stale(name: str) -> bool:
+        if prefix is not None:
+            return name.startswith(prefix)
+        match = PREFIX_RE.match(name)
+        return match is not None and not _pid_alive(int(match.group(1)))
+
     removed: list[str] = []
     for name in netns.list_netns():
-        if prefix is not None:
-            if not name.startswith(prefix):
-                continue
-        else:
-            match = PREFIX_RE.match(name)
-            if match is None or _pid_alive(int(match.group(1))):
-                continue
-        netns.delete_netns(name)
-        removed.append(name)
+        if stale(name):
+            netns.delete_netns(name)
+            removed.append(name)
+    pattern = "ipts*-lab-*" if prefix is None else glob.escape(prefix) + "lab-*"
+    for entry in Path(tempfile.gettempdir()).glob(pattern):
+        if entry.is_dir() and stale(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
     return removed
 
 
@@ -297,6 +307,8 @@ class Cluster:
     def __init__(self, spec: ClusterSpec | None = None, *, prefix: str | None = None) -> None:
         self.spec = spec if spec is not None else ClusterSpec()
         self.prefix = prefix if prefix is not None else new_prefix()
+        if not self.prefix.endswith("-") or len(self.prefix) < 4:
+            raise ValueError(f"namespace prefix {self.prefix!r} must be >= 4 chars ending in '-'")
         netns.check_nsname(self.prefix + "x")
         self._nodes: dict[str, NodeSpec] = {}
         self._validate_spec()
@@ -370,10 +382,6 @@ class Cluster:
                 netns.delete_netns(name)
             except Exception as exc:
                 errors.append(f"deleting {name}: {exc}")
-        try:
-            cleanup_stale(self.prefix)  # safety net: anything else carrying our prefix
-        except Exception as exc:
-            errors.append(f"final sweep: {exc}")
         self._created.clear()
         self._ns.clear()
         self._pods.clear()

@@ -10,24 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from iptsync.lab.netns import netns_required, netns_unavailable_reason
 from iptsync.lab.topology import Cluster, ClusterSpec, PodSpec, cleanup_stale
 
 
-def require_netns() -> None:
-    """Skip (or fail, under IPTSYNC_REQUIRE_NETNS=1) when namespaces are unusable here."""
-    reason = netns_unavailable_reason()
-    if reason is None:
-        return
-    if netns_required():
-        pytest.fail(f"IPTSYNC_REQUIRE_NETNS=1 but network namespaces are unusable: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
-def netns_ok() -> None:
+def netns_ok(netns_available: None) -> None:
     """Namespaces usable; namespaces left by killed earlier runs are removed once."""
-    require_netns()
     cleanup_stale()
 
 
