@@ -80,7 +80,7 @@ class InvalidField(Exception):
 
 @dataclass(frozen=True, slots=True, order=True)
 class ServicePortName:
-    """kube-proxy's key for one port of one service: ``namespace/name:port`` (or ``namespace/name``)."""
+    """kube-proxy's key for a service port: ``namespace/name:port`` (``namespace/name``)."""
 
     namespace: str
     name: str

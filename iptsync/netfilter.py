@@ -108,7 +108,7 @@ class Netfilter:
         if self.backend is Backend.LEGACY and self.netns is None:
             try:
                 return chain in legacy_chain_names(table)
-            except Exception as err:  # noqa: BLE001  (libiptc missing: use the binary)
+            except Exception as err:
                 log.debug("python-iptables unavailable, using iptables: %s", err)
         try:
             self.run("-t", table, "-S", chain)

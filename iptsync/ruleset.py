@@ -145,7 +145,7 @@ def parse_save(text: str) -> dict[str, SavedTable]:
         elif line == "COMMIT":
             current = None
         elif line.startswith(":"):
-            name, policy, *_ = line[1:].split() + ["-"]
+            name, policy, *_ = [*line[1:].split(), "-"]
             current.chains.setdefault(name, [])
             if policy != "-":
                 current.policies[name] = policy

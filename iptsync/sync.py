@@ -55,7 +55,7 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
 
 
 def sync(netfilter: Netfilter, desired: Desired, *, clear_flows: bool = True) -> SyncReport:
-    """Bring the kernel to ``desired``; raises :class:`SyncError` and leaves old rules on failure."""
+    """Bring the kernel to ``desired``; on failure raise :class:`SyncError`, old rules kept."""
     phases: dict[str, float] = {}
     started = time.monotonic()
     live = netfilter.save()

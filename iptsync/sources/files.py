@@ -72,8 +72,7 @@ def _flatten(document: Any) -> Iterator[dict[str, Any]]:
         # API list responses (ServiceList...) leave kind out of their items.
         item_kind = kind[: -len("List")]
         for item in document["items"]:
-            if isinstance(item, dict) and item_kind and "kind" not in item:
-                item = {"kind": item_kind, **item}
-            yield from _flatten(item)
+            missing_kind = isinstance(item, dict) and item_kind and "kind" not in item
+            yield from _flatten({"kind": item_kind, **item} if missing_kind else item)
     else:
         yield document

@@ -59,7 +59,7 @@ class Lab:
             result = self.cluster.exec(node, argv, check=False)
             assert 0 == result.returncode, result.stderr
 
-    def ask(self, source: str, ip: str, port: int, count: int = 1, proto: str = "tcp",
+    def ask(self, source: str, ip: str, port: int, *, count: int = 1, proto: str = "tcp",
             timeout: float = 1.0, src_port: int | None = None) -> list[Reply]:
         return self.cluster.ask(source, proto, ip, port, count=count, timeout=timeout,
                                 src_port=src_port)

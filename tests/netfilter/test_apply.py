@@ -52,7 +52,8 @@ def assert_live_equals_desired(netfilter: Netfilter, desired: Ruleset) -> None:
 
 def test_first_sync_creates_every_chain_and_jump(netfilter: Netfilter) -> None:
     """After one sync the kernel holds exactly the rendered chains, rules and jumps."""
-    desired = desired_for("upstream-overall", "loadbalancer-ranges-affinity", "etp-local-with-local")
+    desired = desired_for("upstream-overall", "loadbalancer-ranges-affinity",
+                          "etp-local-with-local")
     sync(netfilter, desired, clear_flows=False)
     assert_live_equals_desired(netfilter, desired.ruleset)
     live = live_chains(netfilter)
@@ -78,9 +79,10 @@ def drop_endpoint_and_service(objects: list[dict[str, Any]]) -> list[dict[str, A
         if name in ("svc3", "svc3-1"):
             continue
         if name == "svc4-1":
-            obj = {**obj, "endpoints": [e for e in obj["endpoints"]
-                                        if e["addresses"] != ["10.180.0.4"]]}
-        out.append(obj)
+            out.append({**obj, "endpoints": [e for e in obj["endpoints"]
+                                             if e["addresses"] != ["10.180.0.4"]]})
+        else:
+            out.append(obj)
     return out
 
 
