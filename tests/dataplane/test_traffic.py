@@ -46,7 +46,7 @@ class Lab:
         self.generation = 0
 
     def sync(self, *objects: dict[str, Any], conntrack_cleanup: bool = True,
-             nodes: tuple[str, ...] = ("node1", "node2")) -> None:
+             nodes: tuple[str, ...] = ("node1", "node2"), flags: tuple[str, ...] = ()) -> None:
         self.generation += 1
         path = self.workdir / f"objects-{self.generation}.json"
         path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
@@ -56,6 +56,7 @@ class Lab:
                     "--cluster-cidr", "10.0.0.0/14"]
             if not conntrack_cleanup:
                 argv.append("--no-conntrack-cleanup")
+            argv.extend(flags)
             result = self.cluster.exec(node, argv, check=False)
             assert 0 == result.returncode, result.stderr
 
@@ -91,14 +92,28 @@ def service(name: str, cluster_ip: str, *, port: int = 80, proto: str = "TCP",
 
 
 def endpoints(service_name: str, *pods: str, proto: str = "TCP",
-              conditions: dict[str, bool] | None = None) -> dict[str, Any]:
+              conditions: dict[str, bool] | None = None,
+              zones: dict[str, str] | None = None) -> dict[str, Any]:
+    """An EndpointSlice; ``zones`` maps a pod to the zone it is hinted for."""
+    items = []
+    for pod in pods:
+        item: dict[str, Any] = {"addresses": [PODS[pod][1]], "nodeName": PODS[pod][0],
+                                "conditions": conditions or {"ready": True}}
+        if zones:
+            item["hints"] = {"forZones": [{"name": zones[pod]}]}
+        items.append(item)
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": f"{service_name}-1", "namespace": "test",
                          "labels": {"kubernetes.io/service-name": service_name}},
             "addressType": "IPv4",
             "ports": [{"name": "p", "port": 8080, "protocol": proto}],
-            "endpoints": [{"addresses": [PODS[pod][1]], "nodeName": PODS[pod][0],
-                           "conditions": conditions or {"ready": True}} for pod in pods]}
+            "endpoints": items}
+
+
+def node(name: str, zone: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+            "status": {"addresses": [{"type": "InternalIP", "address": NODE_IPS[name]}]}}
 
 
 def servers(replies: list[Reply]) -> Counter[str]:
@@ -246,3 +261,23 @@ def test_pinned_udp_flow_moves_to_the_new_endpoint(lab: Lab) -> None:
     assert {"server1": 1} == servers(ask())  # the conntrack entry still pins the old pod
     lab.sync(dns, moved)
     assert {"server2": 2} == servers(ask() + ask())
+
+
+def test_topology_hints_keep_traffic_in_the_zone(lab: Lab) -> None:
+    """With zone hints on every endpoint, each node uses only the endpoints for its zone."""
+    lab.sync(node("node1", "zone-a"), node("node2", "zone-b"),
+             service("zonal", "10.96.0.22"),
+             endpoints("zonal", "web-a", "server1", "web-b",
+                       zones={"web-a": "zone-a", "server1": "zone-a", "web-b": "zone-b"}))
+    assert {"web-a", "server1"} == set(servers(lab.ask("pod:client1", "10.96.0.22", 80,
+                                                       count=30)))
+    assert {"web-b": 10} == servers(lab.ask("node2", "10.96.0.22", 80, count=10))
+
+
+def test_masquerade_all_hides_pod_sources(lab: Lab) -> None:
+    """--masquerade-all: even pod -> cluster IP traffic reaches the pod from a node address."""
+    lab.sync(service("web", "10.96.0.10"), endpoints("web", "server2"),
+             flags=("--masquerade-all",))
+    replies = lab.ask("pod:client1", "10.96.0.10", 80, count=3)
+    assert {"server2": 3} == servers(replies)
+    assert {NODE_IPS["node1"]} == {r.seen_as_ip for r in replies}
