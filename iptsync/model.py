@@ -142,12 +142,13 @@ class Endpoint:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    # ``ip:port``, kube-proxy's endpoint string (brackets for IPv6); computed once because
+    # rendering uses it for sorting, hashing and comments.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """``ip:port``, kube-proxy's endpoint string (brackets for IPv6)."""
+    def __post_init__(self) -> None:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
-        return f"{host}:{self.port}"
+        object.__setattr__(self, "key", f"{host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,23 +215,27 @@ class Parsed:
 def to_manifest(obj: Any) -> Any:
     """Return ``obj`` as a camelCase manifest, converting ``kubernetes`` client models.
 
-    Client models carry ``openapi_types`` and ``attribute_map`` (python name -> JSON name);
-    anything else is returned with its containers converted recursively.
+    Client models carry ``openapi_types`` and ``attribute_map`` (python name -> JSON name).
+    Plain manifests (dicts from YAML or JSON) pass through untouched: copying them costs.
     """
-    if hasattr(obj, "openapi_types") and hasattr(obj, "attribute_map"):
-        out: dict[str, Any] = {}
-        for attr in obj.openapi_types:
-            value = getattr(obj, attr)
-            if value is not None:
-                out[obj.attribute_map[attr]] = to_manifest(value)
-        return out
-    if isinstance(obj, Mapping):
-        return {key: to_manifest(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_manifest(item) for item in obj]
-    if isinstance(obj, datetime | date):
-        return obj.isoformat()
-    return obj
+    return _from_client_model(obj) if _is_client_model(obj) else obj
+
+
+def _is_client_model(obj: Any) -> bool:
+    return hasattr(obj, "openapi_types") and hasattr(obj, "attribute_map")
+
+
+def _from_client_model(value: Any) -> Any:
+    if _is_client_model(value):
+        return {value.attribute_map[attr]: _from_client_model(getattr(value, attr))
+                for attr in value.openapi_types if getattr(value, attr) is not None}
+    if isinstance(value, Mapping):
+        return {key: _from_client_model(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_from_client_model(item) for item in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
 
 
 def object_ref(manifest: Mapping[str, Any]) -> str:

@@ -277,12 +277,13 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
         out.add(fw, "-m", "comment", "--comment",
                 f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")
 
+    seps = {ep.key: names.sep_chain(spn, proto, ep.key) for ep in sets.reachable}
     if sets.cluster and port.uses_cluster_endpoints:
-        _endpoint_dispatch(out, port, svc, sets.cluster, large_cluster)
+        _endpoint_dispatch(out, port, svc, sets.cluster, seps, large_cluster=large_cluster)
     if sets.local and port.uses_local_endpoints:
-        _endpoint_dispatch(out, port, svl, sets.local, large_cluster)
+        _endpoint_dispatch(out, port, svl, sets.local, seps, large_cluster=large_cluster)
     for endpoint in sets.reachable:
-        _endpoint_chain(out, port, endpoint, large_cluster)
+        _endpoint_chain(out, port, endpoint, seps[endpoint.key], large_cluster)
     return out
 
 
@@ -292,29 +293,29 @@ def _comment(text: str, large_cluster: bool) -> tuple[str, ...]:
 
 
 def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
-                       endpoints: Sequence[Endpoint], large_cluster: bool) -> None:
+                       endpoints: Sequence[Endpoint], seps: dict[str, str], *,
+                       large_cluster: bool) -> None:
     spn = str(port.name)
-    proto = port.protocol.lower
     out.chains.setdefault(chain, [])
     if port.affinity_timeout is not None:
         for ep in endpoints:
-            sep = names.sep_chain(spn, proto, ep.key)
+            sep = seps[ep.key]
             out.add(chain, *_comment(f"{spn} -> {ep.key}", large_cluster),
                     "-m", "recent", "--name", sep, "--rcheck", "--seconds",
                     str(port.affinity_timeout), "--reap", "-j", sep)
     count = len(endpoints)
     for i, ep in enumerate(endpoints):
-        sep = names.sep_chain(spn, proto, ep.key)
+        sep = seps[ep.key]
         # Each rule takes 1/(remaining) of what reaches it; the last one takes the rest.
         chance = ("-m", "statistic", "--mode", "random", "--probability",
                   probability(count - i)) if i < count - 1 else ()
         out.add(chain, *_comment(f"{spn} -> {ep.key}", large_cluster), *chance, "-j", sep)
 
 
-def _endpoint_chain(out: PortRules, port: ServicePort, ep: Endpoint, large_cluster: bool) -> None:
+def _endpoint_chain(out: PortRules, port: ServicePort, ep: Endpoint, sep: str,
+                    large_cluster: bool) -> None:
     spn = str(port.name)
     proto = port.protocol.lower
-    sep = names.sep_chain(spn, proto, ep.key)
     comment = _comment(spn, large_cluster)
     # Hairpin: a pod reaching itself through the service must be masqueraded.
     out.add(sep, *comment, "-s", str(ep.ip), "-j", names.KUBE_MARK_MASQ)
