@@ -180,5 +180,28 @@ def cleanup(backend: str, verbose: int) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--backend", type=click.Choice(["nft", "legacy"]), default="nft",
+              show_default=True, help="iptables backend the nodes use.")
+@click.option("--requests", "requests", type=click.IntRange(min=1), default=60,
+              show_default=True,
+              help="Requests per target; with few, 'every pod answered' is down to luck.")
+@click.option("--keep", is_flag=True,
+              help="Keep the lab up after the report until Enter or Ctrl-C, to look around.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the results as JSON instead of the text report.")
+def lab(backend: str, requests: int, keep: bool, as_json: bool) -> None:
+    """Build a two-node cluster of network namespaces, run iptsync on each node, show traffic.
+
+    Needs root. Sends requests to the seed examples' services (ClusterIP, NodePort,
+    load-balancer IP), shows which pods answered and which source they saw, prints the dump
+    of deploy-svc, and checks it all; exits 1 if a check failed. Everything is torn down on
+    exit, Ctrl-C and SIGTERM; the host's own network namespace is never changed.
+    """
+    from iptsync.lab.demo import run_command  # noqa: PLC0415  (lab code only when used)
+
+    sys.exit(run_command(backend=backend, requests=requests, keep=keep, as_json=as_json))
+
+
 if __name__ == "__main__":
     main()
