@@ -151,7 +151,13 @@ def parse_save(text: str) -> dict[str, SavedTable]:
                 current.policies[name] = policy
         else:
             chain, args = _parse_rule_line(line, number)
-            current.chains.setdefault(chain, []).append(canonical(args))
+            try:
+                rule = canonical(args)
+            except RulesetError:
+                # Another tool's rule with a match we do not model: keep it verbatim, so one
+                # foreign rule can never stop a sync from reading the table.
+                rule = join_args(args)
+            current.chains.setdefault(chain, []).append(rule)
     if current is not None:
         raise RulesetError(f"table {current.name} has no COMMIT")
     return tables
@@ -186,6 +192,19 @@ _OPTION_ORDER: dict[str, tuple[str, ...]] = {
     "conntrack": ("--ctstate", "--ctproto", "--ctorigsrc", "--ctorigdst", "--ctstatus"),
 }
 _CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
+# Options that take exactly one value, whatever it looks like (a comment may be "!" or "--x").
+_ONE_VALUE = frozenset({
+    "--comment", "--log-prefix", "--nflog-prefix", "--name", "--to-destination", "--to-source",
+    "--set-xmark", "--set-mark", "--or-mark", "--xor-mark", "--and-mark", "--mark", "--ctstate",
+    "--state", "--sport", "--dport", "--probability", "--mode", "--seconds", "--src-type",
+    "--dst-type", "--mask", "--reject-with", "--to-ports", "--hitcount", "--every", "--packet",
+})
+# Options that take none.
+_NO_VALUE = frozenset({"--set", "--rcheck", "--update", "--remove", "--reap", "--rsource",
+                       "--rdest", "--random", "--random-fully", "--persistent", "--syn",
+                       "--rttl"})
+# iptables-save prints string values bare only when made of these (xtables_save_string).
+_BARE_CHARS = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _PROBABILITY_SCALE = 0x80000000  # xt_statistic keeps the probability as a 31-bit fraction
 
 Option = tuple[bool, str, list[str]]  # (negated, name, values)
@@ -203,10 +222,10 @@ def canonical(args: Sequence[str]) -> str:
     """The rule's arguments as ``iptables-save`` prints them, for comparison and reuse."""
     parsed = _parse_args(args)
     out: list[str] = []
-    for opt in ("-s", "-d", "-i", "-o", "-p"):
+    for opt in ("-s", "-d", "-i", "-o", "-p", "-f"):
         if opt in parsed.basics:
             negated, value = parsed.basics[opt]
-            out.extend((["!"] if negated else []) + [opt, value])
+            out.extend((["!"] if negated else []) + [opt] + ([value] if value else []))
     for name, options in parsed.matches:
         out.extend(["-m", name])
         out.extend(_match_options(name, options))
@@ -228,6 +247,11 @@ def _parse_args(args: Sequence[str]) -> _Parsed:
             negated = True
             i += 1
             continue
+        if token in ("-f", "--fragment"):
+            parsed.basics["-f"] = (negated, "")
+            negated = False
+            i += 1
+            continue
         if i + 1 < n and token in _ADDRESS_OPTS:
             opt = _ADDRESS_OPTS[token]
             value = args[i + 1]
@@ -245,10 +269,14 @@ def _parse_args(args: Sequence[str]) -> _Parsed:
         elif token.startswith("--"):
             i += 1
             values: list[str] = []
-            while i < n and args[i] != "!" and not args[i].startswith("--") and args[i] not in (
-                    "-m", "-j", "-g", "-s", "-d", "-i", "-o", "-p"):
+            if token in _ONE_VALUE and i < n:
                 values.append(args[i])
                 i += 1
+            elif token not in _NO_VALUE:
+                while i < n and args[i] != "!" and not args[i].startswith("--") and (
+                        args[i] not in ("-m", "-j", "-g", "-s", "-d", "-i", "-o", "-p", "-f")):
+                    values.append(args[i])
+                    i += 1
             if current is None:  # e.g. "-p tcp --dport 80": iptables loads the tcp match itself
                 current = []
                 parsed.matches.append((parsed.basics.get("-p", (False, "?"))[1], current))
@@ -274,13 +302,14 @@ def _format_options(options: Iterable[Option]) -> Iterator[str]:
         if negated:
             yield "!"
         yield name
-        yield from values
+        for value in values:
+            yield _save_quote(value) if _NEEDS_QUOTES.search(value) or not value else value
 
 
 def _match_options(name: str, options: list[Option]) -> list[str]:
     if name == "comment":
-        return [tok if tok.startswith("--") else _save_quote(tok)
-                for tok in _format_options(options)]
+        return [tok for negated, opt, values in options
+                for tok in ((["!"] if negated else []) + [opt] + [_save_quote(v) for v in values])]
     normalised = [_normalise_option(name, opt) for opt in options]
     if name == "recent":
         present = {opt[1] for opt in normalised}
@@ -303,10 +332,13 @@ def _normalise_option(match: str, option: Option) -> Option:
         return negated, name, [_probability(values[0])]
     if match == "mark" and name == "--mark" and values:
         return negated, name, [_mark(values[0])]
-    if match == "conntrack" and name in ("--ctstate", "--state") and values:
+    if (match, name) in (("conntrack", "--ctstate"), ("conntrack", "--state"),
+                         ("state", "--state")) and values:
         states = values[0].split(",")
         states.sort(key=lambda s: _CTSTATE_ORDER.index(s) if s in _CTSTATE_ORDER else 99)
-        return negated, "--ctstate", [",".join(states)]
+        return negated, "--ctstate" if match == "conntrack" else "--state", [",".join(states)]
+    if match == "tcp" and name == "--syn":
+        return negated, "--tcp-flags", ["FIN,SYN,RST,ACK", "SYN"]
     return option
 
 
@@ -350,4 +382,8 @@ def _probability(text: str) -> str:
 
 
 def _save_quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A string value as iptables-save prints it (xtables_save_string)."""
+    if text and all(ch in _BARE_CHARS for ch in text):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
+    return f'"{escaped}"'

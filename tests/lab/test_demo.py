@@ -1,0 +1,154 @@
+"""The ``iptsync lab`` demo: real traffic through the rules, its report, and its teardown.
+
+The namespace tests run the command as a user would (a subprocess, as root) and read its JSON
+or text output; the others check the pure parts (the dump excerpt, the manifests matching the
+lab's pods, the root check) and run anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iptsync.lab import demo, netns
+from iptsync.sources.files import load_objects
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_IPS = {"10.100.0.2", "10.100.0.3"}
+CLIENT_POD_IP = "10.0.1.3"
+
+
+def lab_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "iptsync.cli", "lab", *args]
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    return [name for name in netns.list_netns() if name.startswith(prefix)]
+
+
+def pods_by_service(report: dict[str, Any]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for name, pod in report["topology"]["pods"].items():
+        if pod["service"]:
+            found.setdefault(pod["service"], set()).add(name)
+    return found
+
+
+@pytest.mark.netns
+def test_json_report_shows_every_expectation_met_and_leaves_no_namespace() -> None:
+    """--json: every pod answers, sources kept/masqueraded as expected, no namespace left."""
+    proc = subprocess.run(lab_argv("--json", "--requests", "40"), capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, check=False)
+    assert 0 == proc.returncode, proc.stderr + proc.stdout
+    report = json.loads(proc.stdout)
+    pods = pods_by_service(report)
+    probes = report["probes"]
+    assert ["cluster-ip", "cluster-ip", "nodeport", "nodeport", "load-balancer"] == [
+        p["section"] for p in probes]
+    for p in probes:
+        assert pods[p["service"]] == set(p["answered"]), p
+        assert 40 == sum(p["answered"].values()), p
+    for p in probes:
+        if p["section"] == "cluster-ip":
+            assert {CLIENT_POD_IP} == set(p["seen_as"]), p
+        elif p["section"] == "nodeport":
+            assert set(p["seen_as"]) <= NODE_IPS, p
+    lb = [p for p in probes if p["section"] == "load-balancer"]
+    assert ["203.0.113.10:80"] == [p["target"] for p in lb]
+    assert [] == [c["name"] for c in report["checks"] if not c["passed"]]
+    assert 0 == report["failed"]
+    assert report["prefix"].startswith("ipts")
+    assert [] == lab_namespaces(report["prefix"])
+
+
+@pytest.mark.netns
+def test_text_report_has_its_sections_the_dump_and_the_summary() -> None:
+    """The text report shows every section, a KUBE-SVC chain of the dump and 0 failed."""
+    proc = subprocess.run(lab_argv("--requests", "40"), capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, check=False)
+    assert 0 == proc.returncode, proc.stderr + proc.stdout
+    out = proc.stdout
+    for title in ("Topology", "Connections spreading over pods",
+                  "NodePort from outside on every node", "Load-balancer IP from outside",
+                  "What `iptsync dump` prints for deploy-svc", "Checks"):
+        assert f"== {title} ==" in out
+    assert re.search(r"^\s*:KUBE-SVC-[A-Z2-7]{16} - \[0:0\]$", out, re.MULTILINE)
+    assert re.fullmatch(r"lab: \d+ checks passed, 0 failed", out.splitlines()[-1])
+    prefix = re.search(r"namespaces (ipts\d+x\d+-)\*", out)
+    assert prefix is not None
+    assert [] == lab_namespaces(prefix.group(1))
+
+
+@pytest.mark.netns
+def test_sigterm_while_kept_up_tears_the_lab_down() -> None:
+    """--keep holds the namespaces up after the report; SIGTERM then removes them all."""
+    proc = subprocess.Popen(lab_argv("--keep", "--json", "--requests", "40"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, bufsize=0)
+    try:
+        assert proc.stderr is not None
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"stays up until" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+            chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
+            if ready and not chunk:
+                break
+            seen += chunk
+        prefix = re.search(r"namespaces (ipts\d+x\d+-)\*", seen.decode())
+        assert prefix is not None, seen.decode()
+        assert 10 == len(lab_namespaces(prefix.group(1))), seen.decode()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert 0 == proc.returncode, (seen + err).decode()
+    assert 0 == json.loads(out)["failed"]
+    assert [] == lab_namespaces(prefix.group(1))
+
+
+def test_dump_excerpt_holds_only_the_chains_of_one_service() -> None:
+    """The dump excerpt of deploy-svc: its entry rules and its SVC, EXT and three SEP chains."""
+    excerpt = demo.dump_service(demo.manifests_dir(), "node1", "deploy-svc")
+    kinds = [re.sub(r"[A-Z2-7]{16}$", "", chain) for chain in excerpt.chains]
+    assert ["KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-SVC-", "KUBE-EXT-", "KUBE-SEP-",
+            "KUBE-SEP-", "KUBE-SEP-"] == kinds
+    assert 3 == len(excerpt.chains["KUBE-SERVICES"]) + len(excerpt.chains["KUBE-NODEPORTS"])
+    assert not any("server-service" in line for line in excerpt.lines)
+    assert ("default/deploy-svc", "default/server-service") == excerpt.services_with_svc_chain
+
+
+def test_bundled_manifests_match_the_lab_pods() -> None:
+    """examples/lab's EndpointSlices list exactly the lab's pods, IPs and nodes, on port 8080."""
+    objects = load_objects([demo.manifests_dir()]).objects
+    endpoints = set()
+    for obj in objects:
+        if obj["kind"] == "EndpointSlice":
+            service = obj["metadata"]["labels"]["kubernetes.io/service-name"]
+            assert [8080] == [port["port"] for port in obj["ports"]]
+            endpoints |= {(e["targetRef"]["name"], e["nodeName"], e["addresses"][0], service)
+                          for e in obj["endpoints"]}
+    expected = {(p.name, p.node, p.ip, p.service) for p in demo.PODS if p.service}
+    assert expected == endpoints
+
+
+def test_refuses_to_run_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root: a clear message, exit status 2, nothing built."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    out, err = io.StringIO(), io.StringIO()
+    assert 2 == demo.run_command(out=out, err=err)
+    assert "iptsync lab needs root (network namespaces)\n" == err.getvalue()
+    assert "" == out.getvalue()

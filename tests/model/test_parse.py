@@ -1,0 +1,795 @@
+"""Table-driven unit tests for iptsync.model: invalid fields, defaults, skips and client objects.
+
+Every invalid field must be reported as a Problem naming the object (``namespace/name``) and
+the exact field path; a bad endpoint address drops only that endpoint. Valid but unprogrammable
+services (headless, ExternalName, IPv6) parse to no ports with a reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes.client as k8s
+import pytest
+
+from iptsync.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    SERVICE_NAME_LABEL,
+    SOURCE_RANGES_ANNOTATION,
+    Endpoint,
+    EndpointSliceInfo,
+    IPFamily,
+    NodeInfo,
+    Parsed,
+    Problem,
+    Protocol,
+    ServiceInfo,
+    ServicePortName,
+    SlicePort,
+    parse_all,
+    parse_endpoint_slice,
+    parse_node,
+    parse_object,
+    parse_service,
+    to_manifest,
+)
+
+Manifest = dict[str, Any]
+
+
+def service(spec: Manifest | None = None, *, status: Manifest | None = None,
+            metadata: Manifest | None = None) -> Manifest:
+    """A valid two-port ClusterIP Service ns1/web, with ``spec`` keys overridden."""
+    manifest: Manifest = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "ns1"} if metadata is None else metadata,
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.96.0.10",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                      {"name": "https", "port": 443, "protocol": "TCP"}],
+            **(spec or {}),
+        },
+    }
+    if status is not None:
+        manifest["status"] = status
+    return manifest
+
+
+def endpoint_slice(**overrides: Any) -> Manifest:
+    """A valid IPv4 EndpointSlice ns1/web-abc of service web, with top-level keys overridden."""
+    manifest: Manifest = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-abc", "namespace": "ns1",
+                     "labels": {SERVICE_NAME_LABEL: "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.0.1.1"], "conditions": {"ready": True}, "nodeName": "node1"},
+            {"addresses": ["10.0.1.2"], "conditions": {"ready": True}, "nodeName": "node2"},
+            {"addresses": ["10.0.1.3"], "conditions": {"ready": True}, "nodeName": "node3"},
+        ],
+    }
+    manifest.update(overrides)
+    return manifest
+
+
+def node(**overrides: Any) -> Manifest:
+    """A valid Node node1 in zone z1 with one internal and one external address."""
+    manifest: Manifest = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.100.0.2"},
+                                 {"type": "Hostname", "address": "node1"},
+                                 {"type": "ExternalIP", "address": "203.0.113.7"}]},
+    }
+    manifest.update(overrides)
+    return manifest
+
+
+def problem_fields(parsed: Parsed) -> list[tuple[str, str, str]]:
+    """(kind, ref, field) of each problem, the parts tests pin down exactly."""
+    return [(p.kind, p.ref, p.field) for p in parsed.problems]
+
+
+def service_info(manifest: Manifest) -> ServiceInfo:
+    """Parse a manifest that must be a valid Service."""
+    parsed = parse_object(manifest)
+    assert () == parsed.problems
+    assert isinstance(parsed.value, ServiceInfo)
+    return parsed.value
+
+
+def slice_info(manifest: Manifest) -> EndpointSliceInfo:
+    """Parse a manifest that must be an accepted EndpointSlice (problems allowed)."""
+    parsed = parse_object(manifest)
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    return parsed.value
+
+
+MISSING = ...  # as a value for set_path: remove the item instead
+
+
+def set_path(manifest: Manifest, path: tuple[Any, ...], value: Any) -> Manifest:
+    """A deep copy of ``manifest`` with the item at ``path`` replaced, or removed (MISSING)."""
+    out = copy.deepcopy(manifest)
+    target = out
+    for key in path[:-1]:
+        target = target[key]
+    if value is MISSING:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return out
+
+
+# --- invalid Service fields ---------------------------------------------------------------
+
+BAD_SERVICES: list[Any] = [
+    pytest.param(("spec", "clusterIP"), "10.96.0.300", "spec.clusterIP", id="cluster-ip-octet"),
+    pytest.param(("spec", "clusterIP"), "nope", "spec.clusterIP", id="cluster-ip-word"),
+    pytest.param(("spec", "clusterIP"), 167772161, "spec.clusterIP", id="cluster-ip-int"),
+    pytest.param(("spec", "clusterIP"), MISSING, "spec.clusterIP", id="cluster-ip-missing"),
+    pytest.param(("spec", "ports", 1, "port"), 70000, "spec.ports[1].port", id="port-70000"),
+    pytest.param(("spec", "ports", 1, "port"), 0, "spec.ports[1].port", id="port-0"),
+    pytest.param(("spec", "ports", 1, "port"), -1, "spec.ports[1].port", id="port-negative"),
+    pytest.param(("spec", "ports", 1, "port"), "80", "spec.ports[1].port", id="port-string"),
+    pytest.param(("spec", "ports", 1, "port"), True, "spec.ports[1].port", id="port-bool"),
+    pytest.param(("spec", "ports", 1, "port"), 80.0, "spec.ports[1].port", id="port-float"),
+    pytest.param(("spec", "ports", 1, "port"), MISSING, "spec.ports[1].port", id="port-missing"),
+    pytest.param(("spec", "ports", 0, "protocol"), "ICMP", "spec.ports[0].protocol",
+                 id="protocol-icmp"),
+    pytest.param(("spec", "ports", 0, "protocol"), "tcp", "spec.ports[0].protocol",
+                 id="protocol-lowercase"),
+    pytest.param(("spec", "ports", 0, "protocol"), ["TCP"], "spec.ports[0].protocol",
+                 id="protocol-list"),
+    pytest.param(("spec", "ports", 0, "name"), 7, "spec.ports[0].name", id="port-name-int"),
+    pytest.param(("spec", "ports", 1, "name"), "http", "spec.ports[1].name",
+                 id="port-name-duplicate"),
+    pytest.param(("spec", "ports", 0), None, "spec.ports[0]", id="port-none"),
+    pytest.param(("spec", "ports", 0), "80/TCP", "spec.ports[0]", id="port-entry-string"),
+    pytest.param(("spec", "ports"), [], "spec.ports", id="ports-empty"),
+    pytest.param(("spec", "ports"), {"name": "http", "port": 80}, "spec.ports",
+                 id="ports-mapping"),
+    pytest.param(("spec", "ports", 0, "nodePort"), 70000, "spec.ports[0].nodePort",
+                 id="node-port-70000"),
+    pytest.param(("spec", "ports", 0, "nodePort"), "30080", "spec.ports[0].nodePort",
+                 id="node-port-string"),
+    pytest.param(("spec", "externalIPs"), ["nope"], "spec.externalIPs[0]", id="external-ip"),
+    pytest.param(("spec", "externalIPs"), ["192.0.2.1", "192.0.2.256"], "spec.externalIPs[1]",
+                 id="external-ip-second"),
+    pytest.param(("spec", "externalIPs"), "192.0.2.1", "spec.externalIPs",
+                 id="external-ips-string"),
+    pytest.param(("spec", "externalTrafficPolicy"), "Nowhere", "spec.externalTrafficPolicy",
+                 id="etp-unknown"),
+    pytest.param(("spec", "internalTrafficPolicy"), "Nowhere", "spec.internalTrafficPolicy",
+                 id="itp-unknown"),
+    pytest.param(("spec", "sessionAffinity"), "Cookie", "spec.sessionAffinity",
+                 id="affinity-unknown"),
+    pytest.param(("spec", "type"), "Ingress", "spec.type", id="type-unknown"),
+    pytest.param(("spec",), None, "spec", id="spec-none"),
+    pytest.param(("spec",), [], "spec", id="spec-list"),
+    pytest.param(("metadata", "annotations"), ["a"], "metadata.annotations",
+                 id="annotations-list"),
+    pytest.param(("metadata", "annotations"), {"a": 1}, "metadata.annotations[a]",
+                 id="annotation-value-int"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field"), BAD_SERVICES)
+def test_invalid_service_field_is_reported_by_path(path: tuple[Any, ...], value: Any,
+                                                    field: str) -> None:
+    """A Service with one bad field is rejected whole, with a Problem naming ns/name and field."""
+    parsed = parse_object(set_path(service(), path, value))
+    assert [("Service", "ns1/web", field)] == problem_fields(parsed)
+    assert "object" == parsed.problems[0].dropped
+    assert parsed.value is None
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    pytest.param({"sessionAffinity": "ClientIP",
+                  "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}},
+                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds", id="timeout-0"),
+    pytest.param({"sessionAffinity": "ClientIP",
+                  "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}},
+                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds", id="timeout-86401"),
+    pytest.param({"sessionAffinity": "ClientIP",
+                  "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": "600"}}},
+                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds", id="timeout-string"),
+    pytest.param({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": 600}},
+                 "spec.sessionAffinityConfig.clientIP", id="client-ip-config-int"),
+    pytest.param({"sessionAffinity": "ClientIP", "sessionAffinityConfig": "600"},
+                 "spec.sessionAffinityConfig", id="affinity-config-string"),
+    pytest.param({"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/33"]},
+                 "spec.loadBalancerSourceRanges[0]", id="source-range-prefix"),
+    pytest.param({"type": "LoadBalancer",
+                  "loadBalancerSourceRanges": ["10.0.0.0/8", "300.0.0.0/8"]},
+                 "spec.loadBalancerSourceRanges[1]", id="source-range-second"),
+    pytest.param({"type": "LoadBalancer", "loadBalancerSourceRanges": "10.0.0.0/8"},
+                 "spec.loadBalancerSourceRanges", id="source-ranges-string"),
+    pytest.param({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                  "healthCheckNodePort": 70000},
+                 "spec.healthCheckNodePort", id="health-check-node-port"),
+])
+def test_invalid_service_spec_is_reported_by_path(spec: Manifest, field: str) -> None:
+    """Affinity, source-range and health-check fields are validated with their exact path."""
+    parsed = parse_object(service(spec))
+    assert [("Service", "ns1/web", field)] == problem_fields(parsed)
+    assert parsed.value is None
+
+
+@pytest.mark.parametrize(("ingress", "field"), [
+    pytest.param([{"ip": "198.51.100.300"}], "status.loadBalancer.ingress[0].ip", id="ip"),
+    pytest.param([{"ip": "198.51.100.1"}, "x"], "status.loadBalancer.ingress[1]", id="entry"),
+    pytest.param({"ip": "198.51.100.1"}, "status.loadBalancer.ingress", id="not-a-list"),
+])
+def test_invalid_load_balancer_ingress_is_reported_by_path(ingress: Any, field: str) -> None:
+    """A bad LoadBalancer status ingress rejects the Service naming the ingress field."""
+    parsed = parse_object(service({"type": "LoadBalancer"},
+                                  status={"loadBalancer": {"ingress": ingress}}))
+    assert [("Service", "ns1/web", field)] == problem_fields(parsed)
+    assert parsed.value is None
+
+
+def test_source_range_annotation_error_names_the_annotation() -> None:
+    """A bad CIDR in the source-ranges annotation is reported under that annotation."""
+    meta = {"name": "web", "namespace": "ns1",
+            "annotations": {SOURCE_RANGES_ANNOTATION: "10.0.0.0/8,bogus"}}
+    parsed = parse_object(service({"type": "LoadBalancer"}, metadata=meta))
+    expected = [("Service", "ns1/web", f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]")]
+    assert expected == problem_fields(parsed)
+    assert parsed.value is None
+
+
+def test_non_string_namespace_is_reported() -> None:
+    """A namespace that is not a string rejects the object; the ref shows the raw value."""
+    parsed = parse_object(service(metadata={"name": "web", "namespace": 5}))
+    assert [("Service", "5/web", "metadata.namespace")] == problem_fields(parsed)
+    assert parsed.value is None
+
+
+def test_missing_name_is_reported_with_placeholder_ref() -> None:
+    """A Service without metadata.name is rejected; the ref keeps its namespace."""
+    parsed = parse_object(service(metadata={"namespace": "ns1"}))
+    assert [("Service", "ns1/<unnamed>", "metadata.name")] == problem_fields(parsed)
+    assert parsed.value is None
+
+
+def test_missing_metadata_is_reported() -> None:
+    """A Service without metadata at all is rejected with field ``metadata``."""
+    manifest = service()
+    del manifest["metadata"]
+    parsed = parse_object(manifest)
+    assert [("Service", "default/<unnamed>", "metadata")] == problem_fields(parsed)
+
+
+def test_problem_str_names_kind_object_and_field() -> None:
+    """A Problem prints as the warning kube-proxy users expect to grep for."""
+    parsed = parse_object(service({"clusterIP": "10.96.0.300"}))
+    expected = "skipping Service ns1/web: spec.clusterIP: '10.96.0.300' is not a valid IP address"
+    assert expected == str(parsed.problems[0])
+
+
+# --- invalid EndpointSlice fields ---------------------------------------------------------
+
+BAD_SLICES: list[Any] = [
+    pytest.param({"metadata": {"name": "web-abc", "namespace": "ns1"}},
+                 "ns1/web-abc", f"metadata.labels[{SERVICE_NAME_LABEL}]", id="no-service-label"),
+    pytest.param({"metadata": {"name": "web-abc", "namespace": "ns1",
+                               "labels": {SERVICE_NAME_LABEL: ""}}},
+                 "ns1/web-abc", f"metadata.labels[{SERVICE_NAME_LABEL}]",
+                 id="empty-service-label"),
+    pytest.param({"metadata": {"namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "web"}}},
+                 "ns1/<unnamed>", "metadata.name", id="no-name"),
+    pytest.param({"metadata": {"name": "web-abc", "namespace": "ns1", "labels": ["web"]}},
+                 "ns1/web-abc", "metadata.labels", id="labels-list"),
+    pytest.param({"addressType": "IPv5"}, "ns1/web-abc", "addressType", id="address-type"),
+    pytest.param({"addressType": None}, "ns1/web-abc", "addressType", id="address-type-none"),
+    pytest.param({"addressType": 4}, "ns1/web-abc", "addressType", id="address-type-int"),
+    pytest.param({"ports": [{"name": "http", "port": 70000}]}, "ns1/web-abc", "ports[0].port",
+                 id="port-70000"),
+    pytest.param({"ports": [{"name": "http", "port": "8080"}]}, "ns1/web-abc", "ports[0].port",
+                 id="port-string"),
+    pytest.param({"ports": [{"name": "http", "port": 8080, "protocol": "ICMP"}]},
+                 "ns1/web-abc", "ports[0].protocol", id="protocol"),
+    pytest.param({"ports": [None]}, "ns1/web-abc", "ports[0]", id="port-none"),
+    pytest.param({"ports": {"http": 8080}}, "ns1/web-abc", "ports", id="ports-mapping"),
+    pytest.param({"endpoints": {"addresses": ["10.0.1.1"]}}, "ns1/web-abc", "endpoints",
+                 id="endpoints-mapping"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "ref", "field"), BAD_SLICES)
+def test_invalid_slice_field_is_reported_by_path(overrides: Manifest, ref: str,
+                                                 field: str) -> None:
+    """An EndpointSlice with one bad field is rejected whole, naming ns/name and the field."""
+    parsed = parse_object(endpoint_slice(**overrides))
+    assert [("EndpointSlice", ref, field)] == problem_fields(parsed)
+    assert "object" == parsed.problems[0].dropped
+    assert parsed.value is None
+
+
+BAD_ENDPOINTS: list[Any] = [
+    pytest.param({"addresses": ["10.0.0.999"]}, "endpoints[1].addresses[0]", id="bad-octet"),
+    pytest.param({"addresses": ["fd00::1"]}, "endpoints[1].addresses[0]", id="ipv6-in-ipv4"),
+    pytest.param({"addresses": [10]}, "endpoints[1].addresses[0]", id="address-int"),
+    pytest.param({"addresses": []}, "endpoints[1].addresses", id="no-addresses"),
+    pytest.param({"addresses": "10.0.1.9"}, "endpoints[1].addresses", id="addresses-string"),
+    pytest.param({"addresses": ["10.0.1.9"], "conditions": {"ready": "yes"}},
+                 "endpoints[1].conditions.ready", id="ready-string"),
+    pytest.param({"addresses": ["10.0.1.9"], "conditions": []}, "endpoints[1].conditions",
+                 id="conditions-list"),
+    pytest.param({"addresses": ["10.0.1.9"], "hints": {"forZones": [{}]}},
+                 "endpoints[1].hints.forZones[0].name", id="hint-without-name"),
+    pytest.param(None, "endpoints[1]", id="endpoint-none"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field"), BAD_ENDPOINTS)
+def test_bad_endpoint_drops_only_that_endpoint(bad: Any, field: str) -> None:
+    """A bad endpoint is dropped, the slice keeps the others, and the Problem says which."""
+    manifest = endpoint_slice()
+    manifest["endpoints"][1] = bad
+    parsed = parse_object(manifest)
+    assert [("EndpointSlice", "ns1/web-abc", field)] == problem_fields(parsed)
+    assert "endpoint 1" == parsed.problems[0].dropped
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    addresses = [str(ep.ip) for ep in parsed.value.endpoints]
+    assert ["10.0.1.1", "10.0.1.3"] == addresses
+
+
+def test_ipv4_address_in_ipv6_slice_is_dropped() -> None:
+    """An IPv6 slice drops an IPv4 endpoint and keeps the IPv6 ones."""
+    manifest = endpoint_slice(addressType="IPv6", endpoints=[
+        {"addresses": ["fd00::1"]}, {"addresses": ["10.0.1.1"]}, {"addresses": ["fd00::2"]}])
+    parsed = parse_object(manifest)
+    assert [("EndpointSlice", "ns1/web-abc", "endpoints[1].addresses[0]")] == \
+        problem_fields(parsed)
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    expected = [ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")]
+    assert expected == [ep.ip for ep in parsed.value.endpoints]
+
+
+def test_every_bad_endpoint_gets_its_own_problem() -> None:
+    """Two bad endpoints yield two problems, each naming its own endpoint index."""
+    manifest = endpoint_slice()
+    manifest["endpoints"][0]["addresses"] = ["bogus"]
+    manifest["endpoints"][2]["addresses"] = ["fd00::3"]
+    parsed = parse_object(manifest)
+    assert ["endpoint 0", "endpoint 2"] == [p.dropped for p in parsed.problems]
+    assert ["10.0.1.2"] == [str(ep.ip) for ep in slice_info(manifest).endpoints]
+
+
+def test_dropped_endpoint_problem_str_says_dropping() -> None:
+    """A dropped endpoint's Problem reads as a drop, not as skipping the slice."""
+    manifest = endpoint_slice()
+    manifest["endpoints"][1] = {"addresses": ["10.0.0.999"]}
+    problem = parse_object(manifest).problems[0]
+    expected = ("EndpointSlice ns1/web-abc: dropping endpoint 1: endpoints[1].addresses[0]: "
+                "'10.0.0.999' is not a valid IP address")
+    assert expected == str(problem)
+
+
+# --- defaults -----------------------------------------------------------------------------
+
+def test_missing_namespace_defaults_to_default() -> None:
+    """A Service without a namespace lives in ``default``."""
+    info = service_info(service(metadata={"name": "web"}))
+    assert ("default", "web") == info.key
+    assert ServicePortName("default", "web", "http") == info.ports[0].name
+
+
+def test_missing_slice_namespace_defaults_to_default() -> None:
+    """An EndpointSlice without a namespace lives in ``default``."""
+    manifest = endpoint_slice(metadata={"name": "web-abc",
+                                        "labels": {SERVICE_NAME_LABEL: "web"}})
+    assert ("default", "web-abc") == slice_info(manifest).key
+
+
+def test_missing_protocol_defaults_to_tcp() -> None:
+    """A service port and a slice port without a protocol are TCP."""
+    info = service_info(service({"ports": [{"name": "dns", "port": 53}]}))
+    assert [Protocol.TCP] == [p.protocol for p in info.ports]
+    sl = slice_info(endpoint_slice(ports=[{"name": "dns", "port": 53}]))
+    assert (SlicePort("dns", Protocol.TCP, 53),) == sl.ports
+
+
+def test_service_port_fields_are_parsed() -> None:
+    """A plain ClusterIP service yields one ServicePort per port with kube-proxy's fields."""
+    info = service_info(service({"ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                           {"name": "sctp", "port": 9, "protocol": "SCTP"}]}))
+    port = info.ports[0]
+    assert ServicePortName("ns1", "web", "dns") == port.name
+    assert "ns1/web:dns" == str(port.name)
+    assert (Protocol.UDP, 53, 0) == (port.protocol, port.port, port.node_port)
+    assert IPFamily.IPV4 == port.family
+    assert ipaddress.ip_address("10.96.0.10") == port.cluster_ip
+    assert Protocol.SCTP == info.ports[1].protocol
+    assert (None, False, False) == (port.affinity_timeout, port.external_policy_local,
+                                    port.internal_policy_local)
+
+
+def test_unnamed_single_port_has_empty_port_name() -> None:
+    """A single unnamed port is keyed ``namespace/name`` with no ``:port`` suffix."""
+    info = service_info(service({"ports": [{"port": 80}]}))
+    assert "ns1/web" == str(info.ports[0].name)
+
+
+def test_same_port_name_with_different_protocols_is_valid() -> None:
+    """A port name may repeat across protocols (DNS on TCP and UDP)."""
+    info = service_info(service({"ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                           {"name": "dns", "port": 53, "protocol": "TCP"}]}))
+    assert [Protocol.UDP, Protocol.TCP] == [p.protocol for p in info.ports]
+
+
+def test_missing_endpoint_conditions_mean_ready_serving_not_terminating() -> None:
+    """Without conditions an endpoint is ready and serving and not terminating."""
+    sl = slice_info(endpoint_slice(endpoints=[{"addresses": ["10.0.1.1"]},
+                                              {"addresses": ["10.0.1.2"], "conditions": {}}]))
+    expected = [(True, True, False), (True, True, False)]
+    assert expected == [(ep.ready, ep.serving, ep.terminating) for ep in sl.endpoints]
+
+
+def test_explicit_endpoint_conditions_are_kept() -> None:
+    """Explicit conditions, node name, zone and hints are carried to the Endpoint."""
+    sl = slice_info(endpoint_slice(endpoints=[{
+        "addresses": ["10.0.1.1", "10.0.1.99"],
+        "conditions": {"ready": False, "serving": True, "terminating": True},
+        "nodeName": "node2", "zone": "z2", "hints": {"forZones": [{"name": "z1"}]},
+    }]))
+    expected = Endpoint(ip=ipaddress.ip_address("10.0.1.1"), port=0, node_name="node2",
+                        zone="z2", zone_hints=frozenset({"z1"}), ready=False, serving=True,
+                        terminating=True)
+    assert (expected,) == sl.endpoints
+
+
+def test_slice_port_without_number_is_ignored() -> None:
+    """A slice port with no port number is skipped, as kube-proxy does."""
+    sl = slice_info(endpoint_slice(ports=[{"name": "none"}, {"name": "http", "port": 8080}]))
+    assert (SlicePort("http", Protocol.TCP, 8080),) == sl.ports
+
+
+def test_fqdn_slice_has_no_family_and_no_endpoints() -> None:
+    """FQDN slices are accepted but carry no endpoints (kube-proxy ignores them)."""
+    sl = slice_info(endpoint_slice(addressType="FQDN",
+                                   endpoints=[{"addresses": ["db.example.com"]}]))
+    assert (None, ()) == (sl.family, sl.endpoints)
+
+
+def test_trigger_time_annotation_is_parsed() -> None:
+    """The last-change-trigger-time annotation becomes a timezone-aware datetime."""
+    meta = {"name": "web-abc", "namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "web"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time":
+                            "2024-05-01T10:20:30Z"}}
+    sl = slice_info(endpoint_slice(metadata=meta))
+    assert sl.trigger_time is not None
+    assert "2024-05-01T10:20:30+00:00" == sl.trigger_time.isoformat()
+
+
+def test_session_affinity_without_config_uses_default_timeout() -> None:
+    """sessionAffinity ClientIP without a config means 10800 seconds."""
+    info = service_info(service({"sessionAffinity": "ClientIP"}))
+    assert [DEFAULT_AFFINITY_TIMEOUT] * 2 == [p.affinity_timeout for p in info.ports]
+    assert 10800 == DEFAULT_AFFINITY_TIMEOUT
+
+
+@pytest.mark.parametrize("timeout", [1, 600, 86400])
+def test_session_affinity_timeout_in_range_is_kept(timeout: int) -> None:
+    """Any timeout in 1..86400 is used as given."""
+    info = service_info(service({
+        "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}}}))
+    assert timeout == info.ports[0].affinity_timeout
+
+
+def test_session_affinity_none_has_no_timeout() -> None:
+    """sessionAffinity None ignores any config."""
+    info = service_info(service({"sessionAffinity": "None", "sessionAffinityConfig": {
+        "clientIP": {"timeoutSeconds": 0}}}))
+    assert info.ports[0].affinity_timeout is None
+
+
+# --- services that get no rules -----------------------------------------------------------
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    pytest.param({"clusterIP": "None", "ports": [{"port": 80}]},
+                 "headless services get no rules", id="headless"),
+    pytest.param({"type": "ExternalName", "externalName": "db.example.com"},
+                 "ExternalName services get no rules", id="external-name"),
+    pytest.param({"type": "ExternalName", "clusterIP": "garbage", "ports": "junk"},
+                 "ExternalName services get no rules", id="external-name-unchecked"),
+    pytest.param({"clusterIP": "fd00::10", "ports": [{"port": 80}]},
+                 "IPv6 services are not supported yet", id="ipv6"),
+])
+def test_service_without_rules_has_no_ports_and_a_reason(spec: Manifest, reason: str) -> None:
+    """Headless, ExternalName and IPv6 services parse to no ports and say why."""
+    manifest = service()
+    manifest["spec"] = spec
+    info = service_info(manifest)
+    assert ((), reason) == (info.ports, info.skipped_reason)
+
+
+def test_valid_service_has_no_skipped_reason() -> None:
+    """A normal service is not marked as skipped."""
+    assert service_info(service()).skipped_reason is None
+
+
+# --- external addresses and policies ------------------------------------------------------
+
+def test_external_ips_of_other_family_are_ignored() -> None:
+    """IPv6 external IPs of an IPv4 service are dropped, IPv4 ones kept in order."""
+    info = service_info(service({"externalIPs": ["192.0.2.2", "2001:db8::1", "192.0.2.1"]}))
+    expected = (ipaddress.ip_address("192.0.2.2"), ipaddress.ip_address("192.0.2.1"))
+    assert expected == info.ports[0].external_ips
+
+
+def test_load_balancer_ingress_skips_proxy_mode_and_hostnames() -> None:
+    """Ingress with ipMode Proxy, hostname-only and other-family ingress are not captured."""
+    info = service_info(service({"type": "LoadBalancer"}, status={"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.1"},
+        {"hostname": "lb.example.com"},
+        {"ip": "198.51.100.2", "ipMode": "Proxy"},
+        {"ip": "198.51.100.3", "ipMode": "VIP"},
+        {"ip": "2001:db8::5"},
+    ]}}))
+    expected = (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.3"))
+    assert expected == info.ports[0].load_balancer_ips
+
+
+def test_load_balancer_ingress_is_ignored_for_other_types() -> None:
+    """A ClusterIP service's load-balancer status is not used."""
+    info = service_info(service({}, status={"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}))
+    assert () == info.ports[0].load_balancer_ips
+
+
+def test_source_ranges_are_parsed_and_masked() -> None:
+    """Source ranges tolerate blanks and host bits, as kube-proxy does."""
+    info = service_info(service({"type": "LoadBalancer", "loadBalancerSourceRanges": [
+        " 203.0.113.7/24 ", "10.0.0.0/8", "2001:db8::/32"]}))
+    expected = (ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("10.0.0.0/8"))
+    assert expected == info.ports[0].load_balancer_source_ranges
+
+
+def test_source_ranges_fall_back_to_annotation() -> None:
+    """Without spec.loadBalancerSourceRanges the beta annotation is used."""
+    meta = {"name": "web", "namespace": "ns1",
+            "annotations": {SOURCE_RANGES_ANNOTATION: "192.0.2.0/24, 198.51.100.0/25"}}
+    info = service_info(service({"type": "LoadBalancer"}, metadata=meta))
+    expected = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("198.51.100.0/25"))
+    assert expected == info.ports[0].load_balancer_source_ranges
+
+
+def test_spec_source_ranges_win_over_annotation() -> None:
+    """When both are set, spec.loadBalancerSourceRanges is used and the annotation ignored."""
+    meta = {"name": "web", "namespace": "ns1",
+            "annotations": {SOURCE_RANGES_ANNOTATION: "192.0.2.0/24"}}
+    info = service_info(service({"type": "LoadBalancer",
+                                 "loadBalancerSourceRanges": ["10.1.0.0/16"]}, metadata=meta))
+    assert (ipaddress.ip_network("10.1.0.0/16"),) == info.ports[0].load_balancer_source_ranges
+
+
+def test_source_ranges_are_ignored_for_non_load_balancers() -> None:
+    """Source ranges of a NodePort service are not read at all."""
+    info = service_info(service({"type": "NodePort", "loadBalancerSourceRanges": ["bogus"]}))
+    assert () == info.ports[0].load_balancer_source_ranges
+
+
+@pytest.mark.parametrize(("svc_type", "local"), [
+    ("ClusterIP", False), ("NodePort", True), ("LoadBalancer", True)])
+def test_external_traffic_policy_local_needs_external_type(svc_type: str, local: bool) -> None:
+    """externalTrafficPolicy Local is ignored on a ClusterIP service."""
+    info = service_info(service({"type": svc_type, "externalTrafficPolicy": "Local"}))
+    assert [local, local] == [p.external_policy_local for p in info.ports]
+
+
+def test_internal_traffic_policy_local_is_kept() -> None:
+    """internalTrafficPolicy Local applies to every service type."""
+    info = service_info(service({"internalTrafficPolicy": "Local"}))
+    assert [True, True] == [p.internal_policy_local for p in info.ports]
+
+
+@pytest.mark.parametrize(("svc_type", "policy", "expected"), [
+    ("LoadBalancer", "Local", 32100),
+    ("LoadBalancer", "Cluster", 0),
+    ("NodePort", "Local", 0),
+    ("ClusterIP", "Local", 0),
+])
+def test_health_check_node_port_only_for_local_load_balancers(svc_type: str, policy: str,
+                                                              expected: int) -> None:
+    """healthCheckNodePort is used only for a LoadBalancer with externalTrafficPolicy Local."""
+    info = service_info(service({"type": svc_type, "externalTrafficPolicy": policy,
+                                 "healthCheckNodePort": 32100}))
+    assert [expected, expected] == [p.health_check_node_port for p in info.ports]
+
+
+def test_node_ports_are_parsed() -> None:
+    """nodePort is carried per port; a missing nodePort is 0."""
+    info = service_info(service({"type": "NodePort", "ports": [
+        {"name": "a", "port": 80, "nodePort": 30080}, {"name": "b", "port": 81}]}))
+    assert [30080, 0] == [p.node_port for p in info.ports]
+
+
+# --- Node and parse_all -------------------------------------------------------------------
+
+def test_node_is_parsed() -> None:
+    """A Node yields its name, labels (zone) and internal/external addresses."""
+    parsed = parse_object(node())
+    expected = NodeInfo(name="node1", labels={"topology.kubernetes.io/zone": "z1"},
+                        addresses=(ipaddress.ip_address("10.100.0.2"),
+                                   ipaddress.ip_address("203.0.113.7")))
+    assert Parsed(expected) == parsed
+    assert "z1" == expected.zone
+
+
+def test_node_with_bad_address_is_reported() -> None:
+    """A Node with a bad address is rejected naming the address field."""
+    parsed = parse_object(node(status={"addresses": [{"type": "InternalIP", "address": "x"}]}))
+    assert [("Node", "default/node1", "status.addresses[0].address")] == problem_fields(parsed)
+
+
+def test_unknown_kinds_are_ignored_silently() -> None:
+    """Objects of other kinds (Pods, ConfigMaps, no kind) parse to nothing, without problems."""
+    for obj in ({"kind": "Pod", "metadata": {"name": "p"}}, {"metadata": {"name": "x"}},
+                {"kind": 5}):
+        assert Parsed(None) == parse_object(obj)
+
+
+@pytest.mark.parametrize("obj", [None, 5, "Service", ["Service"]])
+def test_non_mapping_is_a_problem(obj: Any) -> None:
+    """Something that is not a mapping is reported, not raised."""
+    parsed = parse_object(obj)
+    assert [("object", "<unknown>", "")] == problem_fields(parsed)
+    assert parsed.value is None
+
+
+def test_direct_parsers_agree_with_parse_object() -> None:
+    """parse_service/parse_endpoint_slice/parse_node are what parse_object dispatches to."""
+    assert parse_object(service()) == parse_service(service())
+    assert parse_object(endpoint_slice()) == parse_endpoint_slice(endpoint_slice())
+    assert parse_object(node()) == parse_node(node())
+
+
+def test_parse_all_keeps_accepted_objects_and_collects_problems() -> None:
+    """parse_all returns accepted objects in order and every problem, rejected or dropped."""
+    bad_service = service({"clusterIP": "10.96.0.300"})
+    dropping_slice = endpoint_slice()
+    dropping_slice["endpoints"][0]["addresses"] = ["10.0.0.999"]
+    accepted, problems = parse_all([service(), bad_service, {"kind": "Pod"}, dropping_slice,
+                                    node()])
+    kinds = [type(p.value) for p in accepted]
+    assert [ServiceInfo, EndpointSliceInfo, NodeInfo] == kinds
+    expected = [Problem("Service", "ns1/web", "spec.clusterIP",
+                        "'10.96.0.300' is not a valid IP address"),
+                Problem("EndpointSlice", "ns1/web-abc", "endpoints[0].addresses[0]",
+                        "'10.0.0.999' is not a valid IP address", dropped="endpoint 0")]
+    assert expected == problems
+
+
+# --- objects of the official kubernetes client --------------------------------------------
+
+def client_service() -> Any:
+    """A NodePort V1Service with affinity, ETP Local and two ports, as the client builds it."""
+    return k8s.V1Service(
+        api_version="v1", kind="Service",
+        metadata=k8s.V1ObjectMeta(name="web", namespace="ns1", labels={"app": "web"}),
+        spec=k8s.V1ServiceSpec(
+            type="NodePort", cluster_ip="10.96.0.10", cluster_ips=["10.96.0.10"],
+            external_ips=["192.0.2.10"], external_traffic_policy="Local",
+            internal_traffic_policy="Cluster", session_affinity="ClientIP",
+            session_affinity_config=k8s.V1SessionAffinityConfig(
+                client_ip=k8s.V1ClientIPConfig(timeout_seconds=600)),
+            ports=[k8s.V1ServicePort(name="http", port=80, protocol="TCP", node_port=30080,
+                                     target_port=8080),
+                   k8s.V1ServicePort(name="dns", port=53, protocol="UDP", node_port=30053)],
+        ),
+    )
+
+
+def dict_service() -> Manifest:
+    """The manifest equivalent of :func:`client_service`."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "ns1", "labels": {"app": "web"}},
+        "spec": {
+            "type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+            "externalIPs": ["192.0.2.10"], "externalTrafficPolicy": "Local",
+            "internalTrafficPolicy": "Cluster", "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080,
+                       "targetPort": 8080},
+                      {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
+        },
+    }
+
+
+def client_slice() -> Any:
+    """A V1EndpointSlice with conditions, topology and hints, as the client builds it."""
+    return k8s.V1EndpointSlice(
+        api_version="discovery.k8s.io/v1", kind="EndpointSlice", address_type="IPv4",
+        metadata=k8s.V1ObjectMeta(name="web-abc", namespace="ns1",
+                                  labels={SERVICE_NAME_LABEL: "web"}),
+        endpoints=[
+            k8s.V1Endpoint(addresses=["10.0.1.1"], node_name="node1", zone="z1",
+                           conditions=k8s.V1EndpointConditions(ready=True, serving=True,
+                                                               terminating=False),
+                           hints=k8s.V1EndpointHints(for_zones=[k8s.V1ForZone(name="z1")])),
+            k8s.V1Endpoint(addresses=["10.0.1.2"], node_name="node2",
+                           conditions=k8s.V1EndpointConditions(ready=False, serving=True,
+                                                               terminating=True)),
+            k8s.V1Endpoint(addresses=["10.0.1.3"]),
+        ],
+        ports=[k8s.DiscoveryV1EndpointPort(name="http", port=8080, protocol="TCP"),
+               k8s.DiscoveryV1EndpointPort(name="dns", port=5353, protocol="UDP")],
+    )
+
+
+def dict_slice() -> Manifest:
+    """The manifest equivalent of :func:`client_slice`."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "web-abc", "namespace": "ns1",
+                     "labels": {SERVICE_NAME_LABEL: "web"}},
+        "endpoints": [
+            {"addresses": ["10.0.1.1"], "nodeName": "node1", "zone": "z1",
+             "conditions": {"ready": True, "serving": True, "terminating": False},
+             "hints": {"forZones": [{"name": "z1"}]}},
+            {"addresses": ["10.0.1.2"], "nodeName": "node2",
+             "conditions": {"ready": False, "serving": True, "terminating": True}},
+            {"addresses": ["10.0.1.3"]},
+        ],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                  {"name": "dns", "port": 5353, "protocol": "UDP"}],
+    }
+
+
+@pytest.mark.parametrize(("client", "manifest"), [
+    pytest.param(client_service, dict_service, id="service"),
+    pytest.param(client_slice, dict_slice, id="endpoint-slice"),
+])
+def test_client_objects_parse_like_manifests(client: Callable[[], Any],
+                                             manifest: Callable[[], Manifest]) -> None:
+    """A kubernetes client model parses exactly like the equivalent manifest dict."""
+    expected = parse_object(manifest())
+    assert () == expected.problems
+    assert expected.value is not None
+    assert expected == parse_object(client())
+
+
+def test_client_objects_convert_to_camel_case_manifests() -> None:
+    """to_manifest turns client models into the camelCase manifest, dropping unset fields."""
+    assert dict_service() == to_manifest(client_service())
+    assert dict_slice() == to_manifest(client_slice())
+
+
+def test_client_service_fields_are_used() -> None:
+    """Affinity, ETP Local, external IPs and node ports survive the client conversion."""
+    info = parse_object(client_service()).value
+    assert isinstance(info, ServiceInfo)
+    first = info.ports[0]
+    assert (600, True, 30080) == (first.affinity_timeout, first.external_policy_local,
+                                  first.node_port)
+    assert (ipaddress.ip_address("192.0.2.10"),) == first.external_ips
+
+
+def test_invalid_client_object_is_reported_by_path() -> None:
+    """A client model with a bad field is reported with the manifest (camelCase) path."""
+    svc = client_service()
+    svc.spec.cluster_ip = "10.96.0.300"
+    parsed = parse_object(svc)
+    assert [("Service", "ns1/web", "spec.clusterIP")] == problem_fields(parsed)
+
+
+def test_client_timestamps_become_strings() -> None:
+    """Datetimes in client models (creationTimestamp) become ISO strings, not errors."""
+    svc = client_service()
+    svc.metadata.creation_timestamp = dt.datetime(2024, 5, 1, 10, 20, 30, tzinfo=dt.UTC)
+    manifest = to_manifest(svc)
+    assert "2024-05-01T10:20:30+00:00" == manifest["metadata"]["creationTimestamp"]
+    assert parse_object(dict_service()) == parse_object(svc)
