@@ -94,6 +94,17 @@ NON_MAPPINGS = JSON.filter(lambda v: v is not None and not isinstance(v, dict))
 
 # --- valid objects ----------------------------------------------------------------------
 
+def draw_port(draw: Draw, port_name: str) -> Manifest:
+    """A service or slice port: a number, the name when non-empty, maybe a protocol."""
+    port: Manifest = {"port": draw(PORTS)}
+    if port_name:
+        port["name"] = port_name
+    protocol = draw(st.sampled_from((*PROTOCOLS, None)))
+    if protocol is not None:
+        port["protocol"] = protocol
+    return port
+
+
 @st.composite
 def services(draw: Draw, svc_type: str | None = None) -> Manifest:
     """A valid IPv4 Service of ClusterIP, NodePort or LoadBalancer type, with ports."""
@@ -103,12 +114,7 @@ def services(draw: Draw, svc_type: str | None = None) -> Manifest:
         port_names = [""]
     ports = []
     for port_name in port_names:
-        port: Manifest = {"port": draw(PORTS)}
-        if port_name:
-            port["name"] = port_name
-        protocol = draw(st.sampled_from((*PROTOCOLS, None)))
-        if protocol is not None:
-            port["protocol"] = protocol
+        port = draw_port(draw, port_name)
         if svc_type != "ClusterIP" and draw(st.booleans()):
             port["nodePort"] = draw(NODE_PORTS)
         if draw(st.booleans()):
@@ -185,13 +191,7 @@ def endpoint_slices(draw: Draw, service: str | None = None, namespace: str | Non
                                                         unique=True))
     ports = []
     for port_name in names:
-        port: Manifest = {"port": draw(PORTS)}
-        if port_name:
-            port["name"] = port_name
-        protocol = draw(st.sampled_from((*PROTOCOLS, None)))
-        if protocol is not None:
-            port["protocol"] = protocol
-        ports.append(port)
+        ports.append(draw_port(draw, port_name))
     metadata: Manifest = {"name": draw(NAMES),
                           "labels": {SERVICE_NAME_LABEL: service or draw(NAMES)}}
     if namespace is not None:
