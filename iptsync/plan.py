@@ -6,6 +6,11 @@ we do not own is ever named in a payload. For every table the plan also carries 
 payload that puts back exactly what the table held, because iptables-restore commits table by
 table: when the nat part of a batch fails after filter was committed, the agent undoes filter
 and the kernel is left as it was.
+
+Large numbers of new chains (a first sync) are staged: ``iptables-nft-restore --noflush`` is
+superlinear in the size of one batch, so new chains are declared in one batch and filled in
+bounded batches while nothing references them yet (they carry no traffic), and the final,
+atomic batch rewrites the existing chains that make them reachable.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class TablePlan:
     chain_lines: list[str] = field(default_factory=list)
     rule_lines: list[str] = field(default_factory=list)
     tail_lines: list[str] = field(default_factory=list)
+    new_chains: dict[str, list[str]] = field(default_factory=dict)  # created chain -> its rules
     undo_chain_lines: list[str] = field(default_factory=list)
     undo_rule_lines: list[str] = field(default_factory=list)
     undo_tail_lines: list[str] = field(default_factory=list)
@@ -38,12 +44,24 @@ class TablePlan:
     def empty(self) -> bool:
         return not (self.written or self.deleted or self.jumps)
 
-    def text(self) -> str:
-        return _table_text(self.table, self.chain_lines, self.rule_lines, self.tail_lines)
+    def text(self, *, staged: bool = False) -> str:
+        """The table's batch; with ``staged``, without the new chains (already loaded)."""
+        if staged:
+            return _table_text(self.table, self.chain_lines, self.rule_lines, self.tail_lines)
+        new_rules = [line for lines in self.new_chains.values() for line in lines]
+        return _table_text(self.table, [*map(chain_line, self.new_chains), *self.chain_lines],
+                           [*new_rules, *self.rule_lines], self.tail_lines)
+
+    @property
+    def new_rule_count(self) -> int:
+        return sum(len(lines) for lines in self.new_chains.values())
 
     def undo_text(self) -> str:
         return _table_text(self.table, self.undo_chain_lines, self.undo_rule_lines,
                            self.undo_tail_lines)
+
+
+DEFAULT_STAGE_LINES = 5000
 
 
 @dataclass
@@ -51,14 +69,37 @@ class Plan:
     """One sync's payload: the non-empty table plans, in restore order."""
 
     tables: list[TablePlan]
+    stage_lines: int = DEFAULT_STAGE_LINES  # stage new chains when they have more rules
 
     @property
     def empty(self) -> bool:
         return not self.tables
 
     @property
+    def staged(self) -> bool:
+        return sum(t.new_rule_count for t in self.tables) > self.stage_lines
+
+    @property
     def payload(self) -> str:
-        return "".join(t.text() for t in self.tables)
+        """The final (or only) batch: atomic per table."""
+        return "".join(t.text(staged=self.staged) for t in self.tables)
+
+    def stages(self) -> list[str]:
+        """Batches that load new, still unreferenced chains before :attr:`payload`."""
+        if not self.staged:
+            return []
+        batches = ["".join(_table_text(t.table, list(map(chain_line, t.new_chains)), [], [])
+                           for t in self.tables if t.new_chains)]
+        for table in self.tables:
+            batch: list[str] = []
+            for lines in table.new_chains.values():
+                if batch and len(batch) + len(lines) > self.stage_lines:
+                    batches.append(_table_text(table.table, [], batch, []))
+                    batch = []
+                batch.extend(lines)
+            if batch:
+                batches.append(_table_text(table.table, [], batch, []))
+        return batches
 
     def committed_before(self, line: int | None) -> list[TablePlan]:
         """Tables whose COMMIT precedes payload line ``line`` (all of them when unknown)."""
@@ -66,7 +107,7 @@ class Plan:
             return list(self.tables)
         done, end = [], 0
         for table in self.tables:
-            end += table.text().count("\n")
+            end += table.text(staged=self.staged).count("\n")
             if end < line:
                 done.append(table)
         return done
@@ -84,14 +125,15 @@ def _table_text(table: str, chains: list[str], rules: list[str], tail: list[str]
     return "\n".join([f"*{table}", *chains, *rules, *tail, "COMMIT"]) + "\n"
 
 
-def make_plan(desired: Ruleset, live: Mapping[str, SavedTable]) -> Plan:
+def make_plan(desired: Ruleset, live: Mapping[str, SavedTable],
+              stage_lines: int = DEFAULT_STAGE_LINES) -> Plan:
     """Compare desired and live table by table; see the module docstring."""
     tables = []
     for table in ordered_tables(desired.tables):
         plan = plan_table(table, desired, live.get(table) or SavedTable(table))
         if not plan.empty:
             tables.append(plan)
-    return Plan(tables)
+    return Plan(tables, stage_lines)
 
 
 def plan_table(table: str, desired: Ruleset, live: SavedTable) -> TablePlan:
@@ -102,13 +144,14 @@ def plan_table(table: str, desired: Ruleset, live: SavedTable) -> TablePlan:
         if current is not None and current == [rule.canonical for rule in rules]:
             continue
         plan.written.append(chain)
-        plan.chain_lines.append(chain_line(chain))
-        plan.rule_lines.extend(rule.restore_line() for rule in rules)
         plan.rules_written += len(rules)
         if current is None:
             plan.created.append(chain)
+            plan.new_chains[chain] = [rule.restore_line() for rule in rules]
             plan.undo_tail_lines.append(f"-X {chain}")
         else:
+            plan.chain_lines.append(chain_line(chain))
+            plan.rule_lines.extend(rule.restore_line() for rule in rules)
             _restore_chain(plan, chain, current)
 
     pinned = foreign_references(table, live, rewritten=wanted.keys())

@@ -13,10 +13,16 @@ from dataclasses import dataclass, field
 
 from iptsync.conntrack import clear_stale_flows, flow_targets
 from iptsync.desired import Desired
-from iptsync.netfilter import Netfilter, NetfilterError, RestoreError
-from iptsync.plan import Plan, make_plan
+from iptsync.netfilter import Backend, Netfilter, NetfilterError, RestoreError
+from iptsync.plan import DEFAULT_STAGE_LINES, Plan, make_plan
 
 log = logging.getLogger(__name__)
+
+
+# Measured at 1,000 services x 10 endpoints (44k lines, first sync): nft took 5.6 s in one
+# --noflush batch and 1.5 s staged; legacy took 0.35 s in one batch and 1.1 s staged, because
+# legacy rewrites the whole table for every batch. So only nft stages.
+STAGE_LINES = {Backend.NFT: DEFAULT_STAGE_LINES, Backend.LEGACY: 1 << 62}
 
 
 class SyncError(RuntimeError):
@@ -35,9 +41,20 @@ class SyncReport:
 
 
 def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
-    """Apply ``plan`` in one iptables-restore call; on failure undo committed tables."""
+    """Apply ``plan``: staged new chains first, then one atomic batch; undo on failure.
+
+    A failure while staging changes no traffic (nothing references the new chains yet); they
+    are left for the next sync, which either reuses or deletes them.
+    """
     if plan.empty:
         return
+    for stage in plan.stages():
+        try:
+            netfilter.restore(stage)
+        except RestoreError as err:
+            detail = f"\n{err.context}" if err.context else ""
+            raise SyncError(f"iptables-restore failed while loading new chains (no traffic "
+                            f"affected): {err}{detail}") from err
     try:
         netfilter.restore(plan.payload)
     except RestoreError as err:
@@ -62,7 +79,7 @@ def sync(netfilter: Netfilter, desired: Desired, *, clear_flows: bool = True) ->
     phases["read"] = time.monotonic() - started
 
     mark = time.monotonic()
-    plan = make_plan(desired.ruleset, live)
+    plan = make_plan(desired.ruleset, live, stage_lines=STAGE_LINES[netfilter.backend])
     phases["plan"] = time.monotonic() - mark
 
     mark = time.monotonic()

@@ -238,3 +238,34 @@ def test_run_once_exits_non_zero_when_the_kernel_rejects_rules(
     assert "--iptables-masquerade-bit" in result.stderr
     assert {"KUBE-SERVICES": []} == {c: r for c, r in live_chains(netfilter)["nat"].items()
                                      if c.startswith("KUBE")}
+
+
+def test_staged_sync_loads_new_chains_in_batches_then_switches_atomically(
+        netfilter: Netfilter) -> None:
+    """With staging forced (tiny batches), the result equals a single-batch sync."""
+    desired = desired_for("upstream-overall", "nodeport-tcp-udp", "loadbalancer-ranges-affinity")
+    plan = make_plan(desired.ruleset, netfilter.save(), stage_lines=10)
+    assert plan.staged
+    assert len(plan.stages()) > 3
+    assert "KUBE-SEP-" not in plan.payload  # the final batch only links the new chains in
+    apply_plan(netfilter, plan)
+    assert_live_equals_desired(netfilter, desired.ruleset)
+    assert sync(netfilter, desired, clear_flows=False).plan.empty
+
+
+def test_failed_final_batch_after_staging_keeps_traffic_rules(netfilter: Netfilter) -> None:
+    """Staged chains are unreachable; a failing final batch leaves the old rules serving."""
+    old = desired_for("upstream-overall")
+    sync(netfilter, old, clear_flows=False)
+    before = live_chains(netfilter)
+    new = desired_for("upstream-overall", "nodeport-tcp-udp")
+    plan = make_plan(broken(new), netfilter.save(), stage_lines=10)
+    assert plan.staged
+    with pytest.raises(SyncError):
+        apply_plan(netfilter, plan)
+    after = live_chains(netfilter)
+    for table, chains in before.items():
+        for chain, rules in chains.items():
+            assert rules == after[table][chain], f"{table} {chain}"
+    sync(netfilter, new, clear_flows=False)
+    assert_live_equals_desired(netfilter, new.ruleset)
