@@ -62,6 +62,9 @@ class TablePlan:
 
 
 DEFAULT_STAGE_LINES = 5000
+# Declaring 111k chains in one nft --noflush batch took over 5 minutes; in batches of 2,000
+# it took 2.0 s, of 10,000 3.8 s (10,000 services x 10 endpoints).
+DECLARE_BATCH = 2000
 
 
 @dataclass
@@ -88,8 +91,11 @@ class Plan:
         """Batches that load new, still unreferenced chains before :attr:`payload`."""
         if not self.staged:
             return []
-        batches = ["".join(_table_text(t.table, list(map(chain_line, t.new_chains)), [], [])
-                           for t in self.tables if t.new_chains)]
+        batches = []
+        for table in self.tables:
+            new = list(table.new_chains)
+            batches.extend(_table_text(table.table, list(map(chain_line, new[i:i + DECLARE_BATCH])),
+                                       [], []) for i in range(0, len(new), DECLARE_BATCH))
         for table in self.tables:
             batch: list[str] = []
             for lines in table.new_chains.values():
