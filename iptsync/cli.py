@@ -181,6 +181,51 @@ def cleanup(backend: str, verbose: int) -> None:
 
 
 @main.command()
+@node_options
+@backend_option("auto")
+@click.option("--src", required=True, help="Source IP of the connection.")
+@click.option("--dst", required=True, help="Destination IP:PORT (service, node or LB IP).")
+@click.option("--proto", type=click.Choice(["tcp", "udp", "sctp"]), default="tcp",
+              show_default=True, help="Protocol.")
+@click.option("--from", "origin", type=click.Choice(["pod", "node", "external"]),
+              default=None, help="Where the packet enters: a pod, the node itself, outside "
+              "(default: node for a node address, pod inside --cluster-cidr, else external).")
+@click.option("--live", is_flag=True,
+              help="Trace the rules netfilter holds now in this network namespace.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, live: bool,
+          as_json: bool, **params: Any) -> None:
+    """Trace a new connection through the rules: endpoints and odds, masquerade, or where it
+    is dropped or rejected, with the rules that decided it. --live reads this namespace's
+    rules (root); --objects renders them from manifests (no root)."""
+    from iptsync import trace as tracer  # noqa: PLC0415  (keeps this command's imports local)
+
+    setup_logging(params.pop("verbose"))
+    if live == bool(params["objects"]):
+        raise click.UsageError("give either --live or --objects")
+    settings = settings_from(params)
+    try:
+        packet = tracer.make_packet(src, dst, proto)
+        if live:
+            tables = tracer.from_saved(Netfilter(resolve_backend(backend)).save(("filter", "nat")))
+            node_ips = tuple(dict.fromkeys((*settings.node_ips, *interface_addresses())))
+        else:
+            desired = desired_from_params(params)
+            tables, node_ips = tracer.from_ruleset(desired.ruleset), desired.settings.node_ips
+    except tracer.TraceError as err:
+        raise click.UsageError(str(err)) from None
+    except (NetfilterError, FileNotFoundError) as err:
+        raise click.ClickException(f"cannot read the live rules: {err}") from None
+    chosen = origin or tracer.default_origin(packet.src, settings.cluster_cidrs, node_ips)
+    result = tracer.trace(tables, packet, origin=chosen, node_ips=node_ips)
+    if as_json:
+        json.dump(tracer.result_json(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(tracer.render_text(result))
+
+
+@main.command()
 @click.option("--backend", type=click.Choice(["nft", "legacy"]), default="nft",
               show_default=True, help="iptables backend the nodes use.")
 @click.option("--requests", "requests", type=click.IntRange(min=1), default=60,

@@ -91,7 +91,7 @@ class Plan:
         """Batches that load new, still unreferenced chains before :attr:`payload`."""
         if not self.staged:
             return []
-        batches = []
+        batches: list[str] = []
         for table in self.tables:
             new = list(table.new_chains)
             batches.extend(_table_text(table.table, list(map(chain_line, new[i:i + DECLARE_BATCH])),

@@ -1,0 +1,1 @@
+"""Data-plane tests: real packets through rendered rules in network namespaces."""
