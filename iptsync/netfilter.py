@@ -81,8 +81,7 @@ class Netfilter:
         """The live state of ``tables`` (missing tables come back empty)."""
         out: dict[str, SavedTable] = {}
         for table in tables:
-            text = self._run(self._argv("save", "-t", table))
-            out[table] = parse_save(text).get(table, SavedTable(table))
+            out[table] = parse_save(self.save_text(table)).get(table, SavedTable(table))
         return out
 
     def save_text(self, table: str) -> str:

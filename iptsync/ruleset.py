@@ -196,35 +196,46 @@ _CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT
 _ONE_VALUE = frozenset({
     "--comment", "--log-prefix", "--nflog-prefix", "--name", "--to-destination", "--to-source",
     "--set-xmark", "--set-mark", "--or-mark", "--xor-mark", "--and-mark", "--mark", "--ctstate",
-    "--state", "--sport", "--dport", "--probability", "--mode", "--seconds", "--src-type",
-    "--dst-type", "--mask", "--reject-with", "--to-ports", "--hitcount", "--every", "--packet",
+    "--state", "--sport", "--dport", "--sports", "--dports", "--ports", "--probability",
+    "--mode", "--seconds", "--src-type", "--dst-type", "--mask", "--reject-with", "--to-ports",
+    "--hitcount", "--every", "--packet", "--ctstatus", "--ctproto",
 })
 # Options that take none.
 _NO_VALUE = frozenset({"--set", "--rcheck", "--update", "--remove", "--reap", "--rsource",
                        "--rdest", "--random", "--random-fully", "--persistent", "--syn",
-                       "--rttl"})
+                       "--rttl", "--limit-iface-in", "--limit-iface-out"})
 # iptables-save prints string values bare only when made of these (xtables_save_string).
 _BARE_CHARS = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _PROBABILITY_SCALE = 0x80000000  # xt_statistic keeps the probability as a 31-bit fraction
 
-Option = tuple[bool, str, list[str]]  # (negated, name, values)
+Option = tuple[bool, str, tuple[str, ...]]  # (negated, --name, values)
 
 
 @dataclass
-class _Parsed:
-    basics: dict[str, tuple[bool, str]] = field(default_factory=dict)
+class RuleArgs:
+    """A rule's arguments sorted into their parts, values as written (not normalised)."""
+
+    basics: dict[str, tuple[bool, str]] = field(default_factory=dict)  # -s -d -i -o -p -f
     matches: list[tuple[str, list[Option]]] = field(default_factory=list)
     target: tuple[str, str] | None = None  # ("-j"|"-g", name)
     target_opts: list[Option] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # tokens that fit nowhere
 
 
 def canonical(args: Sequence[str]) -> str:
     """The rule's arguments as ``iptables-save`` prints them, for comparison and reuse."""
-    parsed = _parse_args(args)
+    parsed = read_args(args)
+    if parsed.unreadable:
+        raise RulesetError(f"cannot read rule arguments at {parsed.unreadable[0]!r}: "
+                           f"{join_args(args)}")
     out: list[str] = []
     for opt in ("-s", "-d", "-i", "-o", "-p", "-f"):
         if opt in parsed.basics:
             negated, value = parsed.basics[opt]
+            if opt in ("-s", "-d"):
+                value = _address(value)
+            elif opt == "-p":
+                value = value.lower()
             out.extend((["!"] if negated else []) + [opt] + ([value] if value else []))
     for name, options in parsed.matches:
         out.extend(["-m", name])
@@ -236,8 +247,13 @@ def canonical(args: Sequence[str]) -> str:
     return " ".join(out)
 
 
-def _parse_args(args: Sequence[str]) -> _Parsed:
-    parsed = _Parsed()
+def read_args(args: Sequence[str]) -> RuleArgs:
+    """Sort a rule's arguments into basics, matches and target, the way iptables reads them.
+
+    Never raises: what fits nowhere goes to ``unreadable``. Shared by :func:`canonical` and
+    the packet tracer, so both read a rule the same way.
+    """
+    parsed = RuleArgs()
     current: list[Option] | None = None
     negated = False
     i, n = 0, len(args)
@@ -249,44 +265,37 @@ def _parse_args(args: Sequence[str]) -> _Parsed:
             continue
         if token in ("-f", "--fragment"):
             parsed.basics["-f"] = (negated, "")
-            negated = False
             i += 1
-            continue
-        if i + 1 < n and token in _ADDRESS_OPTS:
-            opt = _ADDRESS_OPTS[token]
-            value = args[i + 1]
-            if opt in ("-s", "-d"):
-                value = _address(value)
-            elif opt == "-p":
-                value = value.lower()
-            parsed.basics[opt] = (negated, value)
+        elif i + 1 < n and token in _ADDRESS_OPTS:
+            parsed.basics[_ADDRESS_OPTS[token]] = (negated, args[i + 1])
+            i += 2
         elif i + 1 < n and token in ("-m", "--match"):
             current = []
             parsed.matches.append((args[i + 1], current))
+            i += 2
         elif i + 1 < n and token in ("-j", "--jump", "-g", "--goto"):
             parsed.target = ("-g" if token in ("-g", "--goto") else "-j", args[i + 1])
             current = parsed.target_opts
+            i += 2
         elif token.startswith("--"):
             i += 1
-            values: list[str] = []
-            if token in _ONE_VALUE and i < n:
-                values.append(args[i])
-                i += 1
+            values: tuple[str, ...] = ()
+            if token in _ONE_VALUE:
+                values, i = tuple(args[i:i + 1]), i + 1
             elif token not in _NO_VALUE:
-                while i < n and args[i] != "!" and not args[i].startswith("--") and (
-                        args[i] not in ("-m", "-j", "-g", "-s", "-d", "-i", "-o", "-p", "-f")):
-                    values.append(args[i])
+                start = i
+                while i < n and args[i] != "!" and not args[i].startswith("-"):
                     i += 1
+                values = tuple(args[start:i])
             if current is None:  # e.g. "-p tcp --dport 80": iptables loads the tcp match itself
                 current = []
-                parsed.matches.append((parsed.basics.get("-p", (False, "?"))[1], current))
+                parsed.matches.append((parsed.basics.get("-p", (False, "?"))[1].lower(),
+                                       current))
             current.append((negated, _OPT_ALIASES.get(token, token), values))
-            negated = False
-            continue
         else:
-            raise RulesetError(f"cannot read rule arguments at {token!r}: {join_args(args)}")
+            parsed.unreadable.append(token)
+            i += 1
         negated = False
-        i += 2
     return parsed
 
 
@@ -314,11 +323,11 @@ def _match_options(name: str, options: list[Option]) -> list[str]:
     if name == "recent":
         present = {opt[1] for opt in normalised}
         if "--name" not in present:
-            normalised.append((False, "--name", ["DEFAULT"]))
+            normalised.append((False, "--name", ("DEFAULT",)))
         if "--mask" not in present:
-            normalised.append((False, "--mask", ["255.255.255.255"]))
+            normalised.append((False, "--mask", ("255.255.255.255",)))
         if not present & {"--rsource", "--rdest"}:
-            normalised.append((False, "--rsource", []))
+            normalised.append((False, "--rsource", ()))
     order = _OPTION_ORDER.get(name)
     if order:
         rank = {opt: i for i, opt in enumerate(order)}
@@ -329,16 +338,16 @@ def _match_options(name: str, options: list[Option]) -> list[str]:
 def _normalise_option(match: str, option: Option) -> Option:
     negated, name, values = option
     if match == "statistic" and name == "--probability" and values:
-        return negated, name, [_probability(values[0])]
+        return negated, name, (_probability(values[0]),)
     if match == "mark" and name == "--mark" and values:
-        return negated, name, [_mark(values[0])]
+        return negated, name, (_mark(values[0]),)
     if (match, name) in (("conntrack", "--ctstate"), ("conntrack", "--state"),
                          ("state", "--state")) and values:
         states = values[0].split(",")
         states.sort(key=lambda s: _CTSTATE_ORDER.index(s) if s in _CTSTATE_ORDER else 99)
-        return negated, "--ctstate" if match == "conntrack" else "--state", [",".join(states)]
+        return negated, "--ctstate" if match == "conntrack" else "--state", (",".join(states),)
     if match == "tcp" and name == "--syn":
-        return negated, "--tcp-flags", ["FIN,SYN,RST,ACK", "SYN"]
+        return negated, "--tcp-flags", ("FIN,SYN,RST,ACK", "SYN")
     return option
 
 
@@ -352,26 +361,28 @@ def _target_options(target: str, options: list[Option]) -> list[str]:
 
 def _mark_target(option: Option) -> Option:
     negated, name, values = option
-    value, _, mask_text = values[0].partition("/") if values else ("0", "", "")
-    number = int(value, 0)
-    mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    number, mask = mark_value(values[0] if values else "0")
     if name == "--or-mark":
-        return negated, "--set-xmark", [f"{number:#x}/{number:#x}"]
+        return negated, "--set-xmark", (f"{number:#x}/{number:#x}",)
     if name == "--xor-mark":
-        return negated, "--set-xmark", [f"{number:#x}/0x0"]
+        return negated, "--set-xmark", (f"{number:#x}/0x0",)
     if name == "--and-mark":
-        return negated, "--set-xmark", [f"0x0/{~number & 0xFFFFFFFF:#x}"]
+        return negated, "--set-xmark", (f"0x0/{~number & 0xFFFFFFFF:#x}",)
     if name == "--set-mark":
-        return negated, "--set-xmark", [f"{number:#x}/{(mask | number):#x}"]
+        return negated, "--set-xmark", (f"{number:#x}/{(mask | number):#x}",)
     if name == "--set-xmark":
-        return negated, "--set-xmark", [f"{number:#x}/{mask:#x}"]
+        return negated, "--set-xmark", (f"{number:#x}/{mask:#x}",)
     return option
 
 
-def _mark(text: str) -> str:
+def mark_value(text: str) -> tuple[int, int]:
+    """``VALUE[/MASK]`` as numbers (mask 0xffffffff when absent); raises ValueError."""
     value, _, mask_text = text.partition("/")
-    number = int(value, 0)
-    mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    return int(value, 0), int(mask_text, 0) if mask_text else 0xFFFFFFFF
+
+
+def _mark(text: str) -> str:
+    number, mask = mark_value(text)
     return f"{number:#x}" if mask == 0xFFFFFFFF else f"{number:#x}/{mask:#x}"
 
 

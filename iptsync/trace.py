@@ -34,7 +34,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from iptsync.ruleset import Ruleset, SavedTable, join_args, split_args
+from iptsync.ruleset import (
+    Option,
+    Ruleset,
+    SavedTable,
+    join_args,
+    mark_value,
+    read_args,
+    split_args,
+)
 
 Origin = Literal["pod", "external", "node"]
 ORIGINS: tuple[Origin, ...] = ("pod", "external", "node")
@@ -48,22 +56,6 @@ MAX_DEPTH = 64  # the kernel refuses deeper jump chains (and loops) when the rul
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Option = tuple[bool, str, tuple[str, ...]]  # (negated, --name, values)
-
-# How many values an option takes, when it is not "the words up to the next option".
-_ONE_VALUE = frozenset({
-    "--comment", "--to-destination", "--to-source", "--to-ports", "--set-xmark", "--set-mark",
-    "--or-mark", "--xor-mark", "--and-mark", "--mark", "--ctstate", "--state", "--sport",
-    "--dport", "--sports", "--dports", "--ports", "--probability", "--mode", "--every",
-    "--packet", "--src-type", "--dst-type", "--name", "--mask", "--seconds", "--hitcount",
-    "--reject-with", "--log-prefix", "--nflog-prefix", "--ctstatus", "--ctproto",
-})
-_NO_VALUE = frozenset({"--set", "--rcheck", "--update", "--remove", "--reap", "--rsource",
-                       "--rdest", "--rttl", "--random", "--random-fully", "--persistent",
-                       "--syn", "--limit-iface-in", "--limit-iface-out"})
-_BASIC = {"-s": "-s", "--source": "-s", "--src": "-s", "-d": "-d", "--destination": "-d",
-          "--dst": "-d", "-p": "-p", "--protocol": "-p", "-i": "-i", "--in-interface": "-i",
-          "-o": "-o", "--out-interface": "-o"}
 _PROTOCOL_NUMBERS = {"6": "tcp", "17": "udp", "132": "sctp", "1": "icmp"}
 # Targets that only log or annotate: the walk goes on, nothing to warn about.
 _QUIET_TARGETS = frozenset({"LOG", "NFLOG", "ULOG", "TRACE", "AUDIT"})
@@ -127,72 +119,29 @@ class TraceRule:
 
 def parse_rule(text: str) -> TraceRule:
     """Read one rule (iptables-save spelling, without ``-A CHAIN``); never raises."""
-    tokens = split_args(text)
-    basics: dict[str, Any] = {}
-    interfaces: list[str] = []
-    matches: list[tuple[str, list[Option]]] = []
-    target: str | None = None
-    goto = False
-    target_options: list[Option] = []
-    unreadable: list[str] = []
-    current: list[Option] | None = None
-    negated = False
-    i, n = 0, len(tokens)
-    while i < n:
-        token = tokens[i]
-        if token == "!":
-            negated = True
-            i += 1
-            continue
-        if token in ("-f", "--fragment"):
-            basics["fragment"] = not negated
-            i += 1
-        elif token in _BASIC and i + 1 < n:
-            opt, value = _BASIC[token], tokens[i + 1]
-            if opt in ("-i", "-o"):
-                interfaces.append(("! " if negated else "") + f"{opt} {value}")
-            elif opt == "-p":
-                basics["protocol"] = (negated, _PROTOCOL_NUMBERS.get(value, value.lower()))
-            else:
-                try:
-                    network = ipaddress.ip_network(value, strict=False)
-                except ValueError:
-                    unreadable.append(f"{opt} {value}")
-                else:
-                    basics["source" if opt == "-s" else "destination"] = (negated, network)
-            i += 2
-        elif token in ("-m", "--match") and i + 1 < n:
-            current = []
-            matches.append((tokens[i + 1], current))
-            i += 2
-        elif token in ("-j", "--jump", "-g", "--goto") and i + 1 < n:
-            target, goto = tokens[i + 1], token in ("-g", "--goto")
-            current = target_options
-            i += 2
-        elif token.startswith("--"):
-            i += 1
-            values: list[str] = []
-            if token in _ONE_VALUE:
-                values, i = tokens[i:i + 1], i + 1
-            elif token not in _NO_VALUE:
-                while i < n and tokens[i] != "!" and not tokens[i].startswith("-"):
-                    values.append(tokens[i])
-                    i += 1
-            if current is None:  # "-p tcp --dport 80": iptables loads the tcp match itself
-                current = []
-                protocol = basics.get("protocol", (False, "?"))[1]
-                matches.append((protocol, current))
-            current.append((negated, token, tuple(values)))
-        else:
-            unreadable.append(token)
-            i += 1
-        negated = False
+    args = read_args(split_args(text))
+    unreadable = list(args.unreadable)
+    addresses: dict[str, tuple[bool, Network]] = {}
+    for opt in ("-s", "-d"):
+        if opt in args.basics:
+            negated, value = args.basics[opt]
+            try:
+                addresses[opt] = (negated, ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                unreadable.append(f"{opt} {value}")
+    protocol = None
+    if "-p" in args.basics:
+        negated, value = args.basics["-p"]
+        protocol = (negated, _PROTOCOL_NUMBERS.get(value, value.lower()))
+    fragment = not args.basics["-f"][0] if "-f" in args.basics else None
+    interfaces = tuple(("! " if args.basics[opt][0] else "") + f"{opt} {args.basics[opt][1]}"
+                       for opt in ("-i", "-o") if opt in args.basics)
+    target, goto = (args.target[1], args.target[0] == "-g") if args.target else (None, False)
     return TraceRule(
-        text=text, source=basics.get("source"), destination=basics.get("destination"),
-        protocol=basics.get("protocol"), fragment=basics.get("fragment"),
-        interfaces=tuple(interfaces),
-        matches=tuple(Match(name, tuple(options)) for name, options in matches),
-        target=target, goto=goto, target_options=tuple(target_options),
+        text=text, source=addresses.get("-s"), destination=addresses.get("-d"),
+        protocol=protocol, fragment=fragment, interfaces=interfaces,
+        matches=tuple(Match(name, tuple(options)) for name, options in args.matches),
+        target=target, goto=goto, target_options=tuple(args.target_opts),
         unreadable=tuple(unreadable))
 
 
@@ -574,10 +523,8 @@ def _target(ctx: _Context, table: str, rule: TraceRule, flow: _Flow,
 
 def _set_mark(ctx: _Context, rule: TraceRule, mark: int) -> int:
     for _, name, values in rule.target_options:
-        value_text, _, mask_text = (values[0] if values else "0").partition("/")
         try:
-            value = int(value_text, 0)
-            mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+            value, mask = mark_value(values[0] if values else "0")
         except ValueError:
             ctx.warn(f"MARK {name} {values}: not a number; mark unchanged ({rule.text})")
             continue
@@ -779,10 +726,8 @@ def _address_type(ctx: _Context, ip: Address) -> str:
 def _mark_match(ctx: _Context, match: Match, flow: _Flow) -> _Result:
     results: list[_Result] = []
     for negated, name, values in match.options:
-        value_text, _, mask_text = (values[0] if values else "").partition("/")
         try:
-            value = int(value_text, 0)
-            mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+            value, mask = mark_value(values[0] if values else "")
         except ValueError:
             results.append(_Unknown(f"-m mark {name} {values}"))
             continue
