@@ -15,9 +15,9 @@ import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from iptsync.model import Protocol
+from iptsync.model import Protocol, ServicePort
 from iptsync.render import Settings, categorize_endpoints
-from iptsync.state import ClusterState
+from iptsync.state import ClusterState, ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,24 @@ class Flow:
     reply_sport: int
 
 
-def flow_targets(state: ClusterState, settings: Settings) -> dict[Destination, frozenset[str]]:
-    """Every UDP/SCTP service destination -> the ``ip:port`` endpoints it may be DNATed to."""
+def flow_targets(state: ClusterState, settings: Settings,
+                 services: Iterable[ServiceKey] | None = None,
+                 ) -> dict[Destination, frozenset[str]]:
+    """Every UDP/SCTP service destination -> the ``ip:port`` endpoints it may be DNATed to.
+
+    With ``services``, only those services' destinations (what a partial sync changed).
+    """
     zone = state.node.zone if state.node else None
     node_addresses = [str(ip) for ip in settings.node_ips if ip.version == 4]
     if settings.nodeports_on_localhost:
         node_addresses.append("127.0.0.1")
     targets: dict[Destination, frozenset[str]] = {}
-    for port in state.service_ports():
+    if services is None:
+        ports: Iterable[ServicePort] = state.service_ports()
+    else:
+        ports = [port for key in sorted(services) if key in state.services
+                 for port in state.services[key].ports]
+    for port in ports:
         proto = IPPROTO.get(port.protocol)
         if proto is None:
             continue

@@ -19,7 +19,73 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from iptsync import names
-from iptsync.ruleset import Jump, Ruleset, SavedTable, chain_line, ordered_tables, split_args
+from iptsync.ruleset import (
+    Jump,
+    Rule,
+    Ruleset,
+    SavedTable,
+    canonical,
+    chain_line,
+    ordered_tables,
+    split_args,
+)
+
+
+class ChainContent:
+    """One desired chain as restore lines, compared with the kernel through a digest.
+
+    The digest hashes the rules' canonical (iptables-save) spelling. It is computed only when
+    the chain has to be compared with a live one, then kept: a first sync into an empty node
+    never canonicalises, and a resync compares one integer per chain.
+    """
+
+    __slots__ = ("_digest", "lines")
+
+    def __init__(self, lines: tuple[str, ...], digest: int | None = None) -> None:
+        self.lines = lines  # "-A CHAIN args", in order
+        self._digest = digest
+
+    @classmethod
+    def of_rules(cls, rules: Iterable[Rule]) -> ChainContent:
+        rules = list(rules)
+        return cls(tuple(r.restore_line() for r in rules),
+                   chain_digest(r.canonical for r in rules))
+
+    def digest(self) -> int:
+        if self._digest is None:
+            self._digest = chain_digest(canonical(split_args(line)[2:]) for line in self.lines)
+        return self._digest
+
+    def matches(self, live_rules: list[str]) -> bool:
+        """True when the kernel's (canonical) rules equal these."""
+        return len(live_rules) == len(self.lines) and chain_digest(live_rules) == self.digest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChainContent) and self.lines == other.lines
+
+    def __hash__(self) -> int:
+        return hash(self.lines)
+
+    def __repr__(self) -> str:
+        return f"ChainContent({len(self.lines)} rules)"
+
+
+def chain_digest(canonical_rules: Iterable[str]) -> int:
+    """A digest of a chain's canonical rules (stable within one process)."""
+    return hash(tuple(canonical_rules))
+
+
+@dataclass
+class DesiredTables:
+    """A desired ruleset as the planner reads it: table -> chain -> content, plus jumps."""
+
+    tables: dict[str, dict[str, ChainContent]]
+    jumps: list[Jump]
+
+    @classmethod
+    def of(cls, ruleset: Ruleset) -> DesiredTables:
+        return cls({table: {chain: ChainContent.of_rules(rules) for chain, rules in chains.items()}
+                    for table, chains in ruleset.tables.items()}, list(ruleset.jumps))
 
 
 @dataclass
@@ -31,6 +97,7 @@ class TablePlan:
     created: list[str] = field(default_factory=list)  # of which new
     deleted: list[str] = field(default_factory=list)  # stale chains removed
     jumps: list[Jump] = field(default_factory=list)  # jumps inserted
+    top_rules: int = 0  # single rules deleted or inserted in top-level chains (partial syncs)
     chain_lines: list[str] = field(default_factory=list)
     rule_lines: list[str] = field(default_factory=list)
     tail_lines: list[str] = field(default_factory=list)
@@ -42,7 +109,7 @@ class TablePlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.written or self.deleted or self.jumps)
+        return not (self.written or self.deleted or self.jumps or self.top_rules)
 
     def text(self, *, staged: bool = False) -> str:
         """The table's batch; with ``staged``, without the new chains (already loaded)."""
@@ -123,7 +190,8 @@ class Plan:
         for t in self.tables:
             parts.append(f"{t.table}: {len(t.written)} chains written ({len(t.created)} new), "
                          f"{len(t.deleted)} deleted, {len(t.jumps)} jumps, "
-                         f"{t.rules_written} rules")
+                         f"{t.rules_written} rules"
+                         + (f", {t.top_rules} top-level rules" if t.top_rules else ""))
         return "; ".join(parts) or "no changes"
 
 
@@ -131,9 +199,11 @@ def _table_text(table: str, chains: list[str], rules: list[str], tail: list[str]
     return "\n".join([f"*{table}", *chains, *rules, *tail, "COMMIT"]) + "\n"
 
 
-def make_plan(desired: Ruleset, live: Mapping[str, SavedTable],
+def make_plan(desired: Ruleset | DesiredTables, live: Mapping[str, SavedTable],
               stage_lines: int = DEFAULT_STAGE_LINES) -> Plan:
     """Compare desired and live table by table; see the module docstring."""
+    if isinstance(desired, Ruleset):
+        desired = DesiredTables.of(desired)
     tables = []
     for table in ordered_tables(desired.tables):
         plan = plan_table(table, desired, live.get(table) or SavedTable(table))
@@ -142,22 +212,22 @@ def make_plan(desired: Ruleset, live: Mapping[str, SavedTable],
     return Plan(tables, stage_lines)
 
 
-def plan_table(table: str, desired: Ruleset, live: SavedTable) -> TablePlan:
+def plan_table(table: str, desired: DesiredTables, live: SavedTable) -> TablePlan:
     plan = TablePlan(table)
     wanted = desired.tables.get(table, {})
-    for chain, rules in wanted.items():
+    for chain, content in wanted.items():
         current = live.chains.get(chain)
-        if current is not None and current == [rule.canonical for rule in rules]:
+        if current is not None and content.matches(current):
             continue
         plan.written.append(chain)
-        plan.rules_written += len(rules)
+        plan.rules_written += len(content.lines)
         if current is None:
             plan.created.append(chain)
-            plan.new_chains[chain] = [rule.restore_line() for rule in rules]
+            plan.new_chains[chain] = list(content.lines)
             plan.undo_tail_lines.append(f"-X {chain}")
         else:
             plan.chain_lines.append(chain_line(chain))
-            plan.rule_lines.extend(rule.restore_line() for rule in rules)
+            plan.rule_lines.extend(content.lines)
             _restore_chain(plan, chain, current)
 
     pinned = foreign_references(table, live, rewritten=wanted.keys())

@@ -94,6 +94,9 @@ class ClusterState:
     def services(self) -> dict[ServiceKey, ServiceInfo]:
         return self._services
 
+    def slice_keys(self) -> list[tuple[str, str]]:
+        return list(self._slices)
+
     def service_ports(self) -> Iterator[ServicePort]:
         """Every service port, in ``namespace/name:port`` order."""
         for key in sorted(self._services):

@@ -1,14 +1,23 @@
 """Shared test configuration.
 
 Tests that need root and network namespaces are marked ``netns``. They skip on a laptop, but
-with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failure.
+with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failure. The
+``netns`` and ``netfilter`` fixtures give a test a fresh, empty namespace of its own.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+
 import pytest
 
 from iptsync.lab.netns import netns_required, netns_unavailable_reason
+from iptsync.netfilter import Backend, Netfilter
+
+_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +35,22 @@ def netns_available() -> None:
 def _netns_gate(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("netns") is not None:
         request.getfixturevalue("netns_available")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A new network namespace with loopback up, deleted afterwards (also on failure)."""
+    name = f"iptsync-t{os.getpid()}-{next(_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(params=[Backend.NFT, Backend.LEGACY], ids=["nft", "legacy"])
+def netfilter(request: pytest.FixtureRequest, netns: str) -> Netfilter:
+    """Both kernel backends, each in its own fresh namespace."""
+    return Netfilter(request.param, netns=netns)

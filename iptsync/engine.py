@@ -1,0 +1,495 @@
+"""The node's proxier: cluster state, rules rendered per service, and syncs that cost the change.
+
+:class:`Engine` keeps what each service renders to (its own nat chains as restore lines, and
+its rules in the shared top-level chains, each with its sort key) and re-renders a service
+only when it or its endpoints change. Between full syncs it writes only what changed:
+
+- a changed service's own chains are flushed and refilled, new ones declared, stale ones
+  flushed and deleted;
+- in the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, ...) the rules that disappear are
+  deleted by rule spec (``-D``), which fails loudly when the kernel no longer holds them, and
+  the rules that appear are inserted (``-I CHAIN N``) at the position a full sync would give
+  them: top-level rules are kept in the full render's order (by service, then port), so after
+  any series of incremental syncs the kernel holds exactly what a full sync writes.
+
+Whether the kernel still holds what the engine believes is checked by the full sync, which
+reads the live tables and compares every chain (one digest per chain), repairs what differs,
+and reports chains that differ although nothing changed them on our side: drift. A failed
+apply (or a failure planning) makes the next sync a full one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from iptsync import names
+from iptsync.conntrack import clear_stale_flows, flow_targets
+from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, parse_object
+from iptsync.netfilter import Netfilter
+from iptsync.options import with_node
+from iptsync.plan import (
+    DEFAULT_STAGE_LINES,
+    ChainContent,
+    DesiredTables,
+    Plan,
+    TablePlan,
+    make_plan,
+)
+from iptsync.render import (
+    PortRules,
+    Settings,
+    base_ruleset,
+    forward_rules,
+    nodeports_jumps,
+    render_service_port,
+)
+from iptsync.ruleset import Rule, chain_line, join_args, ordered_tables
+from iptsync.state import ClusterState, ServiceKey
+from iptsync.sync import apply_plan
+
+log = logging.getLogger(__name__)
+
+# Sort key of a rule in a top-level chain: the full render's order (service, port, rule).
+TopKey = tuple[str, str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TopRule:
+    """A service's rule in a shared top-level chain."""
+
+    key: TopKey
+    table: str
+    chain: str
+    text: str  # the arguments, as restore input
+
+    @property
+    def line(self) -> str:
+        return f"-A {self.chain} {self.text}"
+
+    @property
+    def place(self) -> tuple[str, str, str]:
+        """Where and what, without the sort key: equal when the kernel needs no change."""
+        return (self.table, self.chain, self.text)
+
+
+@dataclass(slots=True)
+class RenderedService:
+    """What one service renders to on this node."""
+
+    chains: dict[str, ChainContent]  # nat chains of its own (SVC, SVL, EXT, FW, SEP)
+    top: tuple[TopRule, ...]  # its rules in top-level chains, in render order
+    endpoints: int  # endpoints known (for kube-proxy's large-cluster mode)
+
+
+def render_service(service: ServiceInfo, state: ClusterState, settings: Settings,
+                   large_cluster: bool) -> RenderedService:
+    zone = state.node.zone if state.node else None
+    chains: dict[str, ChainContent] = {}
+    top: list[TopRule] = []
+    endpoints = 0
+    for index, port in enumerate(service.ports):
+        eps = state.endpoints(port)
+        endpoints += len(eps)
+        piece: PortRules = render_service_port(port, eps, settings, zone,
+                                               large_cluster=large_cluster)
+        for chain, rules in piece.chains.items():
+            chains[chain] = ChainContent(tuple(r.restore_line() for r in rules))
+        for seq, (table, rule) in enumerate(piece.top):
+            top.append(TopRule((service.namespace, service.name, index, seq), table,
+                               rule.chain, join_args(rule.args)))
+    return RenderedService(chains, tuple(top), endpoints)
+
+
+class TopChain:
+    """A top-level chain: fixed head, the services' rules in render order, fixed tail."""
+
+    __slots__ = ("_content", "head", "keys", "rules", "tail")
+
+    def __init__(self, head: list[Rule], tail: list[Rule]) -> None:
+        self.head = head
+        self.tail = tail
+        self.keys: list[TopKey] = []
+        self.rules: list[TopRule] = []
+        self._content: ChainContent | None = None
+
+    def insert(self, rule: TopRule) -> int:
+        """Add ``rule`` in order; returns its 1-based position in the chain."""
+        index = bisect.bisect_left(self.keys, rule.key)
+        self.keys.insert(index, rule.key)
+        self.rules.insert(index, rule)
+        self._content = None
+        return len(self.head) + index + 1
+
+    def remove(self, rule: TopRule) -> None:
+        index = bisect.bisect_left(self.keys, rule.key)
+        if index < len(self.keys) and self.keys[index] == rule.key:
+            del self.keys[index]
+            del self.rules[index]
+            self._content = None
+
+    def content(self) -> ChainContent:
+        """The whole chain (kept until it changes, with its digest once computed)."""
+        if self._content is None:
+            self._content = ChainContent((*(r.restore_line() for r in self.head),
+                                                *(r.line for r in self.rules),
+                                                *(r.restore_line() for r in self.tail)))
+        return self._content
+
+
+@dataclass
+class EngineReport:
+    """One sync: what was planned, how long each phase took, what drifted."""
+
+    plan: Plan
+    full: bool
+    phases: dict[str, float] = field(default_factory=dict)
+    services_rendered: int = 0
+    drifted: list[str] = field(default_factory=list)  # "table/chain" changed behind our back
+    stale_flows: int = 0
+
+    def line(self) -> str:
+        timings = " ".join(f"{name}={secs * 1000:.1f}ms" for name, secs in self.phases.items())
+        kind = "full" if self.full else "partial"
+        drift = f"; drift repaired in {len(self.drifted)} chains" if self.drifted else ""
+        return (f"{kind} sync: {self.services_rendered} services rendered; "
+                f"{self.plan.summary()}{drift}; stale flows cleared: {self.stale_flows}; "
+                f"{timings}")
+
+
+class Engine:
+    """Everything one node's proxier knows; :meth:`sync` brings the kernel in line with it.
+
+    Feed it manifests with :meth:`upsert`, :meth:`delete` and :meth:`replace_kind`; each
+    marks the services whose rules may change. Not thread-safe: the agent calls it from one
+    thread.
+    """
+
+    def __init__(self, netfilter: Netfilter | None, settings: Settings, *,
+                 interface_ips: Iterable[IPAddress] = (), clear_flows: bool = True,
+                 stage_lines: int = DEFAULT_STAGE_LINES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.netfilter = netfilter
+        self.base_settings = settings
+        self.interface_ips = tuple(interface_ips)
+        self.settings = with_node(settings, None, self.interface_ips)
+        self.state = ClusterState(settings.node_name)
+        self.clear_flows = clear_flows
+        self.stage_lines = stage_lines
+        self.clock = clock
+        self.problems: dict[tuple[str, str, str], Problem] = {}
+        self._rendered: dict[ServiceKey, RenderedService] = {}
+        self._dirty: set[ServiceKey] = set()
+        self._endpoint_total = 0
+        self._large = False
+        self._static: DesiredTables | None = None  # fixed chains, jumps (from settings)
+        self._top: dict[tuple[str, str], TopChain] = {}
+        self.needs_full = True  # the kernel may not hold what the cache says
+        self.synced_once = False
+
+    # --- input ---------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Services changed since the last successful sync."""
+        return len(self._dirty)
+
+    def upsert(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
+        """Add or replace one object. An invalid update keeps the last valid version."""
+        parsed = parse_object(manifest)
+        ident = _identity(manifest)
+        self._note_problems(ident, parsed.problems)
+        value = parsed.value
+        if value is None:
+            return set()
+        if isinstance(value, NodeInfo):
+            return self._set_node(value)
+        dirty = self.state.upsert(value)
+        self._dirty |= dirty
+        return dirty
+
+    def delete(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
+        kind, namespace, name = _identity(manifest)
+        self.problems.pop((kind, namespace, name), None)
+        dirty: set[ServiceKey] = set()
+        if kind == "Service":
+            dirty = self.state.delete_service((namespace, name))
+        elif kind == "EndpointSlice":
+            dirty = self.state.delete_slice((namespace, name))
+        elif kind == "Node" and self.state.node is not None and name == self.state.node.name:
+            self.state.node = None
+            dirty = self._settings_changed()
+        self._dirty |= dirty
+        return dirty
+
+    def replace_kind(self, kind: str, manifests: Iterable[Mapping[str, Any]]) -> set[ServiceKey]:
+        """Make the objects of ``kind`` exactly ``manifests`` (a list or relist)."""
+        manifests = list(manifests)
+        keep = {_identity(m)[1:] for m in manifests}
+        if kind == "Service":
+            current = set(self.state.services)
+        elif kind == "EndpointSlice":
+            current = set(self.state.slice_keys())
+        else:
+            node = self.state.node
+            current = {("", node.name)} if node is not None else set()
+        dirty: set[ServiceKey] = set()
+        for namespace, name in current - keep:
+            dirty |= self.delete({"kind": kind, "metadata": {"namespace": namespace or None,
+                                                             "name": name}})
+        for manifest in manifests:
+            dirty |= self.upsert(manifest)
+        return dirty
+
+    def _note_problems(self, ident: tuple[str, str, str], problems: Iterable[Problem]) -> None:
+        problems = tuple(problems)
+        if not problems:
+            self.problems.pop(ident, None)
+            return
+        if self.problems.get(ident) != problems[0]:
+            for problem in problems:
+                log.warning("%s", problem)
+        self.problems[ident] = problems[0]
+
+    def _set_node(self, node: NodeInfo) -> set[ServiceKey]:
+        if node.name != self.state.node_name:
+            return set()
+        old = self.state.node
+        dirty = self.state.upsert(node)
+        if old is None or old.addresses != node.addresses:
+            dirty |= self._settings_changed()
+        self._dirty |= dirty
+        return dirty
+
+    def _settings_changed(self) -> set[ServiceKey]:
+        settings = with_node(self.base_settings, self.state.node, self.interface_ips)
+        if settings == self.settings:
+            return set()
+        self.settings = settings
+        self._static = None
+        self._rendered.clear()
+        self._top.clear()
+        self.needs_full = True
+        return set(self.state.services)
+
+    # --- rendering -----------------------------------------------------------------------
+
+    def _static_tables(self) -> DesiredTables:
+        if self._static is None:
+            base = base_ruleset(self.settings)
+            tails = {("nat", names.KUBE_SERVICES): nodeports_jumps(self.settings),
+                     ("filter", names.KUBE_FORWARD): forward_rules(self.settings)}
+            self._top = {(table, chain): TopChain(list(rules), tails.get((table, chain), []))
+                         for table, chains in base.tables.items()
+                         for chain, rules in chains.items()}
+            self._static = DesiredTables({}, list(base.jumps))
+            for rendered in self._rendered.values():
+                for rule in rendered.top:
+                    self._top[(rule.table, rule.chain)].insert(rule)
+        return self._static
+
+    def _render_dirty(self) -> list[Change]:
+        """Re-render the changed services; returns (service, before, after) for each."""
+        self._static_tables()
+        dirty, self._dirty = self._dirty, set()
+        changes: dict[ServiceKey, Change] = {}
+        self._render(dirty, changes)
+        large = self._endpoint_total > self.settings.large_cluster_endpoints
+        if large != self._large:
+            # kube-proxy drops per-endpoint comments above the threshold: every chain changes.
+            log.info("%d endpoints: %s large-cluster mode", self._endpoint_total,
+                     "entering" if large else "leaving")
+            self._large = large
+            self._render(set(self.state.services), changes)
+        return [changes[key] for key in sorted(changes)]
+
+    def _render(self, keys: Iterable[ServiceKey], changes: dict[ServiceKey, Change]) -> None:
+        for key in keys:
+            service = self.state.services.get(key)
+            old = self._rendered.get(key)
+            new = (render_service(service, self.state, self.settings, self._large)
+                   if service is not None else None)
+            self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
+            first = changes.get(key)
+            changes[key] = (key, first[1] if first else old, new)
+            if new is None:
+                self._rendered.pop(key, None)
+            else:
+                self._rendered[key] = new
+
+    def desired(self) -> DesiredTables:
+        """The whole desired ruleset as the planner reads it (after rendering what changed)."""
+        self._apply_to_top(self._render_dirty())
+        return self._desired_tables()
+
+    def _apply_to_top(self, changes: Iterable[Change]) -> None:
+        for _key, old, new in changes:
+            for rule in old.top if old else ():
+                self._top[(rule.table, rule.chain)].remove(rule)
+            for rule in new.top if new else ():
+                self._top[(rule.table, rule.chain)].insert(rule)
+
+    def _desired_tables(self) -> DesiredTables:
+        static = self._static_tables()
+        tables: dict[str, dict[str, ChainContent]] = {}
+        for (table, chain), top in self._top.items():
+            tables.setdefault(table, {})[chain] = top.content()
+        nat = tables.setdefault("nat", {})
+        for key in sorted(self._rendered):
+            nat.update(self._rendered[key].chains)
+        return DesiredTables({t: tables[t] for t in ordered_tables(tables)}, static.jumps)
+
+    # --- syncing -------------------------------------------------------------------------
+
+    def sync(self, *, full: bool = False) -> EngineReport:
+        """Apply what changed (or, with ``full`` or after a failure, compare everything).
+
+        Raises :class:`iptsync.sync.SyncError` when the kernel refused the batch; the
+        previous rules are then still in place and the next sync is a full one.
+        """
+        if self.netfilter is None:
+            raise RuntimeError("this engine has no netfilter to sync")
+        phases: dict[str, float] = {}
+        started = self.clock()
+        dirty = set(self._dirty)
+        known_good = self.synced_once and not self.needs_full
+        try:
+            changes = self._render_dirty()
+            phases["render"] = self.clock() - started
+            full = full or self.needs_full  # rendering may have changed every service
+            mark = self.clock()
+            if full:
+                report = self._plan_full(changes, phases, known_good=known_good)
+            else:
+                report = EngineReport(self._partial_plan(changes), False, phases)
+                phases["plan"] = self.clock() - mark
+            report.services_rendered = len(changes)
+            self.needs_full = True  # until the kernel is known to hold the new rules
+            mark = self.clock()
+            apply_plan(self.netfilter, report.plan)
+            phases["apply"] = self.clock() - mark
+        except Exception:
+            self._dirty |= dirty
+            self.needs_full = True
+            raise
+        self.needs_full = False
+        self.synced_once = True
+        if self.clear_flows:
+            mark = self.clock()
+            report.stale_flows = clear_stale_flows(
+                flow_targets(self.state, self.settings, None if full else dirty))
+            phases["conntrack"] = self.clock() - mark
+        phases["total"] = self.clock() - started
+        return report
+
+    def _plan_full(self, changes: list[Change], phases: dict[str, float], *,
+                   known_good: bool) -> EngineReport:
+        assert self.netfilter is not None
+        self._apply_to_top(changes)
+        desired = self._desired_tables()
+        mark = self.clock()
+        live = self.netfilter.save()
+        phases["read"] = self.clock() - mark
+        mark = self.clock()
+        plan = make_plan(desired, live, stage_lines=self.stage_lines)
+        phases["plan"] = self.clock() - mark
+        report = EngineReport(plan, True, phases)
+        if known_good:
+            expected = _touched(changes)
+            report.drifted = [f"{t.table}/{chain}" for t in plan.tables
+                              for chain in (*t.written, *t.deleted)
+                              if (t.table, chain) not in expected]
+            report.drifted += [f"{j.table}/{j.chain} -j {j.args[-1]}" for t in plan.tables
+                               for j in t.jumps]
+        return report
+
+    def _partial_plan(self, changes: list[Change]) -> Plan:
+        tables: dict[str, TablePlan] = {}
+
+        def table_plan(name: str) -> TablePlan:
+            return tables.setdefault(name, TablePlan(name))
+
+        deletes: list[tuple[str, ChainContent]] = []
+        for _key, old, new in changes:
+            old_chains = old.chains if old else {}
+            new_chains = new.chains if new else {}
+            nat = table_plan("nat")
+            for chain, content in new_chains.items():
+                before = old_chains.get(chain)
+                if before == content:
+                    continue
+                nat.written.append(chain)
+                nat.rules_written += len(content.lines)
+                if before is None:
+                    nat.created.append(chain)
+                    nat.new_chains[chain] = list(content.lines)
+                    nat.undo_tail_lines.append(f"-X {chain}")
+                else:
+                    nat.chain_lines.append(chain_line(chain))
+                    nat.rule_lines.extend(content.lines)
+                    nat.undo_chain_lines.append(chain_line(chain))
+                    nat.undo_rule_lines.extend(before.lines)
+            deletes.extend((chain, content) for chain, content in old_chains.items()
+                           if chain not in new_chains)
+            self._plan_top(old, new, table_plan)
+        nat = table_plan("nat")
+        for chain, content in deletes:
+            # Flushed here, deleted at the end of the batch, once nothing jumps to it.
+            nat.deleted.append(chain)
+            nat.chain_lines.append(chain_line(chain))
+            nat.tail_lines.append(f"-X {chain}")
+            nat.undo_chain_lines.append(chain_line(chain))
+            nat.undo_rule_lines.extend(content.lines)
+        ordered = [tables[t] for t in ordered_tables(tables) if not tables[t].empty]
+        return Plan(ordered, self.stage_lines)
+
+    def _plan_top(self, old: RenderedService | None, new: RenderedService | None,
+                  table_plan: Callable[[str], TablePlan]) -> None:
+        """Delete the service's vanished top-level rules, insert its new ones in order.
+
+        A rule whose text is unchanged stays where it is, even if its sort key moved (a
+        port added before it): its neighbours in the chain are the same.
+        """
+        kept = {r.place for r in old.top} & {r.place for r in new.top} if old and new else set()
+        for rule in old.top if old else ():
+            self._top[(rule.table, rule.chain)].remove(rule)
+            if rule.place not in kept:
+                plan = table_plan(rule.table)
+                plan.rule_lines.append(f"-D {rule.chain} {rule.text}")
+                plan.undo_rule_lines.append(rule.line)
+                plan.top_rules += 1
+        # new.top is in key order, so each position is computed with every kept rule that
+        # sorts before it already back in the model.
+        for rule in new.top if new else ():
+            position = self._top[(rule.table, rule.chain)].insert(rule)
+            if rule.place not in kept:
+                plan = table_plan(rule.table)
+                plan.rule_lines.append(f"-I {rule.chain} {position} {rule.text}")
+                plan.undo_rule_lines.insert(0, f"-D {rule.chain} {rule.text}")
+                plan.top_rules += 1
+
+
+Change = tuple[ServiceKey, RenderedService | None, RenderedService | None]
+
+
+def _touched(changes: Iterable[Change]) -> set[tuple[str, str]]:
+    """Chains that these changes rewrite (so a difference there is not drift)."""
+    touched: set[tuple[str, str]] = set()
+    for _key, old, new in changes:
+        for rendered in (old, new):
+            if rendered is not None:
+                touched.update(("nat", chain) for chain in rendered.chains)
+                touched.update((rule.table, rule.chain) for rule in rendered.top)
+    return touched
+
+
+def _identity(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = manifest.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    kind = str(manifest.get("kind") or "")
+    namespace = "" if kind == "Node" else str(meta.get("namespace") or "default")
+    return (kind, namespace, str(meta.get("name") or ""))
