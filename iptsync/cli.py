@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -14,14 +15,34 @@ from typing import Any, TypeVar
 
 import click
 
+from iptsync.agent import Agent, Timing
 from iptsync.desired import Desired, desired_from_objects, report
+from iptsync.engine import Engine
+from iptsync.health import (
+    HealthServer,
+    HealthState,
+    HttpServer,
+    MetricsServer,
+    ServiceHealthServers,
+    parse_bind_address,
+)
+from iptsync.logs import setup_logging
+from iptsync.metrics import Metrics
 from iptsync.netfilter import Backend, Netfilter, NetfilterError, detect_backend
 from iptsync.nodeinfo import interface_addresses
-from iptsync.options import OptionError, build_settings, parse_ips
+from iptsync.options import (
+    OptionError,
+    ProxyConfig,
+    build_settings,
+    parse_duration,
+    parse_ips,
+    read_config,
+)
 from iptsync.plan import cleanup_plan
 from iptsync.render import Settings
+from iptsync.sources.base import Source
 from iptsync.sources.files import load_objects
-from iptsync.sync import SyncError, apply_plan, sync
+from iptsync.sync import STAGE_LINES, SyncError, apply_plan
 from iptsync.sysctl import ensure_proxy_sysctls
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +53,8 @@ def node_options(func: F) -> F:
     decorators = [
         click.option("--objects", "objects", multiple=True, type=click.Path(exists=True),
                      help="Manifest file or directory (YAML/JSON, multi-document, kind: List)."),
+        click.option("--config", "config", default=None, type=click.Path(exists=True),
+                     help="A KubeProxyConfiguration YAML file; flags given win over it."),
         click.option("--hostname-override", default=None,
                      help="This node's name, as in the Node object (default: hostname)."),
         click.option("--cluster-cidr", default=None,
@@ -53,25 +76,38 @@ def node_options(func: F) -> F:
     return func
 
 
-def settings_from(params: dict[str, Any]) -> Settings:
+def proxy_config(params: dict[str, Any]) -> ProxyConfig:
     try:
-        return build_settings(
-            node_name=params["hostname_override"] or socket.gethostname(),
-            cluster_cidr=params["cluster_cidr"],
-            masquerade_all=params["masquerade_all"],
-            masquerade_bit=params["masquerade_bit"],
-            nodeport_addresses=params["nodeport_addresses"],
-            node_ips=parse_ips(params["node_ips"], "--node-ip"),
-            localhost_nodeports=params["localhost_nodeports"],
-        )
+        return read_config(params["config"]) if params.get("config") else ProxyConfig()
     except OptionError as err:
         raise click.UsageError(str(err)) from None
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def explicit(name: str) -> bool:
+    """Whether the flag behind parameter ``name`` was given (not left at its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def settings_from(params: dict[str, Any]) -> Settings:
+    config = proxy_config(params)
+
+    def pick(name: str, configured: Any) -> Any:
+        return params[name] if explicit(name) or configured is None else configured
+
+    try:
+        return build_settings(
+            node_name=params["hostname_override"] or config.hostname_override
+            or socket.gethostname(),
+            cluster_cidr=params["cluster_cidr"] or config.cluster_cidr,
+            masquerade_all=pick("masquerade_all", config.masquerade_all),
+            masquerade_bit=pick("masquerade_bit", config.masquerade_bit),
+            nodeport_addresses=params["nodeport_addresses"] or config.nodeport_addresses,
+            node_ips=parse_ips(params["node_ips"], "--node-ip"),
+            localhost_nodeports=pick("localhost_nodeports", config.localhost_nodeports),
+        )
+    except OptionError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def desired_from_params(params: dict[str, Any]) -> Desired:
@@ -134,28 +170,126 @@ def resolve_backend(choice: str) -> Backend:
 @main.command()
 @node_options
 @backend_option("auto")
+@click.option("--kubeconfig", default=None, type=click.Path(exists=True),
+              help="kubeconfig of the API server (default: in-cluster config).")
 @click.option("--once", is_flag=True, help="Sync this network namespace once and exit.")
+@click.option("--min-sync-period", default=None,
+              help="Least time between syncs; a change after a quiet period is applied at "
+                   "once.  [default: 1s]")
+@click.option("--sync-period", default=None,
+              help="Time between full syncs (read the kernel, repair drift).  [default: 30s]")
+@click.option("--healthz-bind-address", default=None,
+              help="HOST:PORT of /healthz and /livez; empty disables.  [default: 0.0.0.0:10256]")
+@click.option("--metrics-bind-address", default=None,
+              help="HOST:PORT of /metrics; empty disables.  [default: 127.0.0.1:10249]")
+@click.option("--canary-interval", default="5s", show_default=True, hidden=True,
+              help="How often to look for the canary chain.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
-              help="Do not delete stale UDP/SCTP conntrack entries after the sync.")
-def run(backend: str, once: bool, no_conntrack_cleanup: bool, **params: Any) -> None:
-    """Sync the node's iptables rules with the Services and EndpointSlices."""
-    setup_logging(params.pop("verbose") + 1)
-    if not once:
-        raise click.UsageError("only --once is available in this version")
-    if not params["objects"]:
-        raise click.UsageError("--objects is required (the API source is not available yet)")
+              help="Do not delete stale UDP/SCTP conntrack entries after syncs.")
+def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
+        no_conntrack_cleanup: bool, **params: Any) -> None:
+    """Keep the node's iptables rules in sync with the Services and EndpointSlices.
+
+    Watches the API (in-cluster config, or --kubeconfig) or --objects files. With --once,
+    syncs once and exits.
+    """
+    setup_logging(params.pop("verbose") + 1, log_format)
     settings = settings_from(params)
+    config = proxy_config(params)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
     netfilter = Netfilter(resolve_backend(backend))
-    loaded = load_objects(params["objects"])
-    desired = desired_from_objects(loaded.objects, settings, interface_addresses())
-    report(loaded.problems + desired.problems)
+    engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
+                    clear_flows=not no_conntrack_cleanup,
+                    stage_lines=STAGE_LINES[netfilter.backend])
+    if once:
+        if not params["objects"]:
+            raise click.UsageError("--once needs --objects")
+        sys.exit(run_once(engine, params["objects"]))
     try:
-        result = sync(netfilter, desired, clear_flows=not no_conntrack_cleanup)
+        timing = Timing(
+            min_sync_period=parse_duration(
+                params["min_sync_period"] or config.min_sync_period or 1.0,
+                "--min-sync-period"),
+            sync_period=parse_duration(params["sync_period"] or config.sync_period or 30.0,
+                                       "--sync-period"),
+            canary_interval=parse_duration(params["canary_interval"], "--canary-interval"))
+        healthz = bind_address(params["healthz_bind_address"], config.healthz_bind_address,
+                               "0.0.0.0:10256", "--healthz-bind-address")
+        metrics_at = bind_address(params["metrics_bind_address"], config.metrics_bind_address,
+                                  "127.0.0.1:10249", "--metrics-bind-address")
+    except (OptionError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+    run_agent(engine, make_sources(params["objects"], kubeconfig, settings.node_name),
+              timing, healthz, metrics_at)
+
+
+def bind_address(flag: str | None, configured: str | None, default: str,
+                 what: str) -> tuple[str, int] | None:
+    text = flag if flag is not None else configured if configured is not None else default
+    return parse_bind_address(text, what) if text else None
+
+
+def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
+    loaded = load_objects(paths)
+    report(loaded.problems)
+    for obj in loaded.objects:
+        engine.upsert(obj)
+    try:
+        result = engine.sync(full=True)
     except (SyncError, NetfilterError) as err:
         logging.getLogger("iptsync").error("%s", err)
-        sys.exit(1)
+        return 1
     logging.getLogger("iptsync").info("%s", result.line())
+    return 0
+
+
+def make_sources(objects: tuple[str, ...], kubeconfig: str | None,
+                 node_name: str) -> list[Source]:
+    if objects:
+        from iptsync.sources.files import FilesSource  # noqa: PLC0415
+
+        return [FilesSource(objects)]
+    from iptsync.sources.api import ApiSource  # noqa: PLC0415  (imports kubernetes: slow)
+
+    return [ApiSource(node_name, kubeconfig=kubeconfig)]
+
+
+def run_agent(engine: Engine, sources: list[Source], timing: Timing,
+              healthz: tuple[str, int] | None, metrics_at: tuple[str, int] | None) -> None:
+    """Serve health and metrics, run the loop until SIGTERM or SIGINT; rules stay in place."""
+    metrics = Metrics()
+    health = HealthState(2 * timing.sync_period)
+    servers: list[HttpServer] = []
+    try:
+        if healthz is not None:
+            servers.append(HealthServer(healthz, health))
+        if metrics_at is not None:
+            servers.append(MetricsServer(metrics_at, metrics.registry, health))
+    except OSError as err:
+        for server in servers:
+            server.close()
+        raise click.ClickException(f"cannot listen: {err}") from None
+    agent = Agent(engine, sources, timing=timing, metrics=metrics, health=health,
+                  service_health=ServiceHealthServers(proxy_healthy=health.healthy))
+
+    def stop(signum: int, _frame: object) -> None:
+        logging.getLogger("iptsync").info("received %s, stopping",
+                                          signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("iptsync").info(
+        "starting on node %s (%s backend); min sync period %.1fs, sync period %.1fs",
+        engine.settings.node_name, engine.netfilter.backend.value if engine.netfilter else "-",
+        timing.min_sync_period, timing.sync_period)
+    try:
+        agent.run()
+    finally:
+        for server in servers:
+            server.close()
 
 
 @main.command()

@@ -343,6 +343,16 @@ class Engine:
             nat.update(self._rendered[key].chains)
         return DesiredTables({t: tables[t] for t in ordered_tables(tables)}, static.jumps)
 
+    def rule_counts(self) -> dict[str, int]:
+        """Rules iptsync owns per table, as last rendered (kube-proxy's iptables_total)."""
+        counts: dict[str, int] = {}
+        for (table, _chain), top in self._top.items():
+            counts[table] = counts.get(table, 0) + len(top.head) + len(top.rules) + len(top.tail)
+        counts["nat"] = counts.get("nat", 0) + sum(
+            len(content.lines) for rendered in self._rendered.values()
+            for content in rendered.chains.values())
+        return counts
+
     # --- syncing -------------------------------------------------------------------------
 
     def sync(self, *, full: bool = False) -> EngineReport:

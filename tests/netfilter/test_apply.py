@@ -222,7 +222,8 @@ def test_run_once_cli_syncs_reports_bad_objects_and_is_idempotent(
     assert "KUBE-SVC-XPGD46QRK7WJZT7O" in live_chains(netfilter)["nat"]
     second = iptsync(netfilter.netns or "", *args)
     assert 0 == second.returncode, second.stderr
-    assert "sync: no changes" in second.stderr
+    assert "full sync: " in second.stderr
+    assert "; no changes;" in second.stderr
 
 
 def test_run_once_exits_non_zero_when_the_kernel_rejects_rules(

@@ -1,0 +1,270 @@
+"""The node agent: sources in, coalesced syncs out, health and metrics alongside.
+
+One thread owns the :class:`~iptsync.engine.Engine`. Sources run in their own threads and
+put messages on a queue; the loop drains it, and decides when to sync:
+
+- nothing is touched until every source has delivered its first complete list;
+- the first sync, and every sync after a failed one, is full; so is one every
+  ``sync_period``, and one as soon as the canary chain is found missing (tables flushed);
+- otherwise changes are coalesced: a change after a quiet period is applied at once, later
+  ones at most every ``min_sync_period``, and only the changed services are written;
+- a failed sync is retried after ``min_sync_period`` (at least a second), in full.
+
+The loop takes an explicit ``iterations`` hook for tests instead of being patched. Stopping
+(SIGTERM) leaves the rules in place: nodes keep forwarding while the agent is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from iptsync import names
+from iptsync.engine import Engine, EngineReport
+from iptsync.health import HealthState, ServiceHealth, ServiceHealthServers
+from iptsync.metrics import Metrics
+from iptsync.netfilter import NetfilterError
+from iptsync.sources.base import KINDS, Change, Message, Snapshot, Source
+from iptsync.state import ClusterState, is_local
+from iptsync.sync import SyncError
+
+log = logging.getLogger("iptsync.agent")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How often the agent syncs (seconds)."""
+
+    min_sync_period: float = 1.0
+    sync_period: float = 30.0
+    canary_interval: float = 5.0
+
+    @property
+    def retry_after(self) -> float:
+        return max(self.min_sync_period, 1.0)
+
+
+class Agent:
+    """Runs the sync loop for one node until :meth:`stop`."""
+
+    def __init__(self, engine: Engine, sources: Iterable[Source], *, timing: Timing,
+                 metrics: Metrics | None = None, health: HealthState | None = None,
+                 service_health: ServiceHealthServers | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.sources = list(sources)
+        self.timing = timing
+        self.metrics = metrics or Metrics()
+        self.health = health or HealthState(2 * timing.sync_period)
+        self.service_health = service_health
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.queue: queue.Queue[Message] = queue.Queue()
+        self._stop = threading.Event()
+        self._listed: set[str] = set()
+        self._changed_since: float | None = None  # first change not yet synced
+        self._last_sync = float("-inf")  # last sync attempt (monotonic)
+        self._last_full = float("-inf")
+        self._last_canary = clock()
+        self._failed = False
+        self._pending = {"Service": 0, "EndpointSlice": 0}
+        self._triggers: list[datetime] = []  # EndpointSlice change times awaiting a sync
+        self.reports: list[EngineReport] = []  # kept short; for tests and debugging
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def ready(self) -> bool:
+        """Every source has listed every kind."""
+        return self._listed >= set(KINDS)
+
+    def run(self, iterations: int | None = None) -> None:
+        """Start the sources and loop until stopped (or ``iterations`` loop turns, in tests)."""
+        for source in self.sources:
+            source.start(self.queue.put)
+        try:
+            turns = 0
+            while not self._stop.is_set() and (iterations is None or turns < iterations):
+                turns += 1
+                self._turn()
+        finally:
+            for source in self.sources:
+                source.stop()
+            if self.service_health is not None:
+                self.service_health.close()
+            log.info("stopped; the rules stay in place")
+
+    def _turn(self) -> None:
+        self._wait_for_messages(self._next_deadline() - self.clock())
+        if not self.ready:
+            return
+        now = self.clock()
+        full = self._failed or now - self._last_full >= self.timing.sync_period
+        if now - self._last_canary >= self.timing.canary_interval:
+            self._last_canary = now
+            if self.engine.synced_once and not self._canary_present():
+                full = True
+        due = self._changed_since is not None and (
+            now - self._last_sync >= self.timing.min_sync_period)
+        if self._failed and now - self._last_sync < self.timing.retry_after:
+            return
+        if full or due or not self.engine.synced_once:
+            self._sync(full=full or not self.engine.synced_once)
+
+    def _next_deadline(self) -> float:
+        now = self.clock()
+        deadlines = [self._last_canary + self.timing.canary_interval,
+                     self._last_full + self.timing.sync_period]
+        if self._failed:
+            deadlines.append(self._last_sync + self.timing.retry_after)
+        elif self._changed_since is not None:
+            deadlines.append(self._last_sync + self.timing.min_sync_period)
+        return max(now, min(deadlines))
+
+    def _wait_for_messages(self, timeout: float) -> None:
+        try:
+            message = self.queue.get(timeout=max(0.0, min(timeout, 1.0)))
+        except queue.Empty:
+            return
+        self._handle(message)
+        while True:  # drain what else is there: one sync for a burst of events
+            try:
+                self._handle(self.queue.get_nowait())
+            except queue.Empty:
+                return
+
+    # --- input ---------------------------------------------------------------------------
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Snapshot):
+            dirty = self.engine.replace_kind(message.kind, message.objects)
+            if message.kind not in self._listed:
+                self._listed.add(message.kind)
+                log.info("listed %d %s objects", len(message.objects), message.kind)
+        elif message.action == "delete":
+            dirty = self.engine.delete(message.obj)
+        else:
+            dirty = self.engine.upsert(message.obj)
+        if isinstance(message, Change) and message.kind == "EndpointSlice":
+            self._note_trigger(message.obj)
+        if dirty:
+            kind = message.kind if message.kind in self._pending else "Service"
+            self._pending[kind] += len(dirty)
+            (self.metrics.endpoint_changes if kind == "EndpointSlice"
+             else self.metrics.service_changes).inc(len(dirty))
+            self._queued()
+        self._update_pending_metrics()
+        self.metrics.invalid_objects.clear()
+        for kind in KINDS:
+            count = sum(1 for ident in self.engine.problems if ident[0] == kind)
+            self.metrics.invalid_objects.labels(kind).set(count)
+        connected = all(getattr(s.status, "connected", True) for s in self.sources)
+        self.metrics.source_connected.set(1 if connected else 0)
+
+    def _note_trigger(self, obj: Mapping[str, object]) -> None:
+        meta = obj.get("metadata")
+        annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+        stamp = annotations.get(
+            "endpoints.kubernetes.io/last-change-trigger-time") if isinstance(
+            annotations, Mapping) else None
+        if isinstance(stamp, str):
+            try:
+                self._triggers.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")))
+            except ValueError:
+                log.debug("unreadable trigger time %r", stamp)
+
+    def _queued(self) -> None:
+        if self._changed_since is None:
+            self._changed_since = self.clock()
+        self.health.queued()
+        self.metrics.last_queued.set(self.wall_clock())
+
+    def _update_pending_metrics(self) -> None:
+        self.metrics.service_changes_pending.set(self._pending["Service"])
+        self.metrics.endpoint_changes_pending.set(self._pending["EndpointSlice"])
+
+    # --- syncing -------------------------------------------------------------------------
+
+    def _canary_present(self) -> bool:
+        netfilter = self.engine.netfilter
+        if netfilter is None:
+            return True
+        for table in ("nat", "filter"):
+            if not netfilter.chain_exists(table, names.KUBE_PROXY_CANARY):
+                log.warning("canary chain %s missing from the %s table: tables were flushed; "
+                            "running a full sync", names.KUBE_PROXY_CANARY, table)
+                self.metrics.canary_missing.inc()
+                return False
+        return True
+
+    def _sync(self, *, full: bool) -> None:
+        self._last_sync = self.clock()
+        if full:
+            self._last_full = self._last_sync
+        kind = "full" if full or self.engine.needs_full else "partial"
+        try:
+            report = self.engine.sync(full=full)
+        except (SyncError, NetfilterError) as err:
+            self._failed = True
+            (self.metrics.restore_failures if kind == "full"
+             else self.metrics.partial_restore_failures).inc()
+            self.metrics.syncs.labels(kind, "failure").inc()
+            log.error("%s sync failed, the previous rules are in place; retrying in full "
+                      "in %.1fs: %s", kind, self.timing.retry_after, err)
+            return
+        self._failed = False
+        self._changed_since = None
+        self._pending = {"Service": 0, "EndpointSlice": 0}
+        self._update_pending_metrics()
+        self.health.updated()
+        self._record(report)
+        if self.service_health is not None:
+            self.service_health.update(health_check_ports(self.engine.state,
+                                                          self.engine.settings.node_name))
+
+    def _record(self, report: EngineReport) -> None:
+        m = self.metrics
+        total = report.phases.get("total", 0.0)
+        kind = "full" if report.full else "partial"
+        m.sync_duration.observe(total)
+        (m.full_sync_duration if report.full else m.partial_sync_duration).observe(total)
+        m.syncs.labels(kind, "success").inc()
+        m.last_sync.set(self.wall_clock())
+        for phase, seconds in report.phases.items():
+            if phase != "total":
+                m.phase_duration.labels(phase).observe(seconds)
+        for table, count in self.engine.rule_counts().items():
+            m.rules.labels(table).set(count)
+        now = datetime.fromtimestamp(self.wall_clock(), UTC)
+        for stamp in self._triggers:
+            m.network_programming.observe(max(0.0, (now - stamp).total_seconds()))
+        self._triggers.clear()
+        for chain in report.drifted:
+            table = chain.split("/", 1)[0]
+            m.drift.labels(table).inc()
+            log.warning("drift: %s was changed outside iptsync; repaired", chain)
+        level = logging.INFO if not report.plan.empty or report.drifted else logging.DEBUG
+        log.log(level, "%s", report.line())
+        self.reports = [*self.reports[-9:], report]
+
+
+def health_check_ports(state: ClusterState, node_name: str) -> dict[int, ServiceHealth]:
+    """Health check node port -> its service and local ready endpoint count."""
+    owners: dict[int, tuple[str, str]] = {}
+    local: dict[int, set[str]] = {}
+    for port in state.service_ports():
+        if not port.health_check_node_port or not port.external_policy_local:
+            continue
+        owners[port.health_check_node_port] = port.name.service
+        local.setdefault(port.health_check_node_port, set()).update(
+            str(ep.ip) for ep in state.endpoints(port) if ep.ready and is_local(ep, node_name))
+    return {hc: ServiceHealth(*owners[hc], len(local[hc])) for hc in owners}

@@ -1,0 +1,187 @@
+"""HTTP endpoints: ``/healthz`` and ``/livez``, ``/metrics``, and service health check ports.
+
+Semantics follow kube-proxy's:
+
+- ``/healthz`` and ``/livez`` answer 200 while the rules are fresh: no change has been waiting
+  longer than the timeout (2 x ``--sync-period``) without a successful sync. Start-up counts
+  as a queued change, so a node that never manages its first sync turns unhealthy. The body is
+  JSON with ``lastUpdated``, ``currentTime`` and ``nodeEligible``.
+- For every service with ``externalTrafficPolicy: Local`` and a ``healthCheckNodePort``, a
+  server on that port answers 200 with the number of local ready endpoints when there are
+  some, else 503, so cloud load balancers stop sending traffic to nodes without endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+
+class HealthState:
+    """When changes were queued and when rules were last synced (wall clock, seconds)."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.last_queued: float | None = clock()  # start-up: the first sync is owed
+        self.last_updated: float | None = None
+
+    def queued(self) -> None:
+        with self._lock:
+            if self.last_queued is None or (self.last_updated is not None
+                                            and self.last_queued <= self.last_updated):
+                self.last_queued = self.clock()  # the oldest change still waiting counts
+
+    def updated(self) -> None:
+        with self._lock:
+            self.last_updated = self.clock()
+            self.last_queued = None
+
+    def healthy(self) -> bool:
+        with self._lock:
+            waiting = self.last_queued
+            return waiting is None or self.clock() - waiting < self.timeout
+
+    def body(self) -> dict[str, Any]:
+        def iso(stamp: float | None) -> str:
+            return "" if stamp is None else datetime.fromtimestamp(stamp, UTC).isoformat()
+
+        return {"lastUpdated": iso(self.last_updated), "currentTime": iso(self.clock()),
+                "nodeEligible": True}
+
+
+def parse_bind_address(text: str, what: str) -> tuple[str, int]:
+    """``host:port`` (``0.0.0.0:10256``); an empty host means every address."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what}: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class HttpServer:
+    """A threaded HTTP server answering GETs with ``respond(path) -> (status, type, body)``."""
+
+    def __init__(self, address: tuple[str, int],
+                 respond: Callable[[str], tuple[int, str, bytes]]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, content_type, body = respond(self.path.split("?", 1)[0])
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s %s", self.address_string(), format % args)
+
+        self.httpd = ThreadingHTTPServer(address, Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
+                                       name=f"http-{address[1]}")
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def _json(status: int, body: Mapping[str, Any]) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body).encode() + b"\n"
+
+
+class HealthServer(HttpServer):
+    """``/healthz`` and ``/livez``."""
+
+    def __init__(self, address: tuple[str, int], state: HealthState) -> None:
+        def respond(path: str) -> tuple[int, str, bytes]:
+            if path not in ("/healthz", "/livez"):
+                return 404, "text/plain", b"not found\n"
+            return _json(200 if state.healthy() else 503, state.body())
+
+        super().__init__(address, respond)
+
+
+class MetricsServer(HttpServer):
+    """``/metrics`` in the Prometheus text format (and ``/healthz``, as kube-proxy has)."""
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
+                 state: HealthState) -> None:
+        def respond(path: str) -> tuple[int, str, bytes]:
+            if path == "/metrics":
+                return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+            if path in ("/healthz", "/livez"):
+                return _json(200 if state.healthy() else 503, state.body())
+            return 404, "text/plain", b"not found\n"
+
+        super().__init__(address, respond)
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    """What one health check node port reports."""
+
+    namespace: str
+    name: str
+    local_endpoints: int
+
+
+class ServiceHealthServers:
+    """One HTTP server per health check node port, kept in line with the services."""
+
+    def __init__(self, host: str = "", proxy_healthy: Callable[[], bool] = lambda: True) -> None:
+        self.host = host
+        self.proxy_healthy = proxy_healthy
+        self._servers: dict[int, HttpServer] = {}
+        self._health: dict[int, ServiceHealth] = {}
+
+    def update(self, wanted: Mapping[int, ServiceHealth]) -> None:
+        """Serve exactly the ports in ``wanted``; a port that cannot be bound is logged."""
+        self._health = dict(wanted)
+        for port in [p for p in self._servers if p not in wanted]:
+            self._servers.pop(port).close()
+        for port in wanted:
+            if port in self._servers:
+                continue
+            try:
+                self._servers[port] = HttpServer((self.host, port), self._responder(port))
+            except OSError as err:
+                log.error("cannot serve the health check node port %d of %s/%s: %s", port,
+                          wanted[port].namespace, wanted[port].name, err)
+
+    @property
+    def ports(self) -> list[int]:
+        return sorted(self._servers)
+
+    def _responder(self, port: int) -> Callable[[str], tuple[int, str, bytes]]:
+        def respond(path: str) -> tuple[int, str, bytes]:
+            health = self._health.get(port)
+            if health is None:
+                return 404, "text/plain", b"not found\n"
+            proxy_ok = self.proxy_healthy()
+            ok = health.local_endpoints > 0 and proxy_ok
+            return _json(200 if ok else 503, {
+                "service": {"namespace": health.namespace, "name": health.name},
+                "localEndpoints": health.local_endpoints, "serviceProxyHealthy": proxy_ok})
+
+        return respond
+
+    def close(self) -> None:
+        self.update({})
