@@ -266,5 +266,5 @@ def health_check_ports(state: ClusterState, node_name: str) -> dict[int, Service
             continue
         owners[port.health_check_node_port] = port.name.service
         local.setdefault(port.health_check_node_port, set()).update(
-            str(ep.ip) for ep in state.endpoints(port) if ep.ready and is_local(ep, node_name))
+            ep.address for ep in state.endpoints(port) if ep.ready and is_local(ep, node_name))
     return {hc: ServiceHealth(*owners[hc], len(local[hc])) for hc in owners}

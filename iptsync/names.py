@@ -8,7 +8,6 @@ delete; nothing else is ever touched.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 
 # Top-level chains, filled in on every full sync.
@@ -38,9 +37,20 @@ TOP_LEVEL_CHAINS = {
 SHARED_CHAINS = {"filter": (KUBE_FIREWALL,)}
 
 
+_B32_PAIRS = [a + b for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+              for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"]
+
+
 def _hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    """The first 16 characters of base32(sha256(text)), i.e. its first 80 bits.
+
+    Encoded ten bits at a time: base64.b32encode is pure Python and, at 100k endpoints,
+    this is a tenth of a large cluster's render time.
+    """
+    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
+    p = _B32_PAIRS
+    return (p[n >> 70] + p[n >> 60 & 1023] + p[n >> 50 & 1023] + p[n >> 40 & 1023]
+            + p[n >> 30 & 1023] + p[n >> 20 & 1023] + p[n >> 10 & 1023] + p[n & 1023])
 
 
 def port_hash(service_port_name: str, protocol: str) -> str:

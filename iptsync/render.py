@@ -99,22 +99,22 @@ def categorize_endpoints(port: ServicePort, endpoints: Sequence[Endpoint], node_
                         if ep.ready and (not topology or (zone in ep.zone_hints)))
         if not cluster:
             # Best effort to keep connections alive: topology is ignored here.
-            cluster = tuple(ep for ep in endpoints if ep.serving and ep.terminating)
+            cluster = tuple(ep for ep in endpoints if serving_terminating(ep))
         has_any = bool(cluster)
     if not port.uses_local_endpoints:
         return EndpointSets(cluster, (), cluster, has_any, topology)
 
     local_ready = any(ep.ready and is_local(ep, node_name) for ep in endpoints)
     local_terminating = any(
-        not ep.ready and ep.serving and ep.terminating and is_local(ep, node_name)
+        not ep.ready and serving_terminating(ep) and is_local(ep, node_name)
         for ep in endpoints)
-    has_any = has_any or any(ep.ready or (ep.serving and ep.terminating) for ep in endpoints)
+    has_any = has_any or any(ep.ready or serving_terminating(ep) for ep in endpoints)
     local: tuple[Endpoint, ...] = ()
     if local_ready:
         local = tuple(ep for ep in endpoints if ep.ready and is_local(ep, node_name))
     elif local_terminating:
         local = tuple(ep for ep in endpoints
-                      if ep.serving and ep.terminating and is_local(ep, node_name))
+                      if serving_terminating(ep) and is_local(ep, node_name))
     if not port.uses_cluster_endpoints:
         return EndpointSets((), local, local, has_any, topology)
     if not topology and not (local and not local_ready):
@@ -133,6 +133,42 @@ def _can_use_topology(endpoints: Sequence[Endpoint], zone: str | None) -> bool:
         zone in ep.zone_hints for ep in ready)
 
 
+def serving_terminating(ep: Endpoint) -> bool:
+    """The terminating fallback: such an endpoint is used only when none is ready."""
+    return ep.serving and ep.terminating
+
+
+@dataclass(frozen=True)
+class PortTargets:
+    """Where one service port's traffic can go on this node: kube-proxy's per-port decisions.
+
+    Shared by :func:`render_service_port` and ``iptsync explain``, so an explanation cannot
+    disagree with the rules.
+    """
+
+    has_endpoints: bool  # false: every entry point REJECTs
+    has_internal: bool  # false: cluster IP traffic is REJECTed or (ITP=Local) DROPped
+    has_external: bool  # false: external traffic is REJECTed or (ETP=Local) DROPped
+    uses_ext: bool  # NodePort, external and load-balancer IPs lead to the EXT chain
+    uses_fw: bool  # load-balancer IPs lead to the FW chain (loadBalancerSourceRanges)
+    fw_admits_node: bool  # the node's primary IP is inside loadBalancerSourceRanges
+
+
+def port_targets(port: ServicePort, sets: EndpointSets, settings: Settings) -> PortTargets:
+    has_endpoints = sets.has_any
+    node_ip = settings.node_ips[0] if settings.node_ips else None
+    return PortTargets(
+        has_endpoints=has_endpoints,
+        has_internal=has_endpoints and (not port.internal_policy_local or bool(sets.local)),
+        has_external=has_endpoints and (not port.external_policy_local or bool(sets.local)),
+        uses_ext=has_endpoints and port.externally_accessible,
+        uses_fw=has_endpoints and bool(port.load_balancer_ips) and bool(
+            port.load_balancer_source_ranges),
+        fw_admits_node=node_ip is not None and any(
+            node_ip in cidr for cidr in port.load_balancer_source_ranges),
+    )
+
+
 def probability(n: int) -> str:
     """kube-proxy's probability for the rule choosing among ``n`` remaining endpoints."""
     return f"{1.0 / n:0.10f}"
@@ -149,17 +185,11 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
     ext = names.ext_chain(spn, proto)
     fw = names.fw_chain(spn, proto)
     sets = categorize_endpoints(port, endpoints, settings.node_name, zone)
-    has_endpoints = sets.has_any
-
-    internal_chain, has_internal = svc, has_endpoints
-    if port.internal_policy_local:
-        internal_chain, has_internal = svl, has_endpoints and bool(sets.local)
-    external_policy_chain, has_external = svc, has_endpoints
-    if port.external_policy_local:
-        external_policy_chain, has_external = svl, has_endpoints and bool(sets.local)
-    uses_ext = has_endpoints and port.externally_accessible
-    uses_fw = has_endpoints and bool(port.load_balancer_ips) and bool(
-        port.load_balancer_source_ranges)
+    targets = port_targets(port, sets, settings)
+    has_endpoints, has_internal = targets.has_endpoints, targets.has_internal
+    has_external, uses_ext, uses_fw = targets.has_external, targets.uses_ext, targets.uses_fw
+    internal_chain = svl if port.internal_policy_local else svc
+    external_policy_chain = svl if port.external_policy_local else svc
     lb_chain = fw if uses_fw else ext
 
     internal_target = external_target = ""
@@ -264,12 +294,9 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
     if uses_fw:
         out.chains.setdefault(fw, [])
         comment = ("-m", "comment", "--comment", f"{spn} loadbalancer IP")
-        allow_from_node = False
-        node_ip = settings.node_ips[0] if settings.node_ips else None
         for cidr in port.load_balancer_source_ranges:
             out.add(fw, *comment, "-s", str(cidr), "-j", ext)
-            allow_from_node = allow_from_node or (node_ip is not None and node_ip in cidr)
-        if allow_from_node:
+        if targets.fw_admits_node:
             # A VIP routed locally loops back with the VIP as its source address.
             for ip in port.load_balancer_ips:
                 out.add(fw, *comment, "-s", str(ip), "-j", ext)
@@ -318,7 +345,7 @@ def _endpoint_chain(out: PortRules, port: ServicePort, ep: Endpoint, sep: str,
     proto = port.protocol.lower
     comment = _comment(spn, large_cluster)
     # Hairpin: a pod reaching itself through the service must be masqueraded.
-    out.add(sep, *comment, "-s", str(ep.ip), "-j", names.KUBE_MARK_MASQ)
+    out.add(sep, *comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ)
     affinity = ("-m", "recent", "--name", sep, "--set") if port.affinity_timeout else ()
     out.add(sep, *comment, *affinity, "-m", proto, "-p", proto, "-j", "DNAT",
             "--to-destination", ep.key)

