@@ -105,6 +105,8 @@ class Agent:
 
     def _turn(self) -> None:
         self._wait_for_messages(self._next_deadline() - self.clock())
+        connected = all(source.status.connected for source in self.sources)
+        self.metrics.source_connected.set(1 if connected else 0)
         if not self.ready:
             return
         now = self.clock()
@@ -167,8 +169,6 @@ class Agent:
         for kind in KINDS:
             count = sum(1 for ident in self.engine.problems if ident[0] == kind)
             self.metrics.invalid_objects.labels(kind).set(count)
-        connected = all(getattr(s.status, "connected", True) for s in self.sources)
-        self.metrics.source_connected.set(1 if connected else 0)
 
     def _note_trigger(self, obj: Mapping[str, object]) -> None:
         meta = obj.get("metadata")
