@@ -1,0 +1,139 @@
+"""`iptsync run` as a process: --objects files watched for changes, SIGTERM leaves the rules,
+and the loop never touches the kernel before every kind has been listed.
+
+Everything runs inside a namespace the test creates: the agent process (``ip netns exec``),
+its rules and its /healthz and /metrics listeners.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iptsync import names
+from iptsync.agent import Agent, Timing
+from iptsync.engine import Engine
+from iptsync.netfilter import Netfilter
+from iptsync.render import Settings
+from iptsync.sources.base import Sink, Snapshot, SourceStatus
+
+pytestmark = pytest.mark.netns
+
+SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
+                    node_ips=(ipaddress.ip_address("10.100.0.2"),))
+
+
+def service(name: str, ip: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": name},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}}
+
+
+def endpoint_slice(name: str, *ips: str) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": f"{name}-1",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]}
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"not within {timeout}s"
+            return value
+        time.sleep(0.1)
+
+
+def test_run_follows_file_changes_and_leaves_rules_on_sigterm(netfilter: Netfilter,
+                                                              tmp_path: Path) -> None:
+    """Editing a manifest file changes the rules; SIGTERM exits 0 and the rules stay."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    (objects / "web.json").write_text(json.dumps(
+        {"kind": "List", "items": [service("web", "10.96.0.50"),
+                                   endpoint_slice("web", "10.0.1.10")]}))
+    argv = ["ip", "netns", "exec", str(netfilter.netns), sys.executable, "-m", "iptsync.cli",
+            "run", "--objects", str(objects), "--hostname-override", "node1",
+            "--cluster-cidr", "10.0.0.0/14", "--iptables-backend", netfilter.backend.value,
+            "--min-sync-period", "100ms", "--sync-period", "1m",
+            "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "",
+            "--no-conntrack-cleanup", "--log-format", "json"]
+    agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        svc = names.svc_chain("default/web:http", "tcp")
+        eventually(lambda: svc in netfilter.save()["nat"].chains)
+        assert 1 == sum("DNAT" in rule for chain, rules in netfilter.save()["nat"].chains.items()
+                        if chain.startswith("KUBE-SEP-") for rule in rules)
+        (objects / "web.json").write_text(json.dumps(
+            {"kind": "List", "items": [service("web", "10.96.0.50"),
+                                       endpoint_slice("web", "10.0.1.10", "10.0.2.10")]}))
+        eventually(lambda: 2 == sum(c.startswith("KUBE-SEP-")
+                                    for c in netfilter.save()["nat"].chains))
+        healthz = subprocess.run(
+            ["ip", "netns", "exec", str(netfilter.netns), sys.executable, "-c",
+             "import urllib.request; print(urllib.request.urlopen("
+             "'http://127.0.0.1:10256/healthz', timeout=2).status)"],
+            capture_output=True, text=True, check=False)
+        assert "200" == healthz.stdout.strip(), healthz.stderr
+        before = netfilter.save()
+        agent.send_signal(signal.SIGTERM)
+        _out, err = agent.communicate(timeout=10)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert 0 == agent.returncode, err
+    assert {t: s.chains for t, s in before.items()} == {
+        t: s.chains for t, s in netfilter.save().items()}
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("partial sync" in entry["msg"] for entry in logs)
+    assert any("the rules stay in place" in entry["msg"] for entry in logs)
+
+
+class ListOnly:
+    """A source that lists only the kinds it is given (as if the others were still loading)."""
+
+    def __init__(self, *snapshots: Snapshot) -> None:
+        self.snapshots = snapshots
+        self.status = SourceStatus(connected=True)
+
+    def start(self, sink: Sink) -> None:
+        for snapshot in self.snapshots:
+            sink(snapshot)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_no_rule_is_written_before_every_kind_is_listed(netfilter: Netfilter) -> None:
+    """With Services listed but EndpointSlices not yet, the agent leaves the kernel alone."""
+    source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
+                      Snapshot("Node", ()))
+    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=0.2,
+                                                  canary_interval=0.1))
+    agent.run(iterations=10)
+    assert not engine.synced_once
+    assert [] == [c for t in netfilter.save().values() for c in t.chains if "KUBE" in c]
+
+    source.snapshots = (*source.snapshots, Snapshot("EndpointSlice", ()))
+    agent = Agent(engine, [source], timing=agent.timing)
+    thread = threading.Thread(target=agent.run, kwargs={"iterations": 3})
+    thread.start()
+    thread.join(timeout=10)
+    assert engine.synced_once
+    assert names.svc_chain("default/web:http", "tcp") not in netfilter.save()["nat"].chains
+    assert names.KUBE_SERVICES in netfilter.save()["nat"].chains
