@@ -12,13 +12,13 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
 from iptsync.agent import Agent, Timing
 from iptsync.desired import Desired, desired_from_objects, report
-from iptsync.engine import Engine
+from iptsync.engine import Engine, bulk
 from iptsync.health import (
     HealthServer,
     HealthState,
@@ -238,8 +238,9 @@ def bind_address(flag: str | None, configured: str | None, default: str,
 def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
     loaded = load_objects(paths)
     report(loaded.problems)
-    for obj in loaded.objects:
-        engine.upsert(obj)
+    with bulk():
+        for obj in loaded.objects:
+            engine.upsert(obj)
     try:
         result = engine.sync(full=True)
     except (SyncError, NetfilterError) as err:
@@ -361,6 +362,88 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
         sys.stdout.write("\n")
     else:
         sys.stdout.write(tracer.render_text(result))
+
+
+@main.command()
+@node_options
+@click.argument("service")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+def explain(*, service: str, as_json: bool, **params: Any) -> None:
+    """Explain SERVICE (namespace/name[:port], port by name; without it, every port).
+
+    For each node role (this node, each node running endpoints, any other node), each entry
+    point (cluster IP, external and load-balancer IPs, NodePort) and each kind of client
+    (pods, the node, outside): which endpoints get the traffic and with what probability,
+    whether it is masqueraded, or why it is rejected or dropped, and why each endpoint left
+    out is left out. Reads --objects; needs no root.
+    """
+    from iptsync import explain as explainer  # noqa: PLC0415  (keeps this command's imports local)
+
+    setup_logging(params.pop("verbose"))
+    if not params["objects"]:
+        raise click.UsageError("--objects is required")
+    try:
+        ref = explainer.parse_service_ref(service)
+    except explainer.ExplainError as err:
+        raise click.UsageError(str(err)) from None
+    desired = desired_from_params(params)
+    try:
+        result = explainer.explain(desired.state, desired.settings, ref)
+    except explainer.ExplainError as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        json.dump(explainer.explanation_json(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(explainer.render_text(result))
+
+
+@main.command()
+@node_options
+@backend_option("auto")
+@click.option("--live", is_flag=True,
+              help="Compare with the rules netfilter holds now in this network namespace.")
+@click.option("--saved", type=click.File("r"), default=None,
+              help="Compare with an iptables-save file instead (- for stdin).")
+@click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
+def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
+         **params: Any) -> None:
+    """Show what a sync would change: chains to create, chains to rewrite with the rules
+    removed (-) and added (+), chains to delete, jumps to insert. Exits 0 when nothing would
+    change, 1 when something would, 2 on error (like diff)."""
+    from iptsync import diffview  # noqa: PLC0415  (keeps this command's imports local)
+    from iptsync.plan import make_plan  # noqa: PLC0415
+    from iptsync.ruleset import RulesetError, parse_save  # noqa: PLC0415
+
+    setup_logging(params.pop("verbose"))
+    if live == (saved is not None):
+        raise click.UsageError("give either --live or --saved FILE")
+    if not params["objects"]:
+        raise click.UsageError("--objects is required")
+    settings = settings_from(params)
+    try:
+        if saved is not None:
+            current, label, interface_ips = parse_save(saved.read()), f"rules in {saved.name}", []
+        else:
+            netfilter = Netfilter(resolve_backend(backend))
+            current, label = netfilter.save(), f"live rules ({netfilter.backend.value})"
+            interface_ips = interface_addresses()  # as `iptsync run` renders for this node
+    except (NetfilterError, RulesetError, OSError) as err:
+        click.echo(f"Error: cannot read the rules: {err}", err=True)
+        sys.exit(2)
+    loaded = load_objects(params["objects"])
+    desired = desired_from_objects(loaded.objects, settings, interface_ips)
+    report(loaded.problems + desired.problems)
+    changes = diffview.diff_report(make_plan(desired.ruleset, current), current,
+                                   desired.ruleset)
+    if as_json:
+        json.dump(diffview.report_json(changes), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(diffview.render_text(
+            changes, live_label=label,
+            desired_label=f"the rules a sync for {desired.settings.node_name} writes"))
+    sys.exit(1 if changes.changed else 0)
 
 
 @main.command()
