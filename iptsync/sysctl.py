@@ -17,7 +17,13 @@ def ensure(name: str, value: int, root: Path = Path("/proc/sys")) -> bool:
     if not path.exists():
         return False
     if path.read_text().strip() != str(value):
-        path.write_text(f"{value}\n")
+        try:
+            path.write_text(f"{value}\n")
+        except OSError as err:
+            # A container without privileges sees /proc/sys read-only: the operator sets it.
+            log.warning("cannot set sysctl %s=%d (%s); set it on the node", name.replace(
+                "/", "."), value, err.strerror or err)
+            return True
         log.info("set sysctl %s=%d", name.replace("/", "."), value)
     return True
 

@@ -1,0 +1,221 @@
+"""deploy/ as `kubectl apply -k deploy/` sends it: least-privilege RBAC, a DaemonSet that runs
+the agent on every node with two capabilities instead of privileged, and a config it reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iptsync.cli import run
+from iptsync.options import ProxyConfig, read_config
+
+from .conftest import DEPLOY, ROOT
+
+Objects = dict[tuple[str, str], dict[str, Any]]
+
+
+@pytest.fixture
+def daemonset(rendered: Objects) -> dict[str, Any]:
+    return rendered[("DaemonSet", "iptsync")]
+
+
+@pytest.fixture
+def pod(daemonset: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = daemonset["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    assert 1 == len(pod["containers"])
+    spec: dict[str, Any] = pod["containers"][0]
+    return spec
+
+
+@pytest.fixture
+def config_text(rendered: Objects) -> str:
+    text: str = rendered[("ConfigMap", "iptsync-config")]["data"]["config.yaml"]
+    return text
+
+
+@pytest.fixture
+def config(config_text: str, tmp_path: Path) -> ProxyConfig:
+    """The ConfigMap's config.yaml as the agent reads it."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text)
+    return read_config(path)
+
+
+def test_base_holds_exactly_the_agent_objects(rendered: Objects) -> None:
+    """Namespace, ServiceAccount, ClusterRole and binding, ConfigMap, DaemonSet; nothing else."""
+    assert {
+        ("Namespace", "iptsync"), ("ServiceAccount", "iptsync"), ("ClusterRole", "iptsync"),
+        ("ClusterRoleBinding", "iptsync"), ("ConfigMap", "iptsync-config"),
+        ("DaemonSet", "iptsync"),
+    } == set(rendered)
+    namespaced = [obj for (kind, _), obj in rendered.items()
+                  if kind not in ("Namespace", "ClusterRole", "ClusterRoleBinding")]
+    assert {"iptsync"} == {obj["metadata"]["namespace"] for obj in namespaced}
+
+
+def test_cluster_role_only_lists_and_watches_services_endpointslices_nodes(
+        rendered: Objects) -> None:
+    """Exactly list and watch on services and nodes (core) and endpointslices (discovery)."""
+    granted = set()
+    for rule in rendered[("ClusterRole", "iptsync")]["rules"]:
+        assert {"apiGroups", "resources", "verbs"} == set(rule), "no names, no URLs"
+        granted |= {(group, resource, verb) for group in rule["apiGroups"]
+                    for resource in rule["resources"] for verb in rule["verbs"]}
+    assert {
+        (group, resource, verb)
+        for group, resource in [("", "services"), ("", "nodes"),
+                                ("discovery.k8s.io", "endpointslices")]
+        for verb in ("list", "watch")
+    } == granted
+
+
+def test_binding_gives_the_role_to_the_daemonsets_service_account(
+        rendered: Objects, pod: dict[str, Any], daemonset: dict[str, Any]) -> None:
+    """The ClusterRoleBinding names the ServiceAccount the DaemonSet's pods run as."""
+    binding = rendered[("ClusterRoleBinding", "iptsync")]
+    account = rendered[("ServiceAccount", "iptsync")]["metadata"]
+    assert {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+            "name": "iptsync"} == binding["roleRef"]
+    assert [{"kind": "ServiceAccount", "name": account["name"],
+             "namespace": account["namespace"]}] == binding["subjects"]
+    assert account["name"] == pod["serviceAccountName"]
+    assert account["namespace"] == daemonset["metadata"]["namespace"]
+
+
+def test_pods_use_the_nodes_network_namespace(pod: dict[str, Any]) -> None:
+    """hostNetwork, with cluster DNS still usable from it."""
+    assert pod["hostNetwork"] is True
+    assert "ClusterFirstWithHostNet" == pod["dnsPolicy"]
+
+
+def test_container_gets_net_admin_and_net_raw_not_privileged(container: dict[str, Any]) -> None:
+    """Two added capabilities, nothing privileged."""
+    security = container["securityContext"]
+    assert security.get("privileged", False) is False
+    assert {"NET_ADMIN", "NET_RAW"} == set(security["capabilities"]["add"])
+
+
+def test_pods_run_on_every_node_before_anything_else(pod: dict[str, Any]) -> None:
+    """Tolerate every taint; system-node-critical priority."""
+    assert [{"operator": "Exists"}] == pod["tolerations"]
+    assert "system-node-critical" == pod["priorityClassName"]
+
+
+def test_node_label_keeps_a_node_on_kube_proxy(pod: dict[str, Any]) -> None:
+    """Only iptsync/proxy=kube-proxy excludes a node (docs/migration.md); unlabelled run it."""
+    terms = pod["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [{"matchExpressions": [{"key": "iptsync/proxy", "operator": "NotIn",
+                                   "values": ["kube-proxy"]}]}] == terms
+    assert {"kubernetes.io/os": "linux"} == pod["nodeSelector"]
+
+
+def test_rolling_update_replaces_one_node_at_a_time(daemonset: dict[str, Any]) -> None:
+    """RollingUpdate with maxUnavailable 1."""
+    assert {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}} == \
+        daemonset["spec"]["updateStrategy"]
+
+
+def test_probes_ask_the_agents_health_endpoints(container: dict[str, Any]) -> None:
+    """Liveness on /livez, readiness on /healthz, both on kube-proxy's port 10256."""
+    assert {"path": "/livez", "port": 10256} == container["livenessProbe"]["httpGet"]
+    assert {"path": "/healthz", "port": 10256} == container["readinessProbe"]["httpGet"]
+
+
+def test_command_runs_the_agent_as_this_node(container: dict[str, Any]) -> None:
+    """iptsync run with the mounted config, named after the node the pod is scheduled on."""
+    assert ["iptsync", "run", "--config", "/etc/iptsync/config.yaml",
+            "--hostname-override", "$(NODE_NAME)"] == container["command"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in \
+        container["env"]
+
+
+def test_command_flags_exist_in_the_cli(container: dict[str, Any]) -> None:
+    """Every flag the DaemonSet passes is an option of `iptsync run`."""
+    known = {opt for param in run.params for opt in param.opts}
+    flags = [arg for arg in container["command"] if arg.startswith("--")]
+    assert [] == [flag for flag in flags if flag not in known]
+
+
+def test_api_server_address_can_be_given_without_a_service(container: dict[str, Any]) -> None:
+    """An optional ConfigMap may set KUBERNETES_SERVICE_HOST/PORT (no Service works yet)."""
+    assert [{"configMapRef": {"name": "iptsync-apiserver", "optional": True}}] == \
+        container["envFrom"]
+
+
+def test_node_paths_are_mounted(container: dict[str, Any], pod: dict[str, Any]) -> None:
+    """The host's xtables lock (created if missing) and /lib/modules, read-only."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    lock = mounts["/run/xtables.lock"]
+    assert {"path": "/run/xtables.lock", "type": "FileOrCreate"} == \
+        volumes[lock["name"]]["hostPath"]
+    assert not lock.get("readOnly", False)
+    modules = mounts["/lib/modules"]
+    assert "/lib/modules" == volumes[modules["name"]]["hostPath"]["path"]
+    assert modules["readOnly"] is True
+
+
+def test_config_file_comes_from_the_configmap(container: dict[str, Any], pod: dict[str, Any],
+                                              rendered: Objects) -> None:
+    """--config names a key of the ConfigMap mounted at /etc/iptsync."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/iptsync")
+    configmap = volumes[mount["name"]]["configMap"]["name"]
+    config_path = Path(container["command"][container["command"].index("--config") + 1])
+    assert Path("/etc/iptsync") == config_path.parent
+    assert config_path.name in rendered[("ConfigMap", configmap)]["data"]
+
+
+def test_resources_request_without_limits(container: dict[str, Any]) -> None:
+    """CPU and memory are requested; no limit can throttle or OOM-kill the node's proxy."""
+    assert {"cpu", "memory"} == set(container["resources"]["requests"])
+    assert "limits" not in container["resources"]
+
+
+def test_image_is_pinned_and_named_once(container: dict[str, Any]) -> None:
+    """A versioned image, on the one `image:` line deploy/vagrant/deploy.sh reads."""
+    assert "ghcr.io/iptsync/iptsync:0.1.0" == container["image"]
+    lines = re.findall(r"^ *image: *(.+)$", (DEPLOY / "daemonset.yaml").read_text(), re.M)
+    assert [container["image"]] == lines
+
+
+def test_configmap_is_a_kube_proxy_configuration_iptsync_reads(config_text: str,
+                                                               config: ProxyConfig) -> None:
+    """read_config takes the ConfigMap's config.yaml and finds kube-proxy's defaults in it."""
+    assert "mode: iptables" in config_text
+    assert ProxyConfig(
+        hostname_override=None,  # --hostname-override $(NODE_NAME) gives it
+        cluster_cidr="10.244.0.0/16",
+        masquerade_all=False,
+        masquerade_bit=14,
+        nodeport_addresses=None,
+        localhost_nodeports=True,
+        min_sync_period=1.0,
+        sync_period=30.0,
+        healthz_bind_address="0.0.0.0:10256",
+        metrics_bind_address="127.0.0.1:10249",
+    ) == config
+
+
+def test_config_cluster_cidr_is_the_vagrant_labs_pod_cidr(config: ProxyConfig) -> None:
+    """The lab applies deploy/ unchanged, so its pod CIDR is the config's clusterCIDR."""
+    vagrantfile = (ROOT / "Vagrantfile").read_text()
+    assert [config.cluster_cidr] == re.findall(r'^POD_CIDR = "(.+)"$', vagrantfile, re.M)
+
+
+def test_probes_ask_the_configured_health_port(container: dict[str, Any],
+                                               config: ProxyConfig) -> None:
+    """The probes ask the port healthzBindAddress binds."""
+    assert config.healthz_bind_address is not None
+    port = int(config.healthz_bind_address.rsplit(":", 1)[1])
+    assert port == container["livenessProbe"]["httpGet"]["port"]
+    assert port == container["readinessProbe"]["httpGet"]["port"]
