@@ -56,6 +56,7 @@ def measure(backend: Backend, services: int, endpoints: int, changes: int) -> di
 def _run(server: FakeApiServer, netfilter: Netfilter, slices: list[dict[str, Any]],
          changes: int) -> dict[str, Any]:
     client = server.api_client()
+    client.configuration.retries = 0  # as ApiSource sets on clients it builds
     engine = Engine(netfilter, SETTINGS, clear_flows=False,
                     stage_lines=STAGE_LINES[netfilter.backend])
     agent = Agent(engine, [ApiSource("node1", api_client=client)],

@@ -256,9 +256,12 @@ def make_sources(objects: tuple[str, ...], kubeconfig: str | None,
         from iptsync.sources.files import FilesSource  # noqa: PLC0415
 
         return [FilesSource(objects)]
-    from iptsync.sources.api import ApiSource  # noqa: PLC0415  (imports kubernetes: slow)
+    from iptsync.sources.api import ApiConfigError, ApiSource  # noqa: PLC0415  (slow import)
 
-    return [ApiSource(node_name, kubeconfig=kubeconfig)]
+    try:
+        return [ApiSource(node_name, kubeconfig=kubeconfig)]
+    except ApiConfigError as err:
+        raise click.ClickException(f"cannot reach the API server: {err}") from None
 
 
 def run_agent(engine: Engine, sources: list[Source], timing: Timing,

@@ -60,6 +60,7 @@ class RunningAgent:
         self.netfilter = Netfilter(backend, netns=cluster.ns("node1"))
         self.netfilter.restore("*filter\nCOMMIT\n*nat\nCOMMIT\n", noflush=False)
         self.client = server.api_client()
+        self.client.configuration.retries = 0  # as ApiSource sets on clients it builds
         self.source = ApiSource("node1", api_client=self.client, watch_timeout_seconds=5,
                                 request_timeout=2.0, backoff_initial=0.05, backoff_max=0.5)
         self.metrics = Metrics()
@@ -204,6 +205,8 @@ def test_api_outage_changes_nothing_and_a_relist_converges(running: RunningAgent
 def test_deleted_canary_or_flushed_nat_table_is_repaired(running: RunningAgent,
                                                          damage: tuple[str, ...]) -> None:
     """Someone deleting our canary or flushing nat gets the rules back within seconds."""
+    # Only the canary may notice: no periodic full sync during this test.
+    running.agent.timing = Timing(min_sync_period=0.2, sync_period=600.0, canary_interval=0.3)
     running.server.create(web_service())
     running.server.create(web_slice(["web-a", "web-b"]))
     eventually(lambda: running.servers("10.96.0.50", 80) == {"web-a", "web-b"})

@@ -1,0 +1,462 @@
+"""List and watch Services, EndpointSlices and this node's Node from the Kubernetes API.
+
+Each kind gets one thread doing what client-go's reflector does:
+
+- LIST, in pages (``limit``/``continue``: large clusters hold tens of thousands of objects),
+  and send a :class:`Snapshot`;
+- WATCH from the list's resourceVersion with bookmarks allowed; every event, BOOKMARKs
+  included, advances the resourceVersion to resume from; ADDED/MODIFIED/DELETED become
+  :class:`Change` messages;
+- when the server ends a watch (its ``timeoutSeconds``), or an established watch breaks, WATCH
+  again from the last resourceVersion: no relist, and changes missed meanwhile still arrive;
+- 410 Gone/Expired (an HTTP 410, or an ``ERROR`` event with code 410) means the history since
+  that resourceVersion is gone: LIST again (counted in ``status.relists``);
+- a request that fails (unreachable, reset, timed out, 5xx, ...) is retried with exponential
+  backoff and jitter; meanwhile ``status.connected`` is False and ``status.last_error`` says
+  why; one warning per outage, one info line on recovery.
+
+Objects are never turned into the client's models: deserialising tens of thousands of them is
+slow. The generated list methods are called with ``_preload_content=False`` (so the client
+still supplies authentication, including in-cluster token refresh, TLS and proxies) and the
+JSON is decoded here into plain dicts. LIST items lack ``kind``/``apiVersion``; they are added
+because :mod:`iptsync.model` dispatches on them.
+
+``stop()`` cannot rely on timeouts alone (an idle watch blocks in a socket read), so it shuts
+the socket of every open response down, which ends the blocked read at once. Calls to the
+sink are serialised, so the agent's sink need not be thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import kubernetes.client
+import kubernetes.config
+import tenacity
+import urllib3
+from kubernetes.client import ApiException
+
+from iptsync.sources.base import KINDS, Change, Kind, Manifest, Sink, Snapshot, SourceStatus
+
+logger = logging.getLogger(__name__)
+
+_Action = Literal["upsert", "delete"]
+JOIN_TIMEOUT = 2.0  # seconds stop() waits for the threads to end
+
+
+class ApiConfigError(Exception):
+    """No usable client configuration: a bad kubeconfig, or none and not running in a pod.
+
+    Raised instead of the client's own exception so callers need not import ``kubernetes``.
+    """
+
+
+class _Expired(Exception):
+    """The resourceVersion (or continue token) is older than the server's history: relist."""
+
+
+class _BadResponse(Exception):
+    """The server answered something that is not the list/watch protocol."""
+
+
+# What a failed request can raise; all of it is retried with backoff.
+_TRANSIENT = (ApiException, urllib3.exceptions.HTTPError, OSError, json.JSONDecodeError,
+              _BadResponse)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How the threads talk to the server; see :class:`ApiSource` for each field."""
+
+    bookmarks: bool
+    watch_timeout: int
+    request_timeout: float
+    backoff_initial: float
+    backoff_max: float
+    page_size: int
+
+
+@dataclass(frozen=True)
+class _Resource:
+    """One watched collection: its kind and the generated method that lists or watches it."""
+
+    kind: Kind
+    api_version: str
+    list_call: Callable[..., Any]
+    field_selector: str | None = None
+
+
+def _resources(client: kubernetes.client.ApiClient, node_name: str) -> tuple[_Resource, ...]:
+    core = kubernetes.client.CoreV1Api(client)
+    discovery = kubernetes.client.DiscoveryV1Api(client)
+    return (
+        _Resource("Service", "v1", core.list_service_for_all_namespaces),
+        _Resource("EndpointSlice", "discovery.k8s.io/v1",
+                  discovery.list_endpoint_slice_for_all_namespaces),
+        _Resource("Node", "v1", core.list_node, f"metadata.name={node_name}"),
+    )
+
+
+def _client_from_config(kubeconfig: str | Path | None) -> kubernetes.client.ApiClient:
+    """An ApiClient from a kubeconfig file, or from the pod's service account without one."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        if kubeconfig is None:
+            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration)
+        else:
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig), client_configuration=configuration)
+    except kubernetes.config.ConfigException as err:
+        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration"
+        raise ApiConfigError(f"cannot use {where}: {err}") from err
+    # Retries are ours (backoff, one warning per outage); urllib3's would add three instant
+    # attempts and a warning each to every failed request.
+    configuration.retries = 0
+    return kubernetes.client.ApiClient(configuration)
+
+
+class ApiSource:
+    """Services, EndpointSlices and the Node ``node_name`` from the API server (list+watch).
+
+    Without ``api_client``, the client is built from ``kubeconfig``, or from the in-cluster
+    service account when that is None (configuration errors raise here, not in the threads);
+    a client built here is closed by :meth:`stop`, one passed in is left to its owner (give it
+    ``configuration.retries = 0``, as built here, or urllib3 retries and logs on its own).
+
+    ``watch_timeout_seconds``: the server ends each watch after this long (``timeoutSeconds``).
+    ``request_timeout``: connect timeout, and read timeout of lists (watches wait that much
+    longer than ``watch_timeout_seconds``). Failed requests are retried after a random wait
+    between ``backoff_initial`` and a window that doubles per failure up to ``backoff_max``.
+    ``page_size``: objects per LIST page.
+    """
+
+    def __init__(
+        self,
+        node_name: str,
+        *,
+        kubeconfig: str | Path | None = None,
+        api_client: kubernetes.client.ApiClient | None = None,
+        bookmarks: bool = True,
+        watch_timeout_seconds: int = 300,
+        request_timeout: float = 30.0,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+        page_size: int = 500,
+    ) -> None:
+        settings = _Settings(bookmarks, watch_timeout_seconds, request_timeout,
+                             backoff_initial, backoff_max, page_size)
+        self.status = SourceStatus()
+        self._owns_client = api_client is None
+        self._client = api_client if api_client is not None else _client_from_config(kubeconfig)
+        self._tracker = _StatusTracker(self.status)
+        self._stopping = threading.Event()
+        self._sink_lock = threading.Lock()
+        self._reflectors = [
+            _Reflector(resource, settings, self._tracker, self._stopping, self._send)
+            for resource in _resources(self._client, node_name)
+        ]
+        self._threads: list[threading.Thread] = []
+        self._sink: Sink | None = None
+
+    def start(self, sink: Sink) -> None:
+        """Start one list+watch thread per kind; returns at once."""
+        self._sink = sink
+        for reflector in self._reflectors:
+            thread = threading.Thread(target=reflector.run, daemon=True,
+                                      name=f"iptsync-watch-{reflector.kind}")
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """End every thread (open requests are cut short) and join them."""
+        self._stopping.set()
+        for reflector in self._reflectors:
+            reflector.interrupt()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("%s did not stop within %.0f s", thread.name, JOIN_TIMEOUT)
+        self._threads.clear()
+        if self._owns_client:
+            self._client.close()  # type: ignore[no-untyped-call]
+
+    def _send(self, message: Snapshot | Change) -> None:
+        assert self._sink is not None
+        with self._sink_lock:
+            self._sink(message)
+
+
+class _StatusTracker:
+    """Keeps :class:`SourceStatus` for all kinds; logs once per outage and on recovery."""
+
+    def __init__(self, status: SourceStatus) -> None:
+        self._status = status
+        self._lock = threading.Lock()
+        self._reachable: set[Kind] = set()
+        self._in_outage = False
+
+    def request_succeeded(self, kind: Kind) -> None:
+        """A request for ``kind`` got an answer; connected once every kind has one."""
+        with self._lock:
+            self._reachable.add(kind)
+            if len(self._reachable) < len(KINDS) or self._status.connected:
+                return
+            if self._in_outage:
+                self._in_outage = False
+                logger.info("Kubernetes API reachable again")
+            # Status last: whoever sees it changed can rely on the log line being written.
+            self._status.last_error = None
+            self._status.connected = True
+
+    def request_failed(self, kind: Kind, message: str) -> None:
+        """A request for ``kind`` failed and will be retried."""
+        with self._lock:
+            self._reachable.discard(kind)
+            if not self._in_outage:
+                self._in_outage = True
+                logger.warning("%s; retrying with backoff until it answers", message)
+            self._status.connected = False
+            self._status.last_error = message
+
+    def relisted(self) -> None:
+        """A LIST after the first one of a kind."""
+        with self._lock:
+            self._status.relists += 1
+
+    def event(self, kind: Kind) -> None:
+        """A watch event became a Change."""
+        with self._lock:
+            self._status.events[kind] = self._status.events.get(kind, 0) + 1
+
+
+class _Reflector:
+    """The list+watch loop of one kind, run in its own thread."""
+
+    def __init__(self, resource: _Resource, settings: _Settings, tracker: _StatusTracker,
+                 stopping: threading.Event, send: Callable[[Snapshot | Change], None]) -> None:
+        self.kind = resource.kind
+        self._resource = resource
+        self._settings = settings
+        self._tracker = tracker
+        self._stopping = stopping
+        self._send = send
+        self._resource_version: str | None = None  # None: a LIST is due
+        self._listed = False
+        self._response_lock = threading.Lock()
+        self._response: urllib3.BaseHTTPResponse | None = None
+
+    def run(self) -> None:
+        """Thread body: one request cycle after another until stopped."""
+        try:
+            while not self._stopping.is_set():
+                self._retrying()(self._cycle)
+        except Exception as err:
+            if self._stopping.is_set():
+                return  # stop() cut a request short
+            logger.exception("list+watch of %s stopped", self.kind)
+            self._tracker.request_failed(self.kind, f"list+watch of {self.kind} stopped: {err}")
+
+    def interrupt(self) -> None:
+        """Cut the open request short: shutting the socket down ends a blocked read."""
+        with self._response_lock:
+            if self._response is not None:
+                _shut_down(self._response)
+
+    def _retrying(self) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_TRANSIENT),
+            wait=tenacity.wait_random_exponential(multiplier=self._settings.backoff_initial,
+                                                  min=self._settings.backoff_initial,
+                                                  max=self._settings.backoff_max),
+            stop=lambda _state: self._stopping.is_set(),
+            sleep=self._sleep,
+            before_sleep=self._report_failure,
+            reraise=True,
+        )
+
+    def _sleep(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
+
+    def _report_failure(self, state: tenacity.RetryCallState) -> None:
+        assert state.outcome is not None
+        error = state.outcome.exception()
+        verb = "list" if self._resource_version is None else "watch"
+        self._tracker.request_failed(
+            self.kind, f"cannot {verb} {self.kind} objects: {describe_error(error)}")
+
+    def _cycle(self) -> None:
+        """One request: a LIST when due, else a WATCH streamed until it ends."""
+        try:
+            if self._resource_version is None:
+                self._list()
+            else:
+                self._watch()
+        except _Expired as err:
+            logger.info("%s: %s; listing again", self.kind, err)
+            self._resource_version = None
+
+    # --- LIST ---
+
+    def _list(self) -> None:
+        objects: list[Manifest] = []
+        token: str | None = None
+        while True:
+            page = self._list_page(token)
+            objects.extend(self._with_kind(item) for item in page.get("items") or ())
+            metadata = page.get("metadata") or {}
+            token = metadata.get("continue")
+            if not token:
+                break
+        resource_version = str(metadata.get("resourceVersion") or "")
+        if not resource_version:
+            raise _BadResponse(f"{self.kind} list without metadata.resourceVersion")
+        if self._listed:
+            self._tracker.relisted()
+        self._listed = True
+        self._resource_version = resource_version
+        self._send(Snapshot(self.kind, tuple(objects), resource_version))
+
+    def _list_page(self, token: str | None) -> dict[str, Any]:
+        timeout = self._settings.request_timeout
+        with self._request(limit=self._settings.page_size, _continue=token,
+                           _request_timeout=(timeout, timeout)) as response:
+            page = json.loads(response.data)
+        if not isinstance(page, dict):
+            raise _BadResponse(f"{self.kind} list is not a JSON object")
+        return page
+
+    def _with_kind(self, item: Any) -> Manifest:
+        if not isinstance(item, dict):
+            raise _BadResponse(f"{self.kind} list item is not a JSON object")
+        item.setdefault("kind", self.kind)
+        item.setdefault("apiVersion", self._resource.api_version)
+        return item
+
+    # --- WATCH ---
+
+    def _watch(self) -> None:
+        settings = self._settings
+        with self._request(
+            watch=True,
+            resource_version=self._resource_version,
+            allow_watch_bookmarks=settings.bookmarks,
+            timeout_seconds=settings.watch_timeout,
+            # The server ends the stream after timeoutSeconds; the read timeout only catches
+            # a connection that died without a word.
+            _request_timeout=(settings.request_timeout,
+                              settings.watch_timeout + settings.request_timeout),
+        ) as response:
+            try:
+                for line in _lines(response):
+                    self._handle(json.loads(line))
+            except (urllib3.exceptions.HTTPError, OSError) as err:
+                if not self._stopping.is_set():
+                    logger.info("watch of %s broke (%s); watching again from %s",
+                                self.kind, describe_error(err), self._resource_version)
+
+    def _handle(self, event: Any) -> None:
+        obj = event.get("object") if isinstance(event, dict) else None
+        if not isinstance(obj, dict):
+            raise _BadResponse(f"{self.kind} watch event without an object: {event!r:.200}")
+        event_type = event.get("type")
+        if event_type == "ERROR":
+            raise _error_event(obj)
+        if event_type in ("ADDED", "MODIFIED", "DELETED"):
+            action: _Action = "delete" if event_type == "DELETED" else "upsert"
+            manifest = self._with_kind(obj)
+            self._tracker.event(self.kind)
+            self._send(Change(self.kind, action, manifest, _resource_version_of(manifest)))
+        elif event_type != "BOOKMARK":
+            logger.warning("ignoring %s watch event of unknown type %r", self.kind, event_type)
+            return
+        self._resource_version = _resource_version_of(obj) or self._resource_version
+
+    # --- HTTP ---
+
+    @contextlib.contextmanager
+    def _request(self, **params: Any) -> Iterator[urllib3.BaseHTTPResponse]:
+        """The raw response of one list or watch request, registered for :meth:`interrupt`."""
+        try:
+            response = self._resource.list_call(
+                field_selector=self._resource.field_selector, _preload_content=False, **params)
+        except ApiException as err:
+            if err.status == 410:
+                self._tracker.request_succeeded(self.kind)
+                raise _Expired(describe_error(err)) from err
+            raise
+        self._tracker.request_succeeded(self.kind)
+        with self._response_lock:
+            self._response = response
+            if self._stopping.is_set():
+                _shut_down(response)  # stop() ran before the response was registered
+        try:
+            yield response
+        finally:
+            with self._response_lock:
+                self._response = None
+            response.close()
+            response.release_conn()
+
+
+def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The non-empty lines of a streamed body, each as soon as its newline arrives."""
+    pending: list[bytes] = []
+    for chunk in response.stream(None):
+        *complete, rest = chunk.split(b"\n")
+        if complete:
+            first = b"".join([*pending, complete[0]])
+            pending = []
+            yield from (line for line in (first, *complete[1:]) if line.strip())
+        pending.append(rest)
+    if b"".join(pending).strip():
+        raise _BadResponse("watch stream ended in the middle of an event")
+
+
+def _error_event(status: dict[str, Any]) -> Exception:
+    """The exception an ``ERROR`` watch event (a metav1.Status) stands for."""
+    text = f"{status.get('code')} {status.get('reason')}: {status.get('message')}"
+    if status.get("code") == 410:
+        return _Expired(text)
+    return _BadResponse(f"watch error {text}")
+
+
+def _resource_version_of(obj: Manifest) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _shut_down(response: urllib3.BaseHTTPResponse) -> None:
+    """Shut the response's socket down (close() could block behind an SSL read's lock)."""
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def describe_error(error: BaseException | None) -> str:
+    """A one-line reason for a failed request, for logs and ``status.last_error``."""
+    if isinstance(error, ApiException):
+        message = _status_message(error.body)
+        return f"HTTP {error.status} {error.reason}" + (f": {message}" if message else "")
+    if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
+        return str(error.reason)
+    return f"{type(error).__name__}: {error}"
+
+
+def _status_message(body: Any) -> str:
+    """The ``message`` of a metav1.Status body, or "" when the body is not one."""
+    try:
+        status = json.loads(body)
+    except (TypeError, ValueError):
+        return ""
+    return str(status.get("message") or "") if isinstance(status, dict) else ""

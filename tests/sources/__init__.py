@@ -1,0 +1,1 @@
+"""Tests of the object sources (iptsync.sources): API list+watch and ``--objects`` files."""

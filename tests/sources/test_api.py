@@ -1,0 +1,355 @@
+"""ApiSource against the fake API server, through the real ``kubernetes`` client over HTTP.
+
+Conventions: the agent runs on node ``node-a``; ``node-b`` is another node it must not see.
+Backoff and timeouts are small so outages resolve in milliseconds; waits have deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import pytest
+from apiserver import FakeApiServer, RecordedRequest, manifest
+
+from iptsync.model import parse_object
+from iptsync.sources.api import ApiConfigError, ApiSource
+from iptsync.sources.base import KINDS, Kind, Snapshot, object_key
+
+from .conftest import Recorder, names, wait_until
+
+NODE = "node-a"
+SERVICES = "/api/v1/services"
+SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
+NODES = "/api/v1/nodes"
+FAST: dict[str, Any] = {"backoff_initial": 0.01, "backoff_max": 0.05, "request_timeout": 5.0,
+        "watch_timeout_seconds": 60}
+
+
+def service(name: str, namespace: str = "default", cluster_ip: str = "10.96.0.10") -> Any:
+    """A ClusterIP Service with one TCP port."""
+    return manifest("Service", name, namespace,
+                    spec={"type": "ClusterIP", "clusterIP": cluster_ip,
+                          "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+
+
+def endpoint_slice(name: str, service_name: str, address: str) -> Any:
+    """An IPv4 EndpointSlice of ``service_name`` with one ready endpoint."""
+    return manifest("EndpointSlice", name, "default",
+                    metadata={"labels": {"kubernetes.io/service-name": service_name}},
+                    addressType="IPv4",
+                    endpoints=[{"addresses": [address], "conditions": {"ready": True}}],
+                    ports=[{"name": "http", "port": 8080, "protocol": "TCP"}])
+
+
+def node(name: str, address: str = "192.168.0.10") -> Any:
+    """A Node with one InternalIP."""
+    return manifest("Node", name, status={"addresses": [{"type": "InternalIP",
+                                                          "address": address}]})
+
+
+def requests_to(server: FakeApiServer, path: str, *, watch: bool) -> list[RecordedRequest]:
+    """The logged LIST (``watch=False``) or WATCH requests of one collection."""
+    return [r for r in server.requests if r.path == path and r.is_watch == watch]
+
+
+def is_watch_of(path: str, request: RecordedRequest) -> bool:
+    """Whether ``request`` is a WATCH of the collection at ``path``."""
+    return request.path == path and request.is_watch
+
+
+def synced(recorder: Recorder) -> dict[Kind, Snapshot]:
+    """Wait for the first Snapshot of every kind; returns them by kind."""
+    recorder.wait_for(lambda r: all(r.snapshots(kind) for kind in KINDS))
+    return {kind: recorder.snapshots(kind)[0] for kind in KINDS}
+
+
+@pytest.fixture
+def apiserver() -> Iterator[FakeApiServer]:
+    """A running fake API server without periodic bookmarks; must log no handler errors."""
+    with FakeApiServer(bookmark_interval=None) as server:
+        yield server
+    assert [] == server.handler_errors
+
+
+@pytest.fixture
+def start_source(apiserver: FakeApiServer,
+                 recorder: Recorder) -> Iterator[Callable[..., ApiSource]]:
+    """Start an ApiSource for ``node-a`` feeding ``recorder``; stopped afterwards."""
+    started: list[tuple[ApiSource, kubernetes.client.ApiClient]] = []
+
+    def start(**options: Any) -> ApiSource:
+        configuration = apiserver.client_configuration()
+        configuration.retries = 0  # as ApiSource configures the clients it builds
+        client = kubernetes.client.ApiClient(configuration)
+        source = ApiSource(NODE, api_client=client, **{**FAST, **options})
+        started.append((source, client))
+        source.start(recorder)
+        return source
+
+    yield start
+    for source, client in started:
+        source.stop()
+        client.close()  # type: ignore[no-untyped-call]
+
+
+def test_initial_snapshots(apiserver: FakeApiServer, recorder: Recorder,
+                           start_source: Callable[..., ApiSource]) -> None:
+    """The first Snapshots hold every Service and EndpointSlice but only this node's Node."""
+    apiserver.create(service("web"))
+    apiserver.create(service("db", "shop", cluster_ip="10.96.0.11"))
+    apiserver.create(endpoint_slice("web-1", "web", "10.0.0.1"))
+    apiserver.create(node(NODE))
+    apiserver.create(node("node-b", "192.168.0.11"))
+    source = start_source()
+    snapshots = synced(recorder)
+    assert {"Service": [("default", "web"), ("shop", "db")],
+            "EndpointSlice": [("default", "web-1")],
+            "Node": [("", NODE)]} \
+        == {kind: [object_key(obj) for obj in s.objects] for kind, s in snapshots.items()}
+    assert {apiserver.resource_version} == {s.resource_version for s in snapshots.values()}
+    wait_until(lambda: source.status.connected, "connected")
+
+
+def test_list_items_get_kind_and_api_version(apiserver: FakeApiServer, recorder: Recorder,
+                                            start_source: Callable[..., ApiSource]) -> None:
+    """LIST items (which lack kind/apiVersion) are sent with both, so the model parses them."""
+    apiserver.create(service("web"))
+    apiserver.create(endpoint_slice("web-1", "web", "10.0.0.1"))
+    apiserver.create(node(NODE))
+    start_source()
+    objects = [obj for s in synced(recorder).values() for obj in s.objects]
+    assert [("Service", "v1"), ("EndpointSlice", "discovery.k8s.io/v1"), ("Node", "v1")] \
+        == [(obj["kind"], obj["apiVersion"]) for obj in objects]
+    assert [True, True, True] == [parse_object(obj).value is not None for obj in objects]
+
+
+def test_list_then_watch_requests(apiserver: FakeApiServer, recorder: Recorder,
+                                  start_source: Callable[..., ApiSource]) -> None:
+    """Each kind is listed in pages, then watched from the list's RV with bookmarks allowed."""
+    apiserver.create(node(NODE))
+    start_source()
+    rv = synced(recorder)["Node"].resource_version
+    apiserver.wait_for_watches(3)
+    assert [{"fieldSelector": f"metadata.name={NODE}", "limit": "500"}] \
+        == [r.query for r in requests_to(apiserver, NODES, watch=False)]
+    assert [{"fieldSelector": f"metadata.name={NODE}", "watch": "true", "resourceVersion": rv,
+             "allowWatchBookmarks": "true", "timeoutSeconds": "60"}] \
+        == [r.query for r in requests_to(apiserver, NODES, watch=True)]
+    assert [{"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true",
+             "timeoutSeconds": "60"}] \
+        == [r.query for r in requests_to(apiserver, SERVICES, watch=True)]
+
+
+def test_list_is_paginated(apiserver: FakeApiServer, recorder: Recorder,
+                           start_source: Callable[..., ApiSource]) -> None:
+    """With more objects than a page, the LIST follows continue tokens and sends them all."""
+    for index in range(5):
+        apiserver.create(service(f"svc-{index}"))
+    start_source(page_size=2)
+    snapshot = synced(recorder)["Service"]
+    assert [f"svc-{index}" for index in range(5)] == names(snapshot)
+    pages = requests_to(apiserver, SERVICES, watch=False)
+    assert [("2", False), ("2", True), ("2", True)] \
+        == [(r.query["limit"], "continue" in r.query) for r in pages]
+
+
+def test_watch_events_become_changes(apiserver: FakeApiServer, recorder: Recorder,
+                                     start_source: Callable[..., ApiSource]) -> None:
+    """ADDED and MODIFIED arrive as upsert Changes, DELETED as delete, with kind and RV."""
+    source = start_source()
+    synced(recorder)
+    apiserver.wait_for_watches(3)
+    created = apiserver.create(service("web"))
+    modified = apiserver.update({**created, "spec": {**created["spec"], "clusterIP": "10.96.0.12"}})
+    deleted = apiserver.delete("Service", "default", "web")
+    apiserver.create(endpoint_slice("web-1", "web", "10.0.0.1"))
+    recorder.wait_for(lambda r: len(r.changes("Service")) == 3
+                      and len(r.changes("EndpointSlice")) == 1)
+    assert [("upsert", created), ("upsert", modified), ("delete", deleted)] \
+        == [(c.action, c.obj) for c in recorder.changes("Service")]
+    assert [c.obj["metadata"]["resourceVersion"] for c in recorder.changes("Service")] \
+        == [c.resource_version for c in recorder.changes("Service")]
+    assert [("upsert", "EndpointSlice", "web-1")] \
+        == [(c.action, c.obj["kind"], c.obj["metadata"]["name"])
+            for c in recorder.changes("EndpointSlice")]
+    assert {"Service": 3, "EndpointSlice": 1} == source.status.events
+
+
+def test_only_this_node_is_watched(apiserver: FakeApiServer, recorder: Recorder,
+                                   start_source: Callable[..., ApiSource]) -> None:
+    """Changes to other Nodes are not sent; changes to this node are."""
+    start_source()
+    synced(recorder)
+    apiserver.wait_for_watches(3)
+    apiserver.create(node("node-b"))
+    apiserver.create(node(NODE))
+    recorder.wait_for(lambda r: bool(r.changes("Node")))
+    apiserver.close_watches()  # flushes anything still queued for node-b, then ends the streams
+    apiserver.wait_for_request(lambda r: is_watch_of(NODES, r)
+                               and r.query["resourceVersion"] == apiserver.resource_version)
+    assert [NODE] == [c.obj["metadata"]["name"] for c in recorder.changes("Node")]
+
+
+def test_bookmark_advances_resume_point(apiserver: FakeApiServer, recorder: Recorder,
+                                        start_source: Callable[..., ApiSource]) -> None:
+    """After a BOOKMARK, the next watch resumes from the bookmark's RV, not the list's."""
+    start_source()
+    list_rv = synced(recorder)["Service"].resource_version
+    apiserver.wait_for_watches(3)
+    apiserver.create(node("node-b"))  # moves the global RV; no watched object changes
+    apiserver.bookmark()
+    apiserver.clear_requests()
+    apiserver.close_watches()  # the bookmark, already queued, is delivered first
+    rewatch = apiserver.wait_for_request(partial(is_watch_of, SERVICES))
+    assert (apiserver.resource_version, True) \
+        == (rewatch.query["resourceVersion"], int(list_rv) < int(apiserver.resource_version))
+
+
+def test_server_closed_watch_rewatches_without_relist(
+        apiserver: FakeApiServer, recorder: Recorder,
+        start_source: Callable[..., ApiSource]) -> None:
+    """A watch the server ends is resumed from the last RV: no LIST, no new Snapshot."""
+    source = start_source()
+    rv = synced(recorder)["Service"].resource_version
+    apiserver.wait_for_watches(3)
+    apiserver.clear_requests()
+    apiserver.close_watches()
+    for path in (SERVICES, SLICES, NODES):
+        apiserver.wait_for_request(partial(is_watch_of, path))
+    apiserver.create(service("late"))
+    recorder.wait_for(lambda r: bool(r.changes("Service")))
+    assert [rv, rv, rv] == [r.query["resourceVersion"] for r in apiserver.requests]
+    assert (3, 0) == (sum(len(recorder.snapshots(kind)) for kind in KINDS),
+                      source.status.relists)
+
+
+def test_expired_watch_relists(apiserver: FakeApiServer, recorder: Recorder,
+                               start_source: Callable[..., ApiSource]) -> None:
+    """A watch from a compacted RV (410 ERROR event) relists: the Snapshot drops what went."""
+    apiserver.create(service("kept"))
+    apiserver.create(service("gone"))
+    source = start_source()
+    assert ["gone", "kept"] == names(synced(recorder)["Service"])
+    apiserver.wait_for_watches(3)
+    apiserver.stop()
+    apiserver.delete("Service", "default", "gone")
+    apiserver.compact()
+    apiserver.clear_requests()
+    apiserver.start()
+    assert ["kept"] == names(recorder.wait_for_snapshots("Service", 2))
+    wait_until(lambda: source.status.relists == 3, "one relist per kind")
+    assert [] == recorder.changes("Service")
+    assert [True, False] == [r.is_watch for r in apiserver.requests if r.path == SERVICES][:2]
+    assert apiserver.resource_version == recorder.latest("Service").resource_version
+
+
+def test_expired_continue_token_restarts_list(apiserver: FakeApiServer, recorder: Recorder,
+                                              start_source: Callable[..., ApiSource]) -> None:
+    """A continue token expired mid-list (HTTP 410) restarts the LIST; one Snapshot results."""
+    apiserver.create(service("a"))
+    apiserver.create(service("b"))
+    apiserver.latency = 0.2  # room to compact between the first and the second page
+    start_source(page_size=1)
+    apiserver.wait_for_request(lambda r: r.path == SERVICES and not r.is_watch)
+    apiserver.create(service("late"))
+    apiserver.compact()
+    apiserver.wait_for_request(lambda r: r.status == 410)
+    apiserver.latency = 0.0
+    assert ["a", "b", "late"] == names(recorder.wait_for_snapshots("Service", 1))
+    assert [200, 410, 200, 200, 200] \
+        == [r.status for r in requests_to(apiserver, SERVICES, watch=False)]
+    assert 1 == len(recorder.snapshots("Service"))
+
+
+def test_api_down_then_back(apiserver: FakeApiServer, recorder: Recorder,
+                            start_source: Callable[..., ApiSource],
+                            caplog: pytest.LogCaptureFixture) -> None:
+    """While the API is down nothing is sent and connected is False; then it catches up."""
+    caplog.set_level(logging.INFO, logger="iptsync.sources.api")
+    source = start_source()
+    synced(recorder)
+    apiserver.wait_for_watches(3)
+    wait_until(lambda: source.status.connected, "connected")
+    sent = recorder.messages
+    apiserver.stop()
+    wait_until(lambda: "Connection refused" in str(source.status.last_error), "refused")
+    assert not source.status.connected
+    time.sleep(0.2)  # several retries at this backoff, all refused
+    assert sent == recorder.messages
+    apiserver.create(service("while-down"))
+    apiserver.start()
+    recorder.wait_for(lambda r: bool(r.changes("Service")))
+    wait_until(lambda: source.status.connected, "reconnected")
+    assert ("while-down", 0, None) == (recorder.changes("Service")[0].obj["metadata"]["name"],
+                                       source.status.relists, source.status.last_error)
+    assert [logging.WARNING, logging.INFO] == [
+        r.levelno for r in caplog.records if r.name == "iptsync.sources.api"
+        and (r.levelno >= logging.WARNING or r.getMessage() == "Kubernetes API reachable again")]
+    assert [] == [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")]
+
+
+def test_unreachable_at_start(apiserver: FakeApiServer, recorder: Recorder,
+                              start_source: Callable[..., ApiSource]) -> None:
+    """A source started while the API is down sends nothing until it can list."""
+    apiserver.create(service("web"))
+    apiserver.stop()
+    source = start_source()
+    wait_until(lambda: source.status.last_error is not None, "a failed list")
+    assert ([], False) == (recorder.messages, source.status.connected)
+    apiserver.start()
+    assert ["web"] == names(synced(recorder)["Service"])
+    wait_until(lambda: source.status.connected, "connected")
+    assert 0 == source.status.relists
+
+
+def test_stop_ends_idle_watches_promptly(apiserver: FakeApiServer, recorder: Recorder,
+                                         start_source: Callable[..., ApiSource]) -> None:
+    """stop() ends threads blocked on idle watches well within two seconds."""
+    source = start_source(watch_timeout_seconds=300, request_timeout=60.0)
+    synced(recorder)
+    apiserver.wait_for_watches(3)
+    started = time.monotonic()
+    source.stop()
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0, elapsed
+    assert [] == [t.name for t in threading.enumerate() if t.name.startswith("iptsync-watch")]
+    apiserver.wait_for_watches(0)
+
+
+def test_stop_during_backoff_is_prompt(apiserver: FakeApiServer,
+                                       start_source: Callable[..., ApiSource]) -> None:
+    """stop() does not wait out a long backoff while the API is down."""
+    apiserver.stop()
+    source = start_source(backoff_initial=5.0, backoff_max=30.0)
+    wait_until(lambda: source.status.last_error is not None, "a failed list")
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 1.0
+
+
+def test_kubeconfig_with_token(recorder: Recorder, tmp_path: Path) -> None:
+    """Built from a kubeconfig, the source authenticates with its token (the fake checks)."""
+    with FakeApiServer(bookmark_interval=None, token="s3cret") as server:
+        server.create(node(NODE))
+        source = ApiSource(NODE, kubeconfig=server.write_kubeconfig(tmp_path / "kubeconfig"),
+                           **FAST)
+        source.start(recorder)
+        try:
+            assert [NODE] == names(synced(recorder)["Node"])
+        finally:
+            source.stop()
+        assert ([], {200}) == (server.handler_errors, {r.status for r in server.requests})
+
+
+def test_unusable_kubeconfig(tmp_path: Path) -> None:
+    """A kubeconfig that cannot be loaded raises ApiConfigError naming it, at construction."""
+    missing = tmp_path / "missing"
+    with pytest.raises(ApiConfigError, match=f"cannot use kubeconfig {missing}: "):
+        ApiSource(NODE, kubeconfig=missing)
