@@ -119,6 +119,11 @@ def desired_from_params(params: dict[str, Any]) -> Desired:
     return desired
 
 
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
 @click.group()
 @click.version_option(package_name="iptsync")
 def main() -> None:
@@ -137,8 +142,7 @@ def dump(output_format: str, **params: Any) -> None:
     setup_logging(params.pop("verbose"))
     desired = desired_from_params(params)
     if output_format == "json":
-        json.dump(dump_json(desired), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(dump_json(desired))
     else:
         sys.stdout.write(desired.ruleset.restore_text())
 
@@ -361,8 +365,7 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
     chosen = origin or tracer.default_origin(packet.src, settings.cluster_cidrs, node_ips)
     result = tracer.trace(tables, packet, origin=chosen, node_ips=node_ips)
     if as_json:
-        json.dump(tracer.result_json(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(tracer.result_json(result))
     else:
         sys.stdout.write(tracer.render_text(result))
 
@@ -395,8 +398,7 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
     except explainer.ExplainError as err:
         raise click.ClickException(str(err)) from None
     if as_json:
-        json.dump(explainer.explanation_json(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(explainer.explanation_json(result))
     else:
         sys.stdout.write(explainer.render_text(result))
 
@@ -440,8 +442,7 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
     changes = diffview.diff_report(make_plan(desired.ruleset, current), current,
                                    desired.ruleset)
     if as_json:
-        json.dump(diffview.report_json(changes), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(diffview.report_json(changes))
     else:
         sys.stdout.write(diffview.render_text(
             changes, live_label=label,

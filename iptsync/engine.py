@@ -438,17 +438,7 @@ class Engine:
                 before = old_chains.get(chain)
                 if before == content:
                     continue
-                nat.written.append(chain)
-                nat.rules_written += len(content.lines)
-                if before is None:
-                    nat.created.append(chain)
-                    nat.new_chains[chain] = list(content.lines)
-                    nat.undo_tail_lines.append(f"-X {chain}")
-                else:
-                    nat.chain_lines.append(chain_line(chain))
-                    nat.rule_lines.extend(content.lines)
-                    nat.undo_chain_lines.append(chain_line(chain))
-                    nat.undo_rule_lines.extend(before.lines)
+                nat.write_chain(chain, content.lines, None if before is None else before.lines)
             deletes.extend((chain, content) for chain, content in old_chains.items()
                            if chain not in new_chains)
             self._plan_top(old, new, table_plan)

@@ -15,7 +15,7 @@ atomic batch rewrites the existing chains that make them reachable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from iptsync import names
@@ -110,6 +110,20 @@ class TablePlan:
     @property
     def empty(self) -> bool:
         return not (self.written or self.deleted or self.jumps or self.top_rules)
+
+    def write_chain(self, chain: str, lines: Sequence[str], before: Sequence[str] | None) -> None:
+        """(Re)write ``chain`` with ``lines``; ``before``: its current rules, None if new."""
+        self.written.append(chain)
+        self.rules_written += len(lines)
+        if before is None:
+            self.created.append(chain)
+            self.new_chains[chain] = list(lines)
+            self.undo_tail_lines.append(f"-X {chain}")
+        else:
+            self.chain_lines.append(chain_line(chain))
+            self.rule_lines.extend(lines)
+            self.undo_chain_lines.append(chain_line(chain))
+            self.undo_rule_lines.extend(before)
 
     def text(self, *, staged: bool = False) -> str:
         """The table's batch; with ``staged``, without the new chains (already loaded)."""
@@ -219,16 +233,8 @@ def plan_table(table: str, desired: DesiredTables, live: SavedTable) -> TablePla
         current = live.chains.get(chain)
         if current is not None and content.matches(current):
             continue
-        plan.written.append(chain)
-        plan.rules_written += len(content.lines)
-        if current is None:
-            plan.created.append(chain)
-            plan.new_chains[chain] = list(content.lines)
-            plan.undo_tail_lines.append(f"-X {chain}")
-        else:
-            plan.chain_lines.append(chain_line(chain))
-            plan.rule_lines.extend(content.lines)
-            _restore_chain(plan, chain, current)
+        plan.write_chain(chain, content.lines, None if current is None else [
+            f"-A {chain} {rule}".rstrip() for rule in current])
 
     pinned = foreign_references(table, live, rewritten=wanted.keys())
     for chain in live.chains:

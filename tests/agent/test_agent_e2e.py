@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,6 +31,8 @@ from iptsync.metrics import Metrics
 from iptsync.netfilter import Backend, Netfilter
 from iptsync.render import Settings
 from iptsync.sources.api import ApiSource
+
+from .waiting import eventually
 
 pytestmark = pytest.mark.netns
 
@@ -120,16 +122,6 @@ def running(cluster: tuple[Cluster, Backend]) -> Iterator[RunningAgent]:
         finally:
             agent.close()
 
-
-def eventually(check: Callable[[], Any], timeout: float = CONVERGE) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"not within {timeout}s: {value!r}"
-            return value
-        time.sleep(0.1)
 
 
 def web_service(name: str = "web", cluster_ip: str = "10.96.0.50", **spec: Any) -> dict[str, Any]:

@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,8 @@ from iptsync.engine import Engine
 from iptsync.netfilter import Netfilter
 from iptsync.render import Settings
 from iptsync.sources.base import Sink, Snapshot, SourceStatus
+
+from .waiting import eventually
 
 pytestmark = pytest.mark.netns
 
@@ -46,15 +46,6 @@ def endpoint_slice(name: str, *ips: str) -> dict[str, Any]:
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]}
 
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"not within {timeout}s"
-            return value
-        time.sleep(0.1)
 
 
 def test_run_follows_file_changes_and_leaves_rules_on_sigterm(netfilter: Netfilter,
