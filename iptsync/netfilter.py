@@ -81,7 +81,8 @@ class Netfilter:
         """The live state of ``tables`` (missing tables come back empty)."""
         out: dict[str, SavedTable] = {}
         for table in tables:
-            out[table] = parse_save(self.save_text(table)).get(table, SavedTable(table))
+            saved = parse_save(self.save_text(table), verbatim=True)
+            out[table] = saved.get(table, SavedTable(table))
         return out
 
     def save_text(self, table: str) -> str:
