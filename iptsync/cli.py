@@ -245,6 +245,7 @@ def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
     with bulk():
         for obj in loaded.objects:
             engine.upsert(obj)
+    del loaded  # the manifests (90 MB at 10k services) are not needed for the sync
     try:
         result = engine.sync(full=True)
     except (SyncError, NetfilterError) as err:

@@ -327,8 +327,15 @@ class Engine:
                 self._rendered[key] = new
 
     def desired(self) -> DesiredTables:
-        """The whole desired ruleset as the planner reads it (after rendering what changed)."""
-        self._apply_to_top(self._render_dirty())
+        """The whole desired ruleset as the planner reads it (after rendering what changed).
+
+        Pending changes are folded into the cache here, so the next sync can no longer write
+        them as a partial one: it compares everything instead.
+        """
+        changes = self._render_dirty()
+        if changes:
+            self.needs_full = True
+        self._apply_to_top(changes)
         return self._desired_tables()
 
     def _apply_to_top(self, changes: Iterable[Change]) -> None:

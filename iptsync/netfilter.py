@@ -17,10 +17,11 @@ import re
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from iptsync.ruleset import SavedTable, parse_save
+from iptsync.ruleset import RulesetError, SavedTable, parse_save
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +69,47 @@ class Netfilter:
         result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
                                 check=False)
         if result.returncode != 0:
-            message = result.stderr.strip() or f"exit status {result.returncode}"
-            if any(text in message for text in _LOCK_MESSAGES):
-                raise XtablesLockError(message)
-            tool = next((a for a in argv if a.startswith("iptables")), argv[0])
-            raise NetfilterError(f"{tool}: {message}")
+            self._raise(argv, result.stderr, result.returncode)
         return result.stdout
+
+    @staticmethod
+    def _raise(argv: Sequence[str], stderr: str, returncode: int) -> NoReturn:
+        message = stderr.strip() or f"exit status {returncode}"
+        if any(text in message for text in _LOCK_MESSAGES):
+            raise XtablesLockError(message)
+        tool = next((a for a in argv if a.startswith("iptables")), argv[0])
+        raise NetfilterError(f"{tool}: {message}")
 
     @retry(retry=retry_if_exception_type(XtablesLockError), stop=stop_after_attempt(5),
            wait=wait_random_exponential(multiplier=0.2, max=3), reraise=True)
     def save(self, tables: Iterable[str] = OWNED_TABLES) -> dict[str, SavedTable]:
         """The live state of ``tables`` (missing tables come back empty)."""
-        out: dict[str, SavedTable] = {}
-        for table in tables:
-            saved = parse_save(self.save_text(table), verbatim=True)
-            out[table] = saved.get(table, SavedTable(table))
-        return out
+        wanted = list(tables)
+        # One iptables-save for every table: on nft each call fetches the whole ruleset
+        # whatever -t says (10k services: 3.5 s for nat alone, 3.9 s for everything).
+        argv = self._argv("save") if len(wanted) > 1 else self._argv("save", "-t", wanted[0])
+        saved = self._parse_output(argv)
+        return {table: saved.get(table, SavedTable(table)) for table in wanted}
+
+    def _parse_output(self, argv: Sequence[str]) -> dict[str, SavedTable]:
+        """Parse iptables-save's output line by line as it arrives on the pipe."""
+        with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            failure: RulesetError | None = None
+            try:
+                saved = parse_save(proc.stdout, verbatim=True)
+            except RulesetError as err:
+                failure, saved = err, {}
+                proc.stdout.read()  # let the command finish
+            error = proc.stderr.read()
+            proc.wait()
+        if proc.returncode != 0:
+            self._raise(argv, error, proc.returncode)
+        if failure is not None:
+            raise failure
+        return saved
 
     def save_text(self, table: str) -> str:
         return self._run(self._argv("save", "-t", table))

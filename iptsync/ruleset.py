@@ -10,7 +10,6 @@ desired and live rules can be compared as strings. Pure: no I/O.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -138,17 +137,20 @@ class SavedTable:
     policies: dict[str, str] = field(default_factory=dict)  # built-in chains only
 
 
-def parse_save(text: str, *, verbatim: bool = False) -> dict[str, SavedTable]:
+def parse_save(text: str | Iterable[str], *, verbatim: bool = False) -> dict[str, SavedTable]:
     """Parse iptables-save output (either backend, with or without ``-c`` counters).
 
-    Rules are canonicalised, so text edited by hand compares correctly. With ``verbatim``,
+    ``text`` may be the whole output or its lines, one at a time (as read from a pipe: a large
+    node's nat table never has to sit in memory as one string). Rules are canonicalised, so
+    text edited by hand compares correctly. With ``verbatim``,
     for text straight from iptables-save (already the canonical spelling, by definition of
     :func:`canonical`), rules are kept as printed: at 10,000 services that halves the time
     to read a node's tables.
     """
     tables: dict[str, SavedTable] = {}
     current: SavedTable | None = None
-    for number, raw in enumerate(io.StringIO(text), 1):
+    lines = text.splitlines() if isinstance(text, str) else text
+    for number, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
