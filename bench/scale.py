@@ -16,11 +16,12 @@ Ctrl-C and SIGTERM; the host's rules are never touched), on a synthetic cluster 
    with ``tryPartialSync``). Only kube-proxy's restore is timed, not its render: a lower
    bound for kube-proxy. Both sides are reverted after each measurement, so every sample
    starts from the same rules.
-4. A full resync with nothing changed, and memory: the engine's RSS growth in this process
-   and the peak RSS of the real agent (``iptsync run --once`` inside a namespace).
+4. The floor of any partial sync (one rule added in a new nat chain, on the loaded kernel), a
+   full resync with nothing changed, and memory: the peak RSS of the real agent (``iptsync run
+   --once`` inside a namespace, first sync and restart) and of this process.
 
     python -m bench.scale --services 10000 --endpoints 10 --backend both --out docs/performance.md
-    python -m bench.scale --quick          # 300 services x 5 endpoints, a minute
+    python -m bench.scale --quick          # 300 services x 5 endpoints, under a minute
 """
 
 from __future__ import annotations
@@ -919,6 +920,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C raises KeyboardInterrupt even when started in the background (where SIGINT is
+    # inherited as ignored), so the namespaces are always deleted.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = datetime.datetime.now(datetime.UTC)
     info = machine()
     backends = [Backend.NFT, Backend.LEGACY] if args.backend == "both" else [
@@ -955,4 +959,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; the benchmark's namespaces are deleted")
+        sys.exit(130)
