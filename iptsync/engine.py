@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from iptsync import names
 from iptsync.conntrack import clear_stale_flows, flow_targets
 from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, parse_object
 from iptsync.netfilter import Netfilter
@@ -46,11 +45,10 @@ from iptsync.render import (
     PortRules,
     Settings,
     base_ruleset,
-    forward_rules,
-    nodeports_jumps,
+    chain_tails,
     render_service_port,
 )
-from iptsync.ruleset import Rule, chain_line, join_args, ordered_tables
+from iptsync.ruleset import Jump, Rule, chain_line, join_args, ordered_tables
 from iptsync.state import ClusterState, ServiceKey
 from iptsync.sync import apply_plan
 
@@ -188,7 +186,7 @@ class Engine:
         self._dirty: set[ServiceKey] = set()
         self._endpoint_total = 0
         self._large = False
-        self._static: DesiredTables | None = None  # fixed chains, jumps (from settings)
+        self._jumps: list[Jump] | None = None  # from settings; None: skeleton to build
         self._top: dict[tuple[str, str], TopChain] = {}
         self.needs_full = True  # the kernel may not hold what the cache says
         self.synced_once = False
@@ -275,7 +273,7 @@ class Engine:
         if settings == self.settings:
             return set()
         self.settings = settings
-        self._static = None
+        self._jumps = None
         self._rendered.clear()
         self._top.clear()
         self.needs_full = True
@@ -283,25 +281,25 @@ class Engine:
 
     # --- rendering -----------------------------------------------------------------------
 
-    def _static_tables(self) -> DesiredTables:
-        if self._static is None:
+    def _skeleton(self) -> list[Jump]:
+        """Build the top-level chains for the current settings (once); returns the jumps."""
+        if self._jumps is None:
             base = base_ruleset(self.settings)
-            tails = {("nat", names.KUBE_SERVICES): nodeports_jumps(self.settings),
-                     ("filter", names.KUBE_FORWARD): forward_rules(self.settings)}
+            tails = chain_tails(self.settings)
             self._top = {(table, chain): TopChain(list(rules), tails.get((table, chain), []))
                          for table, chains in base.tables.items()
                          for chain, rules in chains.items()}
-            self._static = DesiredTables({}, list(base.jumps))
+            self._jumps = list(base.jumps)
             for rendered in self._rendered.values():
                 for rule in rendered.top:
                     self._top[(rule.table, rule.chain)].insert(rule)
-        return self._static
+        return self._jumps
 
-    def _render_dirty(self) -> list[Change]:
+    def _render_dirty(self) -> list[ServiceChange]:
         """Re-render the changed services; returns (service, before, after) for each."""
-        self._static_tables()
+        self._skeleton()
         dirty, self._dirty = self._dirty, set()
-        changes: dict[ServiceKey, Change] = {}
+        changes: dict[ServiceKey, ServiceChange] = {}
         self._render(dirty, changes)
         large = self._endpoint_total > self.settings.large_cluster_endpoints
         if large != self._large:
@@ -312,7 +310,7 @@ class Engine:
             self._render(set(self.state.services), changes)
         return [changes[key] for key in sorted(changes)]
 
-    def _render(self, keys: Iterable[ServiceKey], changes: dict[ServiceKey, Change]) -> None:
+    def _render(self, keys: Iterable[ServiceKey], changes: dict[ServiceKey, ServiceChange]) -> None:
         for key in keys:
             service = self.state.services.get(key)
             old = self._rendered.get(key)
@@ -338,7 +336,7 @@ class Engine:
         self._apply_to_top(changes)
         return self._desired_tables()
 
-    def _apply_to_top(self, changes: Iterable[Change]) -> None:
+    def _apply_to_top(self, changes: Iterable[ServiceChange]) -> None:
         for _key, old, new in changes:
             for rule in old.top if old else ():
                 self._top[(rule.table, rule.chain)].remove(rule)
@@ -346,14 +344,14 @@ class Engine:
                 self._top[(rule.table, rule.chain)].insert(rule)
 
     def _desired_tables(self) -> DesiredTables:
-        static = self._static_tables()
+        jumps = self._skeleton()
         tables: dict[str, dict[str, ChainContent]] = {}
         for (table, chain), top in self._top.items():
             tables.setdefault(table, {})[chain] = top.content()
         nat = tables.setdefault("nat", {})
         for key in sorted(self._rendered):
             nat.update(self._rendered[key].chains)
-        return DesiredTables({t: tables[t] for t in ordered_tables(tables)}, static.jumps)
+        return DesiredTables({t: tables[t] for t in ordered_tables(tables)}, jumps)
 
     def rule_counts(self) -> dict[str, int]:
         """Rules iptsync owns per table, as last rendered (kube-proxy's iptables_total)."""
@@ -409,7 +407,7 @@ class Engine:
         phases["total"] = self.clock() - started
         return report
 
-    def _plan_full(self, changes: list[Change], phases: dict[str, float], *,
+    def _plan_full(self, changes: list[ServiceChange], phases: dict[str, float], *,
                    known_good: bool) -> EngineReport:
         assert self.netfilter is not None
         self._apply_to_top(changes)
@@ -430,7 +428,7 @@ class Engine:
                                for j in t.jumps]
         return report
 
-    def _partial_plan(self, changes: list[Change]) -> Plan:
+    def _partial_plan(self, changes: list[ServiceChange]) -> Plan:
         tables: dict[str, TablePlan] = {}
 
         def table_plan(name: str) -> TablePlan:
@@ -486,7 +484,7 @@ class Engine:
                 plan.top_rules += 1
 
 
-Change = tuple[ServiceKey, RenderedService | None, RenderedService | None]
+ServiceChange = tuple[ServiceKey, RenderedService | None, RenderedService | None]
 
 
 @contextlib.contextmanager
@@ -507,7 +505,7 @@ def bulk() -> Iterator[None]:
             gc.freeze()
 
 
-def _touched(changes: Iterable[Change]) -> set[tuple[str, str]]:
+def _touched(changes: Iterable[ServiceChange]) -> set[tuple[str, str]]:
     """Chains that these changes rewrite (so a difference there is not drift)."""
     touched: set[tuple[str, str]] = set()
     for _key, old, new in changes:

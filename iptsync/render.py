@@ -453,6 +453,12 @@ def is_large_cluster(state: ClusterState, settings: Settings) -> bool:
     return total > settings.large_cluster_endpoints
 
 
+def chain_tails(settings: Settings) -> dict[tuple[str, str], list[Rule]]:
+    """Rules that end a top-level chain, after every service's: (table, chain) -> rules."""
+    return {("nat", names.KUBE_SERVICES): nodeports_jumps(settings),
+            ("filter", names.KUBE_FORWARD): forward_rules(settings)}
+
+
 def assemble(settings: Settings, pieces: Iterable[PortRules]) -> Ruleset:
     """Put per-service pieces into the top-level skeleton; NodePort jump last."""
     rs = base_ruleset(settings)
@@ -462,8 +468,8 @@ def assemble(settings: Settings, pieces: Iterable[PortRules]) -> Ruleset:
         nat = rs.tables["nat"]
         for chain, rules in piece.chains.items():
             nat[chain] = rules
-    rs.chain("nat", names.KUBE_SERVICES).extend(nodeports_jumps(settings))
-    rs.chain("filter", names.KUBE_FORWARD).extend(forward_rules(settings))
+    for (table, chain), rules in chain_tails(settings).items():
+        rs.chain(table, chain).extend(rules)
     return rs
 
 
