@@ -1,20 +1,16 @@
-"""One sync of this node: read live state, plan, apply atomically, then clear stale flows.
+"""Applying a plan: staged new chains first, then one atomic batch, undone on failure.
 
-Each phase is its own function and is timed. A failed restore is undone table by table (see
-:mod:`iptsync.plan`) so the kernel keeps the previous rules, and the error names the failing
-line with the payload lines around it.
+A failed restore is undone table by table (see :mod:`iptsync.plan`) so the kernel keeps the
+previous rules, and the error names the failing line with the payload lines around it. The
+engine (:mod:`iptsync.engine`) decides what to plan; this module only applies it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
 
-from iptsync.conntrack import clear_stale_flows, flow_targets
-from iptsync.desired import Desired
 from iptsync.netfilter import Backend, Netfilter, NetfilterError, RestoreError
-from iptsync.plan import DEFAULT_STAGE_LINES, Plan, make_plan
+from iptsync.plan import DEFAULT_STAGE_LINES, Plan
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +23,6 @@ STAGE_LINES = {Backend.NFT: DEFAULT_STAGE_LINES, Backend.LEGACY: 1 << 62}
 
 class SyncError(RuntimeError):
     """A sync that could not be applied; the previous rules are still in place."""
-
-
-@dataclass
-class SyncReport:
-    plan: Plan
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    stale_flows: int = 0
-
-    def line(self) -> str:
-        timings = " ".join(f"{name}={secs * 1000:.1f}ms" for name, secs in self.phases.items())
-        return f"sync: {self.plan.summary()}; stale flows cleared: {self.stale_flows}; {timings}"
 
 
 def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
@@ -70,26 +55,3 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
         raise SyncError(f"iptables-restore failed: {err}; tables undone: "
                         f"{', '.join(undone) or 'none'}{detail}") from err
 
-
-def sync(netfilter: Netfilter, desired: Desired, *, clear_flows: bool = True) -> SyncReport:
-    """Bring the kernel to ``desired``; on failure raise :class:`SyncError`, old rules kept."""
-    phases: dict[str, float] = {}
-    started = time.monotonic()
-    live = netfilter.save()
-    phases["read"] = time.monotonic() - started
-
-    mark = time.monotonic()
-    plan = make_plan(desired.ruleset, live, stage_lines=STAGE_LINES[netfilter.backend])
-    phases["plan"] = time.monotonic() - mark
-
-    mark = time.monotonic()
-    apply_plan(netfilter, plan)
-    phases["apply"] = time.monotonic() - mark
-
-    report = SyncReport(plan, phases)
-    if clear_flows:
-        mark = time.monotonic()
-        report.stale_flows = clear_stale_flows(flow_targets(desired.state, desired.settings))
-        phases["conntrack"] = time.monotonic() - mark
-    phases["total"] = time.monotonic() - started
-    return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ import pytest
 from iptsync import names
 from iptsync.desired import Desired, desired_from_objects
 from iptsync.netfilter import Netfilter
-from iptsync.plan import cleanup_plan, make_plan
+from iptsync.plan import Plan, cleanup_plan, make_plan
 from iptsync.render import Settings
 from iptsync.ruleset import Ruleset
 from iptsync.sources.files import load_objects
-from iptsync.sync import SyncError, apply_plan, sync
+from iptsync.sync import STAGE_LINES, SyncError, apply_plan
 
 pytestmark = pytest.mark.netns
 
@@ -35,6 +36,19 @@ def desired_for(*scenarios: str, edit: Any = None) -> Desired:
     if edit is not None:
         objects = edit(objects)
     return desired_from_objects(objects, SETTINGS)
+
+
+@dataclass
+class Synced:
+    plan: Plan
+
+
+def sync(netfilter: Netfilter, desired: Desired) -> Synced:
+    """A one-shot full sync of a rendered ruleset: read the kernel, plan, apply."""
+    plan = make_plan(desired.ruleset, netfilter.save(),
+                     stage_lines=STAGE_LINES[netfilter.backend])
+    apply_plan(netfilter, plan)
+    return Synced(plan)
 
 
 def live_chains(netfilter: Netfilter) -> dict[str, dict[str, list[str]]]:
@@ -54,7 +68,7 @@ def test_first_sync_creates_every_chain_and_jump(netfilter: Netfilter) -> None:
     """After one sync the kernel holds exactly the rendered chains, rules and jumps."""
     desired = desired_for("upstream-overall", "loadbalancer-ranges-affinity",
                           "etp-local-with-local")
-    sync(netfilter, desired, clear_flows=False)
+    sync(netfilter, desired)
     assert_live_equals_desired(netfilter, desired.ruleset)
     live = live_chains(netfilter)
     kube_jumps = [rule for rule in live["filter"]["INPUT"] if "-j KUBE-" in rule]
@@ -65,8 +79,8 @@ def test_first_sync_creates_every_chain_and_jump(netfilter: Netfilter) -> None:
 def test_second_sync_of_unchanged_state_writes_nothing(netfilter: Netfilter) -> None:
     """Idempotence: the canonical forms match, so the second plan is empty."""
     desired = desired_for("upstream-overall", "nodeport-tcp-udp", "topology-hints")
-    sync(netfilter, desired, clear_flows=False)
-    second = sync(netfilter, desired, clear_flows=False)
+    sync(netfilter, desired)
+    second = sync(netfilter, desired)
     assert second.plan.empty
     assert "" == second.plan.payload
 
@@ -88,9 +102,9 @@ def drop_endpoint_and_service(objects: list[dict[str, Any]]) -> list[dict[str, A
 
 def test_update_writes_only_changed_chains_and_deletes_stale_ones(netfilter: Netfilter) -> None:
     """An endpoint removal and a service deletion touch only the chains they affect."""
-    sync(netfilter, desired_for("upstream-overall"), clear_flows=False)
+    sync(netfilter, desired_for("upstream-overall"))
     updated = desired_for("upstream-overall", edit=drop_endpoint_and_service)
-    result = sync(netfilter, updated, clear_flows=False)
+    result = sync(netfilter, updated)
     by_table = {t.table: t for t in result.plan.tables}
     assert {"KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-SVC-4SW47YFZTEDKD3PK"} == set(
         by_table["nat"].written)
@@ -131,10 +145,9 @@ def test_foreign_chains_and_rules_are_never_touched(netfilter: Netfilter) -> Non
     """Syncs, updates and cleanup leave other programs' chains and rules exactly as they were."""
     netfilter.restore(FOREIGN)
     before = foreign_view(netfilter)
-    sync(netfilter, desired_for("upstream-overall"), clear_flows=False)
+    sync(netfilter, desired_for("upstream-overall"))
     assert before == foreign_view(netfilter)
-    sync(netfilter, desired_for("upstream-overall", edit=drop_endpoint_and_service),
-         clear_flows=False)
+    sync(netfilter, desired_for("upstream-overall", edit=drop_endpoint_and_service))
     assert before == foreign_view(netfilter)
     apply_plan(netfilter, cleanup_plan(netfilter.save()))
     assert before == foreign_view(netfilter)
@@ -154,7 +167,7 @@ def test_failed_restore_keeps_previous_rules_and_next_sync_repairs(
         netfilter: Netfilter) -> None:
     """A rejected batch changes nothing (filter is undone), and a good sync then succeeds."""
     old = desired_for("upstream-overall")
-    sync(netfilter, old, clear_flows=False)
+    sync(netfilter, old)
     before = live_chains(netfilter)
     new = desired_for("upstream-overall", edit=drop_endpoint_and_service)
     plan = make_plan(broken(new), netfilter.save())
@@ -164,26 +177,25 @@ def test_failed_restore_keeps_previous_rules_and_next_sync_repairs(
     assert "KUBE-NO-SUCH-CHAIN" in str(failure.value)  # the failing line is shown
     assert "tables undone: filter" in str(failure.value)
     assert before == live_chains(netfilter)
-    sync(netfilter, new, clear_flows=False)
+    sync(netfilter, new)
     assert_live_equals_desired(netfilter, new.ruleset)
 
 
 def test_drifted_chain_is_rewritten(netfilter: Netfilter) -> None:
     """A rule deleted by someone else is put back; only its chain is rewritten."""
     desired = desired_for("upstream-overall")
-    sync(netfilter, desired, clear_flows=False)
+    sync(netfilter, desired)
     netfilter.run("-t", "nat", "-F", "KUBE-SVC-XPGD46QRK7WJZT7O")
-    result = sync(netfilter, desired, clear_flows=False)
+    result = sync(netfilter, desired)
     assert [["KUBE-SVC-XPGD46QRK7WJZT7O"]] == [t.written for t in result.plan.tables]
     assert_live_equals_desired(netfilter, desired.ruleset)
 
 
 def test_chain_referenced_by_foreign_rule_is_not_deleted(netfilter: Netfilter) -> None:
     """A stale chain still used by someone else's rule stays, so the sync does not fail."""
-    sync(netfilter, desired_for("upstream-overall"), clear_flows=False)
+    sync(netfilter, desired_for("upstream-overall"))
     netfilter.restore("*nat\n:MY-NAT - [0:0]\n-A MY-NAT -j KUBE-SVC-X27LE4BHSL4DOUIK\nCOMMIT\n")
-    result = sync(netfilter, desired_for("upstream-overall", edit=drop_endpoint_and_service),
-                  clear_flows=False)
+    result = sync(netfilter, desired_for("upstream-overall", edit=drop_endpoint_and_service))
     assert "KUBE-SVC-X27LE4BHSL4DOUIK" not in result.plan.tables[0].deleted
     assert "KUBE-SVC-X27LE4BHSL4DOUIK" in live_chains(netfilter)["nat"]
 
@@ -191,7 +203,7 @@ def test_chain_referenced_by_foreign_rule_is_not_deleted(netfilter: Netfilter) -
 def test_cleanup_removes_everything_of_ours(netfilter: Netfilter) -> None:
     """After cleanup no owned chain and no jump to one remains (kubelet's KUBE-FIREWALL aside)."""
     netfilter.restore(FOREIGN)
-    sync(netfilter, desired_for("upstream-overall", "flags"), clear_flows=False)
+    sync(netfilter, desired_for("upstream-overall", "flags"))
     apply_plan(netfilter, cleanup_plan(netfilter.save()))
     for table, chains in live_chains(netfilter).items():
         leftover = [c for c in chains if names.is_deletable_chain(table, c)]
@@ -251,13 +263,13 @@ def test_staged_sync_loads_new_chains_in_batches_then_switches_atomically(
     assert "KUBE-SEP-" not in plan.payload  # the final batch only links the new chains in
     apply_plan(netfilter, plan)
     assert_live_equals_desired(netfilter, desired.ruleset)
-    assert sync(netfilter, desired, clear_flows=False).plan.empty
+    assert sync(netfilter, desired).plan.empty
 
 
 def test_failed_final_batch_after_staging_keeps_traffic_rules(netfilter: Netfilter) -> None:
     """Staged chains are unreachable; a failing final batch leaves the old rules serving."""
     old = desired_for("upstream-overall")
-    sync(netfilter, old, clear_flows=False)
+    sync(netfilter, old)
     before = live_chains(netfilter)
     new = desired_for("upstream-overall", "nodeport-tcp-udp")
     plan = make_plan(broken(new), netfilter.save(), stage_lines=10)
@@ -268,5 +280,5 @@ def test_failed_final_batch_after_staging_keeps_traffic_rules(netfilter: Netfilt
     for table, chains in before.items():
         for chain, rules in chains.items():
             assert rules == after[table][chain], f"{table} {chain}"
-    sync(netfilter, new, clear_flows=False)
+    sync(netfilter, new)
     assert_live_equals_desired(netfilter, new.ruleset)
