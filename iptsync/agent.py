@@ -28,6 +28,7 @@ from iptsync import names
 from iptsync.engine import Engine, EngineReport
 from iptsync.health import HealthState, ServiceHealth, ServiceHealthServers
 from iptsync.metrics import Metrics
+from iptsync.model import trigger_time
 from iptsync.netfilter import NetfilterError
 from iptsync.sources.base import KINDS, Change, Message, Snapshot, Source
 from iptsync.state import ClusterState, is_local
@@ -171,16 +172,9 @@ class Agent:
             self.metrics.invalid_objects.labels(kind).set(count)
 
     def _note_trigger(self, obj: Mapping[str, object]) -> None:
-        meta = obj.get("metadata")
-        annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
-        stamp = annotations.get(
-            "endpoints.kubernetes.io/last-change-trigger-time") if isinstance(
-            annotations, Mapping) else None
-        if isinstance(stamp, str):
-            try:
-                self._triggers.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")))
-            except ValueError:
-                log.debug("unreadable trigger time %r", stamp)
+        stamp = trigger_time(obj)
+        if stamp is not None:
+            self._triggers.append(stamp)
 
     def _queued(self) -> None:
         if self._changed_since is None:

@@ -555,6 +555,14 @@ def _endpoint(spec: Mapping[str, Any], path: str, family: IPFamily | None) -> En
     )
 
 
+def trigger_time(manifest: Mapping[str, Any]) -> datetime | None:
+    """An EndpointSlice manifest's last-change-trigger-time, if set and readable."""
+    meta = manifest.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    stamp = annotations.get(TRIGGER_TIME_ANNOTATION) if isinstance(annotations, Mapping) else None
+    return _timestamp(stamp) if isinstance(stamp, str) and stamp else None
+
+
 def _timestamp(text: str) -> datetime | None:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))

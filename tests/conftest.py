@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from apiserver import FakeApiServer
 
 from iptsync.lab.netns import netns_required, netns_unavailable_reason
 from iptsync.netfilter import Backend, Netfilter
@@ -54,3 +55,12 @@ def netns() -> Iterator[str]:
 def netfilter(request: pytest.FixtureRequest, netns: str) -> Netfilter:
     """Both kernel backends, each in its own fresh namespace."""
     return Netfilter(request.param, netns=netns)
+
+
+@pytest.fixture
+def apiserver() -> Iterator[FakeApiServer]:
+    """A running fake API server without periodic bookmarks, stopped afterwards; a 500 from
+    the fake itself (a bug in the test infrastructure, not the client) fails the test."""
+    with FakeApiServer(bookmark_interval=None) as server:
+        yield server
+    assert [] == server.handler_errors

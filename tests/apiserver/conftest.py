@@ -1,6 +1,7 @@
-"""Fixtures for the fake API server tests: a running server and official clients bound to it.
+"""Fixtures for the fake API server tests: official clients bound to the running server.
 
-The server fixture disables periodic bookmarks so event sequences are deterministic (tests
+The server fixture itself (``apiserver``, in tests/conftest.py, shared with the sources'
+tests) disables periodic bookmarks so event sequences are deterministic (tests
 that want them build their own server), and fails the test if the fake itself crashed while
 handling a request — a 500 from the fake is a bug in the test infrastructure, not the client.
 """
@@ -13,14 +14,6 @@ import kubernetes.client
 import pytest
 
 from .server import FakeApiServer
-
-
-@pytest.fixture
-def apiserver() -> Iterator[FakeApiServer]:
-    """A running fake API server without periodic bookmarks, stopped afterwards."""
-    with FakeApiServer(bookmark_interval=None) as server:
-        yield server
-    assert [] == server.handler_errors
 
 
 @pytest.fixture

@@ -71,14 +71,6 @@ def synced(recorder: Recorder) -> dict[Kind, Snapshot]:
 
 
 @pytest.fixture
-def apiserver() -> Iterator[FakeApiServer]:
-    """A running fake API server without periodic bookmarks; must log no handler errors."""
-    with FakeApiServer(bookmark_interval=None) as server:
-        yield server
-    assert [] == server.handler_errors
-
-
-@pytest.fixture
 def start_source(apiserver: FakeApiServer,
                  recorder: Recorder) -> Iterator[Callable[..., ApiSource]]:
     """Start an ApiSource for ``node-a`` feeding ``recorder``; stopped afterwards."""
