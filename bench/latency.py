@@ -17,7 +17,6 @@ import ipaddress
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.generate import cluster
+from bench.scale import namespace
 from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
 from iptsync.netfilter import Backend, Netfilter
@@ -40,17 +40,13 @@ SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0
 
 
 def measure(backend: Backend, services: int, endpoints: int, changes: int) -> dict[str, Any]:
-    netns = f"iptsync-bench-lat-{backend.value}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        with FakeApiServer(bookmark_interval=10) as server:
-            objects = cluster(services, endpoints)["items"]
-            for obj in objects:
-                server.create(obj)
-            slices = [o for o in objects if o["kind"] == "EndpointSlice"]
-            return _run(server, Netfilter(backend, netns=netns), slices, changes)
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+    with namespace(f"lat-{backend.value}") as netns, FakeApiServer(
+            bookmark_interval=10) as server:
+        objects = cluster(services, endpoints)["items"]
+        for obj in objects:
+            server.create(obj)
+        slices = [o for o in objects if o["kind"] == "EndpointSlice"]
+        return _run(server, Netfilter(backend, netns=netns), slices, changes)
 
 
 def _run(server: FakeApiServer, netfilter: Netfilter, slices: list[dict[str, Any]],
