@@ -193,11 +193,6 @@ class Engine:
 
     # --- input ---------------------------------------------------------------------------
 
-    @property
-    def pending(self) -> int:
-        """Services changed since the last successful sync."""
-        return len(self._dirty)
-
     def upsert(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
         """Add or replace one object. An invalid update keeps the last valid version."""
         parsed = parse_object(manifest)

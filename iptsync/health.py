@@ -166,10 +166,6 @@ class ServiceHealthServers:
                 log.error("cannot serve the health check node port %d of %s/%s: %s", port,
                           wanted[port].namespace, wanted[port].name, err)
 
-    @property
-    def ports(self) -> list[int]:
-        return sorted(self._servers)
-
     def _responder(self, port: int) -> Callable[[str], tuple[int, str, bytes]]:
         def respond(path: str) -> tuple[int, str, bytes]:
             health = self._health.get(port)
