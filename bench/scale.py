@@ -54,6 +54,7 @@ from iptsync.desired import Desired, desired_from_objects
 from iptsync.engine import Engine, EngineReport, render_service
 from iptsync.netfilter import Backend, Netfilter
 from iptsync.options import build_settings
+from iptsync.plan import comparable
 from iptsync.render import Settings
 from iptsync.ruleset import chain_line
 from iptsync.state import ServiceKey
@@ -146,7 +147,7 @@ class Workload:
     kube_proxy_backward: dict[str, str] = field(default_factory=dict)
     rule_lines: int = 0
     chains: int = 0
-    expected: dict[str, Tables] = field(default_factory=dict)  # "base" and change keys
+    expected: dict[str, Expected] = field(default_factory=dict)  # "base" and change keys
 
     @classmethod
     def build(cls, services: int, endpoints: int, directory: Path, *, seed: int = 1,
@@ -173,7 +174,7 @@ class Workload:
         self.chains = sum(len(chains) for chains in base.ruleset.tables.values())
         base_chains = set(base.ruleset.tables["nat"])
         if verify:
-            self.expected["base"] = expected_tables(base)
+            self.expected["base"] = Expected.of(base)
         for change in self.changes:
             after = desired_from_objects(change.after, self.settings)
             after_chains = set(after.ruleset.tables["nat"])
@@ -182,7 +183,7 @@ class Workload:
             self.kube_proxy_backward[change.key] = kube_proxy_payload(
                 base, change.service, stale=after_chains - base_chains)
             if verify:
-                self.expected[change.key] = expected_tables(after)
+                self.expected[change.key] = Expected.of(after)
 
 
 def _find(objects: Sequence[Manifest], kind: str, name: str) -> Manifest:
@@ -258,10 +259,29 @@ def kube_proxy_payload(desired: Desired, service: ServiceKey, stale: Iterable[st
     return "\n".join(lines) + "\n"
 
 
-def expected_tables(desired: Desired) -> Tables:
-    """What a fresh full render puts in the chains we own, canonical, in order."""
-    return {table: {chain: [rule.canonical for rule in rules] for chain, rules in chains.items()}
-            for table, chains in desired.ruleset.tables.items()}
+Spans = dict[tuple[str, str], tuple[int, int]]  # Ruleset.free: where order does not matter
+
+
+@dataclass
+class Expected:
+    """What a fresh full render puts in the chains we own (canonical), and where the order
+    of the rules does not matter (the services' rules in top-level chains)."""
+
+    tables: Tables
+    free: Spans
+
+    @classmethod
+    def of(cls, desired: Desired) -> Expected:
+        free = desired.ruleset.free
+        return cls(services_sorted({table: {chain: [rule.canonical for rule in rules]
+                                            for chain, rules in chains.items()}
+                                    for table, chains in desired.ruleset.tables.items()}, free),
+                   free)
+
+
+def services_sorted(tables: Tables, free: Spans) -> Tables:
+    return {table: {chain: comparable(rules, free.get((table, chain)))
+                    for chain, rules in chains.items()} for table, chains in tables.items()}
 
 
 def live_tables(netfilter: Netfilter) -> Tables:
@@ -482,7 +502,8 @@ def measure_backend(backend: Backend, work: Workload, *, repetitions: int,
 
     def check(netfilter: Netfilter, state: str, where: str) -> None:
         if verify:
-            diff = differences(work.expected[state], live_tables(netfilter))
+            want = work.expected[state]
+            diff = differences(want.tables, services_sorted(live_tables(netfilter), want.free))
             result.mismatches += [f"{where}: {d}" for d in diff]
 
     def first_sync(netfilter: Netfilter) -> Engine:

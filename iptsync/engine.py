@@ -8,9 +8,15 @@ only when it or its endpoints change. Between full syncs it writes only what cha
   flushed and deleted;
 - in the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, ...) the rules that disappear are
   deleted by rule spec (``-D``), which fails loudly when the kernel no longer holds them, and
-  the rules that appear are inserted (``-I CHAIN N``) at the position a full sync would give
-  them: top-level rules are kept in the full render's order (by service, then port), so after
-  any series of incremental syncs the kernel holds exactly what a full sync writes.
+  the rules that appear are inserted just after the chain's fixed head (``-I CHAIN 1`` in
+  every chain that holds service rules), never after its fixed tail (the NodePort jump stays
+  last). The services' rules in a top-level chain each match their own destination, so their
+  order does not matter (kube-proxy writes them in Go map order); comparisons sort them (see
+  :class:`iptsync.plan.ChainContent`). Inserting at a position instead would cost
+  iptables-nft a read of the whole chain: at 10,000 services, 0.35 s instead of 0.26 s.
+
+After any series of incremental syncs the kernel holds exactly what a full sync writes, up to
+the order of the services' rules within a top-level chain.
 
 Whether the kernel still holds what the engine believes is checked by the full sync, which
 reads the live tables and compares every chain (one digest per chain), repairs what differs,
@@ -117,13 +123,17 @@ class TopChain:
         self.rules: list[TopRule] = []
         self._content: ChainContent | None = None
 
-    def insert(self, rule: TopRule) -> int:
-        """Add ``rule`` in order; returns its 1-based position in the chain."""
+    def insert(self, rule: TopRule) -> None:
+        """Add ``rule`` in render order (the order a full sync writes)."""
         index = bisect.bisect_left(self.keys, rule.key)
         self.keys.insert(index, rule.key)
         self.rules.insert(index, rule)
         self._content = None
-        return len(self.head) + index + 1
+
+    @property
+    def first_free(self) -> int:
+        """Where a partial sync inserts a service's rule: right after the fixed head."""
+        return len(self.head) + 1
 
     def remove(self, rule: TopRule) -> None:
         index = bisect.bisect_left(self.keys, rule.key)
@@ -135,9 +145,11 @@ class TopChain:
     def content(self) -> ChainContent:
         """The whole chain (kept until it changes, with its digest once computed)."""
         if self._content is None:
+            start = len(self.head)
             self._content = ChainContent((*(r.restore_line() for r in self.head),
-                                                *(r.line for r in self.rules),
-                                                *(r.restore_line() for r in self.tail)))
+                                          *(r.line for r in self.rules),
+                                          *(r.restore_line() for r in self.tail)),
+                                         free=(start, start + len(self.rules)))
         return self._content
 
 
@@ -455,25 +467,27 @@ class Engine:
 
     def _plan_top(self, old: RenderedService | None, new: RenderedService | None,
                   table_plan: Callable[[str], TablePlan]) -> None:
-        """Delete the service's vanished top-level rules, insert its new ones in order.
+        """Delete the service's vanished top-level rules, insert its new ones after the head.
 
-        A rule whose text is unchanged stays where it is, even if its sort key moved (a
-        port added before it): its neighbours in the chain are the same.
+        A rule whose text is unchanged stays where it is. New rules are inserted in reverse,
+        each at the head's end, so the service's rules keep their render order among
+        themselves.
         """
         kept = {r.place for r in old.top} & {r.place for r in new.top} if old and new else set()
         for rule in old.top if old else ():
-            self._top[(rule.table, rule.chain)].remove(rule)
+            top = self._top[(rule.table, rule.chain)]
+            top.remove(rule)
             if rule.place not in kept:
                 plan = table_plan(rule.table)
                 plan.rule_lines.append(f"-D {rule.chain} {rule.text}")
-                plan.undo_rule_lines.append(rule.line)
+                plan.undo_rule_lines.append(f"-I {rule.chain} {top.first_free} {rule.text}")
                 plan.top_rules += 1
-        # new.top is in key order, so each position is computed with every kept rule that
-        # sorts before it already back in the model.
         for rule in new.top if new else ():
-            position = self._top[(rule.table, rule.chain)].insert(rule)
+            self._top[(rule.table, rule.chain)].insert(rule)
+        for rule in reversed(new.top if new else ()):
             if rule.place not in kept:
                 plan = table_plan(rule.table)
+                position = self._top[(rule.table, rule.chain)].first_free
                 plan.rule_lines.append(f"-I {rule.chain} {position} {rule.text}")
                 plan.undo_rule_lines.insert(0, f"-D {rule.chain} {rule.text}")
                 plan.top_rules += 1

@@ -37,28 +37,39 @@ class ChainContent:
     The digest hashes the rules' canonical (iptables-save) spelling. It is computed only when
     the chain has to be compared with a live one, then kept: a first sync into an empty node
     never canonicalises, and a resync compares one integer per chain.
+
+    ``free`` marks the slice of rules whose order does not matter (the services' rules in a
+    top-level chain such as KUBE-SERVICES: each matches its own destination, and kube-proxy
+    itself writes them in map order). A partial sync inserts a new service's rules at the
+    start of that slice, where inserting costs least; the comparison sorts the slice, so the
+    full sync after it finds nothing to rewrite.
     """
 
-    __slots__ = ("_digest", "lines")
+    __slots__ = ("_digest", "free", "lines")
 
-    def __init__(self, lines: tuple[str, ...], digest: int | None = None) -> None:
+    def __init__(self, lines: tuple[str, ...], digest: int | None = None,
+                 free: tuple[int, int] | None = None) -> None:
         self.lines = lines  # "-A CHAIN args", in order
+        self.free = free
         self._digest = digest
 
     @classmethod
-    def of_rules(cls, rules: Iterable[Rule]) -> ChainContent:
+    def of_rules(cls, rules: Iterable[Rule], free: tuple[int, int] | None = None) -> (
+            ChainContent):
         rules = list(rules)
         return cls(tuple(r.restore_line() for r in rules),
-                   chain_digest(r.canonical for r in rules))
+                   chain_digest(comparable([r.canonical for r in rules], free)), free)
 
     def digest(self) -> int:
         if self._digest is None:
-            self._digest = chain_digest(canonical(split_args(line)[2:]) for line in self.lines)
+            rules = [canonical(split_args(line)[2:]) for line in self.lines]
+            self._digest = chain_digest(comparable(rules, self.free))
         return self._digest
 
     def matches(self, live_rules: list[str]) -> bool:
-        """True when the kernel's (canonical) rules equal these."""
-        return len(live_rules) == len(self.lines) and chain_digest(live_rules) == self.digest()
+        """True when the kernel's (canonical) rules equal these, in the order that matters."""
+        return (len(live_rules) == len(self.lines)
+                and chain_digest(comparable(live_rules, self.free)) == self.digest())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ChainContent) and self.lines == other.lines
@@ -68,6 +79,14 @@ class ChainContent:
 
     def __repr__(self) -> str:
         return f"ChainContent({len(self.lines)} rules)"
+
+
+def comparable(rules: list[str], free: tuple[int, int] | None) -> list[str]:
+    """``rules`` with the slice whose order does not matter sorted (see ChainContent)."""
+    if free is None:
+        return rules
+    start, end = free
+    return [*rules[:start], *sorted(rules[start:end]), *rules[end:]]
 
 
 def chain_digest(canonical_rules: Iterable[str]) -> int:
@@ -84,7 +103,8 @@ class DesiredTables:
 
     @classmethod
     def of(cls, ruleset: Ruleset) -> DesiredTables:
-        return cls({table: {chain: ChainContent.of_rules(rules) for chain, rules in chains.items()}
+        return cls({table: {chain: ChainContent.of_rules(rules, ruleset.free.get((table, chain)))
+                            for chain, rules in chains.items()}
                     for table, chains in ruleset.tables.items()}, list(ruleset.jumps))
 
 

@@ -462,12 +462,16 @@ def chain_tails(settings: Settings) -> dict[tuple[str, str], list[Rule]]:
 def assemble(settings: Settings, pieces: Iterable[PortRules]) -> Ruleset:
     """Put per-service pieces into the top-level skeleton; NodePort jump last."""
     rs = base_ruleset(settings)
+    heads = {(table, chain): len(rules) for table, chains in rs.tables.items()
+             for chain, rules in chains.items()}
     for piece in pieces:
         for table, rule in piece.top:
             rs.chain(table, rule.chain).append(rule)
         nat = rs.tables["nat"]
         for chain, rules in piece.chains.items():
             nat[chain] = rules
+    rs.free = {(table, chain): (head, len(rs.tables[table][chain]))
+               for (table, chain), head in heads.items()}
     for (table, chain), rules in chain_tails(settings).items():
         rs.chain(table, chain).extend(rules)
     return rs

@@ -58,10 +58,15 @@ class Jump:
 
 @dataclass
 class Ruleset:
-    """Desired or live rules: table -> chain -> rules (chains in declaration order)."""
+    """Desired or live rules: table -> chain -> rules (chains in declaration order).
+
+    ``free`` gives, for top-level chains, the slice of rules (the services') whose order
+    does not matter: (table, chain) -> (start, end).
+    """
 
     tables: dict[str, dict[str, list[Rule]]] = field(default_factory=dict)
     jumps: list[Jump] = field(default_factory=list)
+    free: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     def chain(self, table: str, chain: str) -> list[Rule]:
         """The rules of a chain, creating the (empty) chain if needed."""

@@ -4,8 +4,10 @@ Conventions: node ``node1`` (10.100.0.2), pods in 10.0.0.0/14, cluster IPs 10.96
 LoadBalancer IP per service in 203.0.113.x. Services come from a small pool so that changes
 hit the same services again and again (add, delete, scale, readiness, type, traffic policy,
 ports). Each example starts from an empty namespace, syncs the first state in full, then
-applies changes with partial syncs and compares every chain we own, in order, with what a
-fresh full render of the final state gives.
+applies changes with partial syncs and compares every chain we own with what a fresh full
+render of the final state gives: in order, except the services' rules within a top-level chain
+(a partial sync inserts them at the chain's head; their order does not matter), whose fixed
+head and tail (the NodePort jump) must still be in place.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from iptsync import names
 from iptsync.desired import desired_from_objects
 from iptsync.engine import Engine
 from iptsync.netfilter import Netfilter
+from iptsync.plan import comparable
 from iptsync.render import Settings
 
 pytestmark = pytest.mark.netns
@@ -92,16 +95,30 @@ class World:
                 engine.delete(gone)
 
 
-def owned(netfilter: Netfilter) -> dict[str, dict[str, list[str]]]:
+Tables = dict[str, dict[str, list[str]]]
+
+
+def owned(netfilter: Netfilter) -> Tables:
     return {table: {chain: rules for chain, rules in saved.chains.items()
                     if names.is_owned_chain(table, chain) or chain == names.KUBE_FIREWALL}
             for table, saved in netfilter.save().items()}
 
 
-def expected(objects: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+def expected(objects: list[dict[str, Any]]) -> Tables:
     ruleset = desired_from_objects(objects, SETTINGS).ruleset
     return {table: {chain: [r.canonical for r in rules] for chain, rules in chains.items()}
             for table, chains in ruleset.tables.items()}
+
+
+def assert_holds_full_sync(objects: list[dict[str, Any]], netfilter: Netfilter) -> None:
+    """The kernel holds what a full sync of ``objects`` writes, services' order aside."""
+    free = desired_from_objects(objects, SETTINGS).ruleset.free
+
+    def services_sorted(tables: Tables) -> Tables:
+        return {table: {chain: comparable(rules, free.get((table, chain)))
+                        for chain, rules in chains.items()} for table, chains in tables.items()}
+
+    assert services_sorted(expected(objects)) == services_sorted(owned(netfilter))
 
 
 def flush(netfilter: Netfilter) -> None:
@@ -129,7 +146,7 @@ def test_partial_syncs_equal_a_full_sync(netfilter: Netfilter, initial: list[Any
             world.apply(engine, change)
         report = engine.sync()
         assert not report.full
-    assert expected(list(world.objects.values())) == owned(netfilter)
+    assert_holds_full_sync(list(world.objects.values()), netfilter)
     # And a full sync now finds nothing to repair.
     final = engine.sync(full=True)
     assert [] == final.drifted
@@ -147,7 +164,7 @@ def test_removed_rule_is_reported_as_drift_and_repaired(netfilter: Netfilter) ->
     netfilter.run("-t", "nat", "-D", svc, "1")
     report = engine.sync(full=True)
     assert [f"nat/{svc}"] == report.drifted
-    assert expected(list(world.objects.values())) == owned(netfilter)
+    assert_holds_full_sync(list(world.objects.values()), netfilter)
 
 
 def test_partial_sync_of_an_endpoint_change_writes_only_that_service(
@@ -164,7 +181,7 @@ def test_partial_sync_of_an_endpoint_change_writes_only_that_service(
     [nat] = report.plan.tables
     assert {names.svc_chain("default/s2:p0", "tcp")} == set(nat.written) - set(nat.created)
     assert 0 == nat.top_rules
-    assert expected(list(world.objects.values())) == owned(netfilter)
+    assert_holds_full_sync(list(world.objects.values()), netfilter)
 
 
 def test_failed_partial_sync_is_followed_by_a_full_one(netfilter: Netfilter) -> None:
@@ -180,7 +197,7 @@ def test_failed_partial_sync_is_followed_by_a_full_one(netfilter: Netfilter) -> 
     with pytest.raises(Exception, match="iptables-restore failed"):
         engine.sync()
     assert engine.sync().full
-    assert expected(list(world.objects.values())) == owned(netfilter)
+    assert_holds_full_sync(list(world.objects.values()), netfilter)
 
 
 def test_sync_never_touches_foreign_rules(netfilter: Netfilter) -> None:
@@ -196,3 +213,26 @@ def test_sync_never_touches_foreign_rules(netfilter: Netfilter) -> None:
                             f"iptables-{netfilter.backend.value}-save", "-t", "nat"],
                            check=True, capture_output=True, text=True).stdout
     assert "-A PREROUTING -s 192.0.2.1/32 -j ACCEPT" in saved
+
+
+def test_new_service_rules_go_to_the_head_and_the_nodeport_jump_stays_last(
+        netfilter: Netfilter) -> None:
+    """A partial sync inserts a new service's top-level rules at position 1 (no positional
+    lookup in a long chain); KUBE-SERVICES still ends with the NodePort jump, and the next full
+    sync finds nothing to rewrite."""
+    world = World()
+    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    for index in range(2):
+        world.apply(engine, service(index, "NodePort", False, 1))
+        world.apply(engine, endpoint_slice(index, [(0, True, False)]))
+    engine.sync()
+    world.apply(engine, service(4, "NodePort", False, 1))
+    world.apply(engine, endpoint_slice(4, [(0, True, False)]))
+    report = engine.sync()
+    [nat] = report.plan.tables
+    inserts = {tuple(line.split()[:3]) for line in nat.rule_lines if line.startswith("-I")}
+    assert {("-I", names.KUBE_SERVICES, "1"), ("-I", names.KUBE_NODEPORTS, "1")} == inserts
+    live = owned(netfilter)["nat"][names.KUBE_SERVICES]
+    assert "default/s4:p0 cluster IP" in live[0]
+    assert live[-1].endswith(f"-j {names.KUBE_NODEPORTS}")
+    assert engine.sync(full=True).plan.empty
