@@ -555,8 +555,8 @@ def measure_backend(backend: Backend, work: Workload, *, repetitions: int,
                         outcome.all_partial &= not report.full
                         phases.append(report.phases)
                         outcome.summary = report.plan.summary()
-                        outcome.iptsync_lines = (report.plan.payload.count("\n")
-                                                 + sum(s.count("\n") for s in report.plan.stages()))
+                        outcome.iptsync_lines = (len(report.plan.payload_lines())
+                                                 + sum(map(len, report.plan.stages())))
                         check(netfilter, change.key, f"({change.key}) iptsync")
                         apply_ops(engine, change.backward)
                         outcome.all_partial &= not engine.sync().full

@@ -104,7 +104,7 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         piece: PortRules = render_service_port(port, eps, settings, zone,
                                                large_cluster=large_cluster)
         for chain, rules in piece.chains.items():
-            chains[chain] = ChainContent(tuple(r.restore_line() for r in rules))
+            chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules))
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
@@ -307,15 +307,27 @@ class Engine:
         self._skeleton()
         dirty, self._dirty = self._dirty, set()
         changes: dict[ServiceKey, ServiceChange] = {}
-        self._render(dirty, changes)
-        large = self._endpoint_total > self.settings.large_cluster_endpoints
+        # Decide kube-proxy's large-cluster mode before rendering anything: rendering a first
+        # sync in the wrong mode and again in the right one doubled its render time.
+        total = self._endpoint_total + sum(self._endpoint_count(key) - self._rendered_count(key)
+                                           for key in dirty)
+        large = total > self.settings.large_cluster_endpoints
         if large != self._large:
             # kube-proxy drops per-endpoint comments above the threshold: every chain changes.
-            log.info("%d endpoints: %s large-cluster mode", self._endpoint_total,
+            log.info("%d endpoints: %s large-cluster mode", total,
                      "entering" if large else "leaving")
             self._large = large
-            self._render(set(self.state.services), changes)
+            dirty |= set(self._rendered)
+        self._render(dirty, changes)
         return [changes[key] for key in sorted(changes)]
+
+    def _endpoint_count(self, key: ServiceKey) -> int:
+        service = self.state.services.get(key)
+        return sum(len(self.state.endpoints(port)) for port in service.ports) if service else 0
+
+    def _rendered_count(self, key: ServiceKey) -> int:
+        rendered = self._rendered.get(key)
+        return rendered.endpoints if rendered else 0
 
     def _render(self, keys: Iterable[ServiceKey], changes: dict[ServiceKey, ServiceChange]) -> None:
         for key in keys:

@@ -11,10 +11,12 @@ which is how the tests and the lab drive a node namespace from outside.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 OWNED_TABLES = ("filter", "nat")
 HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _ERROR_LINE = re.compile(r"(?:Error occurred at line|line):? (\d+)", re.IGNORECASE)
+_CHUNK_LINES = 20_000
 _LOCK_MESSAGES = ("xtables lock", "Resource temporarily unavailable", "holding the xtables")
 
 
@@ -65,9 +68,8 @@ class Netfilter:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [*prefix, f"iptables-{self.backend.value}-{tool}", *args]
 
-    def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
-        result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                                check=False)
+    def _run(self, argv: Sequence[str]) -> str:
+        result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
         if result.returncode != 0:
             self._raise(argv, result.stderr, result.returncode)
         return result.stdout
@@ -116,18 +118,46 @@ class Netfilter:
 
     @retry(retry=retry_if_exception_type(XtablesLockError), stop=stop_after_attempt(5),
            wait=wait_random_exponential(multiplier=0.2, max=3), reraise=True)
-    def restore(self, payload: str, *, noflush: bool = True) -> None:
-        """Feed ``payload`` to iptables-restore; each table's COMMIT is atomic."""
+    def restore(self, payload: str | Sequence[str], *, noflush: bool = True) -> None:
+        """Feed ``payload`` (text, or its lines) to iptables-restore; each table's COMMIT is
+        atomic."""
         args = ["-w", str(self.lock_wait_seconds)]
         if noflush:
             args.append("--noflush")
+        argv = self._argv("restore", *args)
+        lines = payload.splitlines() if isinstance(payload, str) else payload
         try:
-            self._run(self._argv("restore", *args), stdin=payload)
+            self._stream(argv, lines)
         except XtablesLockError:
             raise
         except NetfilterError as err:
             line = _failed_line(str(err))
-            raise RestoreError(str(err), line, excerpt(payload, line)) from None
+            raise RestoreError(str(err), line, excerpt(lines, line)) from None
+
+    @staticmethod
+    def _stream(argv: Sequence[str], lines: Sequence[str]) -> None:
+        """Write ``lines`` to the command's stdin a chunk at a time.
+
+        A first sync at 10,000 services is 40 MB of restore text: joined and encoded at once
+        it cost a node 80 MB of peak memory for nothing. The command's output goes to a
+        file, so a chatty failure can never block it while we are still writing.
+        """
+        with tempfile.TemporaryFile() as errors:
+            with subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=errors) as proc:
+                assert proc.stdin is not None
+                try:
+                    for start in range(0, len(lines), _CHUNK_LINES):
+                        chunk = "\n".join(lines[start:start + _CHUNK_LINES]) + "\n"
+                        proc.stdin.write(chunk.encode())
+                except BrokenPipeError:
+                    pass  # it stopped reading (a bad line): its status and message say why
+                finally:
+                    with contextlib.suppress(BrokenPipeError):
+                        proc.stdin.close()
+            if proc.returncode != 0:
+                errors.seek(0)
+                Netfilter._raise(argv, errors.read().decode(errors="replace"), proc.returncode)
 
     def chain_exists(self, table: str, chain: str) -> bool:
         """Cheap existence check (the agent's canary), without saving the whole table."""
@@ -153,11 +183,11 @@ def _failed_line(message: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def excerpt(payload: str, line: int | None, radius: int = 3) -> str:
+def excerpt(payload: str | Sequence[str], line: int | None, radius: int = 3) -> str:
     """The lines around ``line`` (1-based) of a payload, numbered, the failing one marked."""
     if line is None:
         return ""
-    lines = payload.splitlines()
+    lines = payload.splitlines() if isinstance(payload, str) else payload
     start, end = max(1, line - radius), min(len(lines), line + radius)
     return "\n".join(f"{'>' if n == line else ' '}{n:6d}  {lines[n - 1]}"
                      for n in range(start, end + 1))

@@ -145,21 +145,21 @@ class TablePlan:
             self.undo_chain_lines.append(chain_line(chain))
             self.undo_rule_lines.extend(before)
 
-    def text(self, *, staged: bool = False) -> str:
+    def lines(self, *, staged: bool = False) -> list[str]:
         """The table's batch; with ``staged``, without the new chains (already loaded)."""
         if staged:
-            return _table_text(self.table, self.chain_lines, self.rule_lines, self.tail_lines)
+            return _table_lines(self.table, self.chain_lines, self.rule_lines, self.tail_lines)
         new_rules = [line for lines in self.new_chains.values() for line in lines]
-        return _table_text(self.table, [*map(chain_line, self.new_chains), *self.chain_lines],
-                           [*new_rules, *self.rule_lines], self.tail_lines)
+        return _table_lines(self.table, [*map(chain_line, self.new_chains), *self.chain_lines],
+                            [*new_rules, *self.rule_lines], self.tail_lines)
 
     @property
     def new_rule_count(self) -> int:
         return sum(len(lines) for lines in self.new_chains.values())
 
-    def undo_text(self) -> str:
-        return _table_text(self.table, self.undo_chain_lines, self.undo_rule_lines,
-                           self.undo_tail_lines)
+    def undo_lines(self) -> list[str]:
+        return _table_lines(self.table, self.undo_chain_lines, self.undo_rule_lines,
+                            self.undo_tail_lines)
 
 
 DEFAULT_STAGE_LINES = 5000
@@ -183,29 +183,35 @@ class Plan:
     def staged(self) -> bool:
         return sum(t.new_rule_count for t in self.tables) > self.stage_lines
 
+    def payload_lines(self) -> list[str]:
+        """The final (or only) batch, atomic per table, as lines (a first sync's is large:
+        it is streamed to iptables-restore, never joined into one string)."""
+        return [line for t in self.tables for line in t.lines(staged=self.staged)]
+
     @property
     def payload(self) -> str:
-        """The final (or only) batch: atomic per table."""
-        return "".join(t.text(staged=self.staged) for t in self.tables)
+        """:meth:`payload_lines` as restore text."""
+        return "".join(f"{line}\n" for line in self.payload_lines())
 
-    def stages(self) -> list[str]:
+    def stages(self) -> list[list[str]]:
         """Batches that load new, still unreferenced chains before :attr:`payload`."""
         if not self.staged:
             return []
-        batches: list[str] = []
+        batches: list[list[str]] = []
         for table in self.tables:
             new = list(table.new_chains)
-            batches.extend(_table_text(table.table, list(map(chain_line, new[i:i + DECLARE_BATCH])),
-                                       [], []) for i in range(0, len(new), DECLARE_BATCH))
+            batches.extend(_table_lines(table.table,
+                                        list(map(chain_line, new[i:i + DECLARE_BATCH])), [], [])
+                           for i in range(0, len(new), DECLARE_BATCH))
         for table in self.tables:
             batch: list[str] = []
             for lines in table.new_chains.values():
                 if batch and len(batch) + len(lines) > self.stage_lines:
-                    batches.append(_table_text(table.table, [], batch, []))
+                    batches.append(_table_lines(table.table, [], batch, []))
                     batch = []
                 batch.extend(lines)
             if batch:
-                batches.append(_table_text(table.table, [], batch, []))
+                batches.append(_table_lines(table.table, [], batch, []))
         return batches
 
     def committed_before(self, line: int | None) -> list[TablePlan]:
@@ -214,7 +220,7 @@ class Plan:
             return list(self.tables)
         done, end = [], 0
         for table in self.tables:
-            end += table.text(staged=self.staged).count("\n")
+            end += len(table.lines(staged=self.staged))
             if end < line:
                 done.append(table)
         return done
@@ -229,8 +235,8 @@ class Plan:
         return "; ".join(parts) or "no changes"
 
 
-def _table_text(table: str, chains: list[str], rules: list[str], tail: list[str]) -> str:
-    return "\n".join([f"*{table}", *chains, *rules, *tail, "COMMIT"]) + "\n"
+def _table_lines(table: str, chains: list[str], rules: list[str], tail: list[str]) -> list[str]:
+    return [f"*{table}", *chains, *rules, *tail, "COMMIT"]
 
 
 def make_plan(desired: Ruleset | DesiredTables, live: Mapping[str, SavedTable],

@@ -85,8 +85,10 @@ class Ruleset:
             chains = self.tables[table]
             lines.append(f"*{table}")
             lines.extend(chain_line(name) for name in chains)
-            for rules in chains.values():
-                lines.extend(rule.restore_line() for rule in rules)
+            for name, rules in chains.items():
+                prefix = f"-A {name} "
+                lines.extend(prefix + join_args(rule.args) if rule.args else prefix.rstrip()
+                             for rule in rules)
             # Inserting at position 1 in reverse order leaves the jumps in listed order.
             lines.extend(jump.rule.restore_line("-I", 1) for jump in
                          reversed([j for j in self.jumps if j.table == table]))
@@ -125,10 +127,19 @@ def quote(token: str) -> str:
 
 
 def join_args(args: Iterable[str]) -> str:
+    """The arguments as one restore line, quoted where iptables-restore needs it."""
     args = tuple(args)
-    if all(args) and not _NEEDS_QUOTES.search("".join(args)):
-        return " ".join(args)  # the common case: nothing to quote
-    return " ".join(quote(a) for a in args)
+    if all(args):
+        if not _NEEDS_QUOTES.search("".join(args)):
+            return " ".join(args)  # the common case: nothing to quote
+        if "--comment" in args:
+            # The next common one: only the comment has spaces in it.
+            i = args.index("--comment") + 1
+            before, after = args[:i], args[i + 1:]
+            if not _NEEDS_QUOTES.search("".join(before)) and not _NEEDS_QUOTES.search(
+                    "".join(after)):
+                return " ".join((*before, quote(args[i]), *after))
+    return " ".join(map(quote, args))
 
 
 # --- parsing iptables-save -------------------------------------------------------------------

@@ -41,12 +41,12 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
             raise SyncError(f"iptables-restore failed while loading new chains (no traffic "
                             f"affected): {err}{detail}") from err
     try:
-        netfilter.restore(plan.payload)
+        netfilter.restore(plan.payload_lines())
     except RestoreError as err:
         undone = []
         for table in plan.committed_before(err.line):
             try:
-                netfilter.restore(table.undo_text())
+                netfilter.restore(table.undo_lines())
                 undone.append(table.table)
             except NetfilterError as undo_err:
                 log.error("could not undo table %s after a failed restore: %s", table.table,

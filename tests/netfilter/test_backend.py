@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iptsync.netfilter import Backend, Netfilter, choose_backend, detect_backend
+from iptsync.netfilter import Backend, Netfilter, RestoreError, choose_backend, detect_backend
 
 SCENARIOS = Path(__file__).parents[1] / "render" / "scenarios"
 HINT = ":KUBE-IPTABLES-HINT - [0:0]\n"
@@ -93,3 +93,20 @@ def test_cleanup_command_clears_both_backends_and_keeps_foreign_rules(netns: str
                 if c.startswith("KUBE-") and c != "KUBE-FIREWALL"]
         assert [] == ours, backend
         assert ["-j MINE"] == saved["filter"].chains["INPUT"][-1:]
+
+
+@pytest.mark.netns
+def test_large_payload_is_streamed_and_a_late_bad_line_is_named(netfilter: Netfilter) -> None:
+    """A batch of several chunks loads whole; one whose bad line sits in its last chunk fails
+    with that line's number and text, and commits nothing."""
+    rules = [f"-A IPTSYNC-T -s 10.{i // 250 % 250}.{i % 250}.1/32 -j RETURN"
+             for i in range(45_000)]
+    netfilter.restore(["*filter", ":IPTSYNC-T - [0:0]", *rules, "COMMIT"], noflush=False)
+    assert 45_000 == len(netfilter.save(["filter"])["filter"].chains["IPTSYNC-T"])
+    bad = ["*filter", ":IPTSYNC-U - [0:0]", *rules[:44_000], "-A IPTSYNC-U --no-such-option",
+           *rules[:10], "COMMIT"]
+    with pytest.raises(RestoreError) as failure:
+        netfilter.restore(bad)
+    assert 44_003 == failure.value.line
+    assert "> 44003  -A IPTSYNC-U --no-such-option" in failure.value.context
+    assert "IPTSYNC-U" not in netfilter.save(["filter"])["filter"].chains
