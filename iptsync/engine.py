@@ -37,15 +37,18 @@ from typing import Any
 
 from iptsync.conntrack import clear_stale_flows, flow_targets
 from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, parse_object
-from iptsync.netfilter import Netfilter
+from iptsync.names import SERVICE_RULE_CHAINS
+from iptsync.netfilter import Netfilter, RestoreError
 from iptsync.options import with_node
 from iptsync.plan import (
     DEFAULT_STAGE_LINES,
     ChainContent,
     DesiredTables,
     Plan,
+    TableBuilder,
     TablePlan,
     make_plan,
+    plan_table,
 )
 from iptsync.render import (
     PortRules,
@@ -54,9 +57,9 @@ from iptsync.render import (
     chain_tails,
     render_service_port,
 )
-from iptsync.ruleset import Jump, Rule, chain_line, join_args, ordered_tables
+from iptsync.ruleset import Jump, Rule, SavedTable, chain_line, join_args, ordered_tables
 from iptsync.state import ClusterState, ServiceKey
-from iptsync.sync import apply_plan
+from iptsync.sync import STREAM_FULL, apply_plan, failed_restore
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +186,7 @@ class Engine:
 
     def __init__(self, netfilter: Netfilter | None, settings: Settings, *,
                  interface_ips: Iterable[IPAddress] = (), clear_flows: bool = True,
-                 stage_lines: int = DEFAULT_STAGE_LINES,
+                 stage_lines: int = DEFAULT_STAGE_LINES, stream_full: bool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.netfilter = netfilter
         self.base_settings = settings
@@ -192,6 +195,10 @@ class Engine:
         self.state = ClusterState(settings.node_name)
         self.clear_flows = clear_flows
         self.stage_lines = stage_lines
+        # Full syncs streamed while rendering (see _stream_full): by default as suits the
+        # backend (iptsync.sync.STREAM_FULL).
+        self.stream_full = (stream_full if stream_full is not None or netfilter is None
+                            else STREAM_FULL[netfilter.backend])
         self.clock = clock
         self.problems: dict[tuple[str, str, str], Problem] = {}
         self._rendered: dict[ServiceKey, RenderedService] = {}
@@ -304,9 +311,12 @@ class Engine:
 
     def _render_dirty(self) -> list[ServiceChange]:
         """Re-render the changed services; returns (service, before, after) for each."""
+        return [self._render_one(key) for key in sorted(self._take_dirty())]
+
+    def _take_dirty(self) -> set[ServiceKey]:
+        """The services to render now (all of them when the large-cluster mode flips)."""
         self._skeleton()
         dirty, self._dirty = self._dirty, set()
-        changes: dict[ServiceKey, ServiceChange] = {}
         # Decide kube-proxy's large-cluster mode before rendering anything: rendering a first
         # sync in the wrong mode and again in the right one doubled its render time.
         total = self._endpoint_total + sum(self._endpoint_count(key) - self._rendered_count(key)
@@ -318,8 +328,7 @@ class Engine:
                      "entering" if large else "leaving")
             self._large = large
             dirty |= set(self._rendered)
-        self._render(dirty, changes)
-        return [changes[key] for key in sorted(changes)]
+        return dirty
 
     def _endpoint_count(self, key: ServiceKey) -> int:
         service = self.state.services.get(key)
@@ -329,19 +338,17 @@ class Engine:
         rendered = self._rendered.get(key)
         return rendered.endpoints if rendered else 0
 
-    def _render(self, keys: Iterable[ServiceKey], changes: dict[ServiceKey, ServiceChange]) -> None:
-        for key in keys:
-            service = self.state.services.get(key)
-            old = self._rendered.get(key)
-            new = (render_service(service, self.state, self.settings, self._large)
-                   if service is not None else None)
-            self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
-            first = changes.get(key)
-            changes[key] = (key, first[1] if first else old, new)
-            if new is None:
-                self._rendered.pop(key, None)
-            else:
-                self._rendered[key] = new
+    def _render_one(self, key: ServiceKey) -> ServiceChange:
+        service = self.state.services.get(key)
+        old = self._rendered.get(key)
+        new = (render_service(service, self.state, self.settings, self._large)
+               if service is not None else None)
+        self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
+        if new is None:
+            self._rendered.pop(key, None)
+        else:
+            self._rendered[key] = new
+        return (key, old, new)
 
     def desired(self) -> DesiredTables:
         """The whole desired ruleset as the planner reads it (after rendering what changed).
@@ -361,6 +368,9 @@ class Engine:
                 self._top[(rule.table, rule.chain)].remove(rule)
             for rule in new.top if new else ():
                 self._top[(rule.table, rule.chain)].insert(rule)
+
+    def _top_chains(self, table: str) -> dict[str, ChainContent]:
+        return {chain: top.content() for (name, chain), top in self._top.items() if name == table}
 
     def _desired_tables(self) -> DesiredTables:
         jumps = self._skeleton()
@@ -396,22 +406,26 @@ class Engine:
         started = self.clock()
         dirty = set(self._dirty)
         known_good = self.synced_once and not self.needs_full
+        full = full or self.needs_full
         try:
-            with bulk():
-                changes = self._render_dirty()
-                phases["render"] = self.clock() - started
-                full = full or self.needs_full  # rendering may have changed every service
-                mark = self.clock()
-                if full:
-                    report = self._plan_full(changes, phases, known_good=known_good)
-                else:
-                    report = EngineReport(self._partial_plan(changes), False, phases)
-                    phases["plan"] = self.clock() - mark
-            report.services_rendered = len(changes)
             self.needs_full = True  # until the kernel is known to hold the new rules
-            mark = self.clock()
-            apply_plan(self.netfilter, report.plan)
-            phases["apply"] = self.clock() - mark
+            if full and self.stream_full:
+                with bulk():
+                    report = self._stream_full(phases, known_good=known_good)
+            else:
+                with bulk():
+                    changes = self._render_dirty()
+                    phases["render"] = self.clock() - started
+                    mark = self.clock()
+                    if full:
+                        report = self._plan_full(changes, phases, known_good=known_good)
+                    else:
+                        report = EngineReport(self._partial_plan(changes), False, phases)
+                        phases["plan"] = self.clock() - mark
+                report.services_rendered = len(changes)
+                mark = self.clock()
+                apply_plan(self.netfilter, report.plan)
+                phases["apply"] = self.clock() - mark
         except Exception:
             self._dirty |= dirty
             self.needs_full = True
@@ -439,12 +453,60 @@ class Engine:
         phases["plan"] = self.clock() - mark
         report = EngineReport(plan, True, phases)
         if known_good:
-            expected = _touched(changes)
-            report.drifted = [f"{t.table}/{chain}" for t in plan.tables
-                              for chain in (*t.written, *t.deleted)
-                              if (t.table, chain) not in expected]
-            report.drifted += [f"{j.table}/{j.chain} -j {j.args[-1]}" for t in plan.tables
-                               for j in t.jumps]
+            report.drifted = _drift(plan, changes)
+        return report
+
+    def _stream_full(self, phases: dict[str, float], *, known_good: bool) -> EngineReport:
+        """A full sync applied as one batch, streamed to iptables-restore while rendering.
+
+        For backends that take a first sync in one batch (legacy), iptables-restore parses
+        the first services' chains while the rest are still being rendered, instead of
+        waiting for the whole payload. nat comes first: the fixed top-level chains (service
+        chains jump to KUBE-MARK-MASQ), each service's chains as it is rendered, then the
+        top-level chains that hold the services' rules, stale chains and jumps. filter, whose
+        chains depend on every service, follows. Tables commit in that order, so a failure in
+        filter undoes nat.
+        """
+        assert self.netfilter is not None
+        mark = self.clock()
+        live = self.netfilter.save()
+        phases["read"] = self.clock() - mark
+        started, rendering = self.clock(), 0.0
+        jumps = self._skeleton()
+        changes: list[ServiceChange] = []
+        with self.netfilter.restore_stream() as stream:
+            nat = TableBuilder("nat", live.get("nat") or SavedTable("nat"), stream.write)
+            top = self._top_chains("nat")
+            nat.add_chains({chain: content for chain, content in top.items()
+                            if chain not in SERVICE_RULE_CHAINS["nat"]})
+            dirty = self._take_dirty()
+            for key in sorted(dirty | self._rendered.keys()):
+                if key in dirty:
+                    mark = self.clock()
+                    changes.append(self._render_one(key))
+                    rendering += self.clock() - mark
+                rendered = self._rendered.get(key)
+                if rendered is not None:
+                    nat.add_chains(rendered.chains)
+            self._apply_to_top(changes)
+            top = self._top_chains("nat")
+            nat.add_chains({chain: top[chain] for chain in SERVICE_RULE_CHAINS["nat"]
+                            if chain in top})
+            tables = [nat.finish(jumps)]
+            wanted = DesiredTables({"filter": self._top_chains("filter")}, jumps)
+            tables.append(plan_table("filter", wanted, live.get("filter") or SavedTable("filter")))
+            plan = Plan([t for t in tables if not t.empty])
+            if not tables[1].empty:
+                stream.write(tables[1].lines())
+            try:
+                stream.close()
+            except RestoreError as err:
+                raise failed_restore(self.netfilter, plan, err) from err
+        phases["render"] = rendering
+        phases["apply"] = self.clock() - started - rendering
+        report = EngineReport(plan, True, phases, services_rendered=len(changes))
+        if known_good:
+            report.drifted = _drift(plan, changes)
         return report
 
     def _partial_plan(self, changes: list[ServiceChange]) -> Plan:
@@ -524,6 +586,15 @@ def bulk() -> Iterator[None]:
         if enabled:
             gc.enable()
             gc.freeze()
+
+
+def _drift(plan: Plan, changes: Iterable[ServiceChange]) -> list[str]:
+    """What a full sync after a good one had to repair although nothing changed it here."""
+    expected = _touched(changes)
+    drifted = [f"{t.table}/{chain}" for t in plan.tables for chain in (*t.written, *t.deleted)
+               if (t.table, chain) not in expected]
+    return drifted + [f"{j.table}/{j.chain} -j {j.args[-1]}" for t in plan.tables
+                      for j in t.jumps]
 
 
 def _touched(changes: Iterable[ServiceChange]) -> set[tuple[str, str]]:

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import IO, NoReturn
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 OWNED_TABLES = ("filter", "nat")
 HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _ERROR_LINE = re.compile(r"(?:Error occurred at line|line):? (\d+)", re.IGNORECASE)
-_CHUNK_LINES = 20_000
+_CHUNK_LINES = 4_000  # small enough that iptables-restore starts on the first services
 _LOCK_MESSAGES = ("xtables lock", "Resource temporarily unavailable", "holding the xtables")
 
 
@@ -121,43 +121,15 @@ class Netfilter:
     def restore(self, payload: str | Sequence[str], *, noflush: bool = True) -> None:
         """Feed ``payload`` (text, or its lines) to iptables-restore; each table's COMMIT is
         atomic."""
+        with self.restore_stream(noflush=noflush) as stream:
+            stream.write(payload.splitlines() if isinstance(payload, str) else payload)
+
+    def restore_stream(self, *, noflush: bool = True) -> RestoreStream:
+        """An iptables-restore to write a payload to while it is still being produced."""
         args = ["-w", str(self.lock_wait_seconds)]
         if noflush:
             args.append("--noflush")
-        argv = self._argv("restore", *args)
-        lines = payload.splitlines() if isinstance(payload, str) else payload
-        try:
-            self._stream(argv, lines)
-        except XtablesLockError:
-            raise
-        except NetfilterError as err:
-            line = _failed_line(str(err))
-            raise RestoreError(str(err), line, excerpt(lines, line)) from None
-
-    @staticmethod
-    def _stream(argv: Sequence[str], lines: Sequence[str]) -> None:
-        """Write ``lines`` to the command's stdin a chunk at a time.
-
-        A first sync at 10,000 services is 40 MB of restore text: joined and encoded at once
-        it cost a node 80 MB of peak memory for nothing. The command's output goes to a
-        file, so a chatty failure can never block it while we are still writing.
-        """
-        with tempfile.TemporaryFile() as errors:
-            with subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                  stderr=errors) as proc:
-                assert proc.stdin is not None
-                try:
-                    for start in range(0, len(lines), _CHUNK_LINES):
-                        chunk = "\n".join(lines[start:start + _CHUNK_LINES]) + "\n"
-                        proc.stdin.write(chunk.encode())
-                except BrokenPipeError:
-                    pass  # it stopped reading (a bad line): its status and message say why
-                finally:
-                    with contextlib.suppress(BrokenPipeError):
-                        proc.stdin.close()
-            if proc.returncode != 0:
-                errors.seek(0)
-                Netfilter._raise(argv, errors.read().decode(errors="replace"), proc.returncode)
+        return RestoreStream(self._argv("restore", *args))
 
     def chain_exists(self, table: str, chain: str) -> bool:
         """Cheap existence check (the agent's canary), without saving the whole table."""
@@ -176,6 +148,89 @@ class Netfilter:
         """Run the backend's plain ``iptables`` command (used by tests and cleanup)."""
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return self._run([*prefix, f"iptables-{self.backend.value}", *args])
+
+
+class RestoreStream:
+    """One iptables-restore run, fed a chunk at a time while its payload is produced.
+
+    A first sync at 10,000 services is 40 MB of restore text. Streamed, it never sits in
+    memory as one string (and its encoded copy), and iptables-restore parses the first
+    services' chains while later ones are still being rendered. The command starts with the
+    first write; its messages go to a file, so a failing command never blocks on a full pipe
+    while we are still writing.
+    """
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self.lines: list[str] = []  # everything written, to quote the failing line
+        self._pending = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._errors: IO[bytes] | None = None
+        self._broken = False
+
+    def __enter__(self) -> RestoreStream:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop without committing (the payload never reaches its COMMIT)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            with contextlib.suppress(BrokenPipeError), self._proc:
+                pass
+        if self._errors is not None:
+            self._errors.close()
+
+    def write(self, lines: Sequence[str]) -> None:
+        self.lines.extend(lines)
+        self._pending += len(lines)
+        if self._pending >= _CHUNK_LINES:
+            self._flush()
+
+    def close(self) -> None:
+        """Finish the batch (once); raises :class:`RestoreError` if it was rejected."""
+        self._flush()
+        if self._proc is None or self._errors is None or self._errors.closed:
+            return
+        with self._proc as proc, self._errors as errors:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            proc.wait()
+            errors.seek(0)
+            message = errors.read().decode(errors="replace")
+        if proc.returncode == 0:
+            return
+        try:
+            Netfilter._raise(self.argv, message, proc.returncode)
+        except XtablesLockError:
+            raise
+        except NetfilterError as err:
+            line = _failed_line(str(err))
+            raise RestoreError(str(err), line, excerpt(self.lines, line)) from None
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        chunk = "\n".join(self.lines[len(self.lines) - self._pending:]) + "\n"
+        self._pending = 0
+        if self._proc is None:
+            # Closed by close() or abort(), whichever ends the stream.
+            self._errors = tempfile.TemporaryFile()  # noqa: SIM115
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=self._errors)
+        if self._broken:
+            return
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(chunk.encode())
+        except BrokenPipeError:
+            self._broken = True  # it stopped reading (a bad line): close() says why
 
 
 def _failed_line(message: str) -> int | None:

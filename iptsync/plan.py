@@ -15,7 +15,7 @@ atomic batch rewrites the existing chains that make them reachable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from iptsync import names
@@ -126,6 +126,7 @@ class TablePlan:
     undo_rule_lines: list[str] = field(default_factory=list)
     undo_tail_lines: list[str] = field(default_factory=list)
     rules_written: int = 0
+    streamed_lines: int | None = None  # lines already sent, when streamed (TableBuilder)
 
     @property
     def empty(self) -> bool:
@@ -220,7 +221,8 @@ class Plan:
             return list(self.tables)
         done, end = [], 0
         for table in self.tables:
-            end += len(table.lines(staged=self.staged))
+            end += (table.streamed_lines if table.streamed_lines is not None
+                    else len(table.lines(staged=self.staged)))
             if end < line:
                 done.append(table)
         return done
@@ -253,31 +255,81 @@ def make_plan(desired: Ruleset | DesiredTables, live: Mapping[str, SavedTable],
 
 
 def plan_table(table: str, desired: DesiredTables, live: SavedTable) -> TablePlan:
-    plan = TablePlan(table)
-    wanted = desired.tables.get(table, {})
-    for chain, content in wanted.items():
-        current = live.chains.get(chain)
-        if current is not None and content.matches(current):
-            continue
-        plan.write_chain(chain, content.lines, None if current is None else [
-            f"-A {chain} {rule}".rstrip() for rule in current])
+    builder = TableBuilder(table, live)
+    builder.add_chains(desired.tables.get(table, {}))
+    return builder.finish(desired.jumps)
 
-    pinned = foreign_references(table, live, rewritten=wanted.keys())
-    for chain in live.chains:
-        if (chain not in wanted and names.is_service_chain(chain)
-                and names.is_owned_chain(table, chain) and chain not in pinned):
-            plan.deleted.append(chain)
-            plan.chain_lines.append(chain_line(chain))
-            plan.tail_lines.append(f"-X {chain}")
-            _restore_chain(plan, chain, live.chains[chain])
 
-    missing = [j for j in desired.jumps if j.table == table
-               and j.rule.canonical not in live.chains.get(j.chain, [])]
-    # Inserting at 1 in reverse order leaves the missing jumps in their listed order.
-    plan.tail_lines[:0] = [jump.rule.restore_line("-I", 1) for jump in reversed(missing)]
-    plan.undo_rule_lines.extend(jump.rule.restore_line("-D") for jump in missing)
-    plan.jumps = missing
-    return plan
+Emit = Callable[[list[str]], None]
+
+
+class TableBuilder:
+    """Plans one table chain group by chain group, optionally emitting each group's lines.
+
+    Without ``emit`` it only fills a :class:`TablePlan`. With ``emit`` (a full sync streaming
+    its batch to iptables-restore while it still renders), every group's lines are handed
+    over as soon as they are decided: the declarations of the group's chains that differ
+    from the kernel, then their rules, so a jump inside the group always finds its target.
+    A group may jump to chains of earlier groups only. :meth:`finish` emits the deletion of
+    stale chains and the missing jumps, after every chain that could still reference them.
+    """
+
+    def __init__(self, table: str, live: SavedTable, emit: Emit | None = None) -> None:
+        self.plan = TablePlan(table)
+        self.live = live
+        self.emit = emit
+        self.wanted: set[str] = set()
+        self.emitted = 0  # lines handed to ``emit``
+
+    def add_chains(self, chains: Mapping[str, ChainContent]) -> None:
+        """Compare ``chains`` with the kernel; plan (and emit) those that differ."""
+        live = self.live.chains
+        declarations: list[str] = []
+        rules: list[str] = []
+        for chain, content in chains.items():
+            self.wanted.add(chain)
+            current = live.get(chain)
+            if current is not None and content.matches(current):
+                continue
+            self.plan.write_chain(chain, content.lines, None if current is None else [
+                f"-A {chain} {rule}".rstrip() for rule in current])
+            if self.emit is not None:
+                declarations.append(chain_line(chain))
+                rules.extend(content.lines)
+        self._emit(declarations + rules)
+
+    def finish(self, jumps: Iterable[Jump]) -> TablePlan:
+        """Delete our stale chains, insert missing jumps; the table's plan."""
+        plan, table, live = self.plan, self.plan.table, self.live
+        pinned = foreign_references(table, live, rewritten=self.wanted)
+        first_deleted = len(plan.deleted)
+        for chain in live.chains:
+            if (chain not in self.wanted and names.is_service_chain(chain)
+                    and names.is_owned_chain(table, chain) and chain not in pinned):
+                plan.deleted.append(chain)
+                plan.chain_lines.append(chain_line(chain))
+                plan.tail_lines.append(f"-X {chain}")
+                _restore_chain(plan, chain, live.chains[chain])
+        missing = [j for j in jumps if j.table == table
+                   and j.rule.canonical not in live.chains.get(j.chain, [])]
+        # Inserting at 1 in reverse order leaves the missing jumps in their listed order.
+        plan.tail_lines[:0] = [jump.rule.restore_line("-I", 1) for jump in reversed(missing)]
+        plan.undo_rule_lines.extend(jump.rule.restore_line("-D") for jump in missing)
+        plan.jumps = missing
+        stale = plan.deleted[first_deleted:]
+        self._emit([*map(chain_line, stale), *plan.tail_lines])
+        if self.emitted:
+            self._emit(["COMMIT"])
+            plan.streamed_lines = self.emitted
+        return plan
+
+    def _emit(self, lines: list[str]) -> None:
+        if self.emit is None or not lines:
+            return
+        if not self.emitted:
+            lines = [f"*{self.plan.table}", *lines]
+        self.emitted += len(lines)
+        self.emit(lines)
 
 
 def _restore_chain(plan: TablePlan, chain: str, canonical_rules: Iterable[str]) -> None:

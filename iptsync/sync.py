@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # --noflush batch and 1.5 s staged; legacy took 0.35 s in one batch and 1.1 s staged, because
 # legacy rewrites the whole table for every batch. So only nft stages.
 STAGE_LINES = {Backend.NFT: DEFAULT_STAGE_LINES, Backend.LEGACY: 1 << 62}
+# Full syncs that take one batch (legacy) stream it to iptables-restore while the engine still
+# renders: at 10,000 services, rendering overlaps the restore instead of preceding it.
+STREAM_FULL = {Backend.NFT: False, Backend.LEGACY: True}
 
 
 class SyncError(RuntimeError):
@@ -43,15 +46,20 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
     try:
         netfilter.restore(plan.payload_lines())
     except RestoreError as err:
-        undone = []
-        for table in plan.committed_before(err.line):
-            try:
-                netfilter.restore(table.undo_lines())
-                undone.append(table.table)
-            except NetfilterError as undo_err:
-                log.error("could not undo table %s after a failed restore: %s", table.table,
-                          undo_err)
-        detail = f"\n{err.context}" if err.context else ""
-        raise SyncError(f"iptables-restore failed: {err}; tables undone: "
-                        f"{', '.join(undone) or 'none'}{detail}") from err
+        raise failed_restore(netfilter, plan, err) from err
+
+
+def failed_restore(netfilter: Netfilter, plan: Plan, err: RestoreError) -> SyncError:
+    """Undo the tables of ``plan`` that were committed before the failing line."""
+    undone = []
+    for table in plan.committed_before(err.line):
+        try:
+            netfilter.restore(table.undo_lines())
+            undone.append(table.table)
+        except NetfilterError as undo_err:
+            log.error("could not undo table %s after a failed restore: %s", table.table,
+                      undo_err)
+    detail = f"\n{err.context}" if err.context else ""
+    return SyncError(f"iptables-restore failed: {err}; tables undone: "
+                     f"{', '.join(undone) or 'none'}{detail}")
 

@@ -7,10 +7,13 @@ with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failur
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from apiserver import FakeApiServer
@@ -64,3 +67,26 @@ def apiserver() -> Iterator[FakeApiServer]:
     with FakeApiServer(bookmark_interval=None) as server:
         yield server
     assert [] == server.handler_errors
+
+
+HoldLock = Callable[[float], contextlib.AbstractContextManager[None]]
+
+
+@pytest.fixture
+def xtables_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HoldLock:
+    """A private xtables lock (``XTABLES_LOCKFILE``: the host's is untouched) and a way to
+    hold it for some seconds while the body of a ``with`` runs."""
+    lock = tmp_path / "xtables.lock"
+    lock.touch()
+    monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))
+
+    @contextlib.contextmanager
+    def held(seconds: float) -> Iterator[None]:
+        holder = subprocess.Popen(["flock", "-x", str(lock), "sleep", str(seconds)])
+        try:
+            time.sleep(0.2)  # let flock take it
+            yield
+        finally:
+            holder.wait(timeout=10)
+
+    return held

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HoldLock
 
 from iptsync.netfilter import Backend, Netfilter, RestoreError, choose_backend, detect_backend
 
@@ -44,21 +45,14 @@ def test_detect_backend_reads_both_backends(netns: str) -> None:
 
 
 @pytest.mark.netns
-def test_restore_retries_while_the_xtables_lock_is_held(
-        netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restore_retries_while_the_xtables_lock_is_held(netns: str,
+                                                        xtables_lock: HoldLock) -> None:
     """A restore that meets a held xtables lock is retried until the lock is released."""
-    lock = tmp_path / "xtables.lock"
-    lock.touch()
-    monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))  # a private lock: the host's is untouched
-    holder = subprocess.Popen(["flock", "-x", str(lock), "sleep", "1.5"])
-    try:
-        time.sleep(0.2)
-        netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=1)
+    netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=1)
+    with xtables_lock(1.5):
         started = time.monotonic()
         netfilter.restore("*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n")
         assert time.monotonic() - started > 1.0  # the first attempt did wait and fail
-    finally:
-        holder.wait(timeout=10)
     assert "KUBE-SERVICES" in netfilter.save(["filter"])["filter"].chains
 
 
