@@ -180,10 +180,9 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
     out = PortRules()
     proto = port.protocol.lower
     spn = str(port.name)
-    svc = names.svc_chain(spn, proto)
-    svl = names.svl_chain(spn, proto)
-    ext = names.ext_chain(spn, proto)
-    fw = names.fw_chain(spn, proto)
+    port_hash = names.port_hash(spn, proto)  # one sha256 for the four chains
+    svc, svl = names.SVC_PREFIX + port_hash, names.SVL_PREFIX + port_hash
+    ext, fw = names.EXT_PREFIX + port_hash, names.FW_PREFIX + port_hash
     sets = categorize_endpoints(port, endpoints, settings.node_name, zone)
     targets = port_targets(port, sets, settings)
     has_endpoints, has_internal = targets.has_endpoints, targets.has_internal
