@@ -7,16 +7,15 @@ with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failur
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from apiserver import FakeApiServer
+from lockholder import HoldLock, holding
 
 from iptsync.lab.netns import netns_required, netns_unavailable_reason
 from iptsync.netfilter import Backend, Netfilter
@@ -69,8 +68,6 @@ def apiserver() -> Iterator[FakeApiServer]:
     assert [] == server.handler_errors
 
 
-HoldLock = Callable[[float], contextlib.AbstractContextManager[None]]
-
 
 @pytest.fixture
 def xtables_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HoldLock:
@@ -79,14 +76,4 @@ def xtables_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HoldLock:
     lock = tmp_path / "xtables.lock"
     lock.touch()
     monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))
-
-    @contextlib.contextmanager
-    def held(seconds: float) -> Iterator[None]:
-        holder = subprocess.Popen(["flock", "-x", str(lock), "sleep", str(seconds)])
-        try:
-            time.sleep(0.2)  # let flock take it
-            yield
-        finally:
-            holder.wait(timeout=10)
-
-    return held
+    return lambda seconds: holding(lock, seconds)

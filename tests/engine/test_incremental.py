@@ -19,10 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iptsync import names
-from iptsync.engine import Engine
-from iptsync.netfilter import Netfilter
-from tests.engine.world import (
+from engine.world import (
     POOL,
     SETTINGS,
     World,
@@ -31,6 +28,9 @@ from tests.engine.world import (
     owned,
     service,
 )
+from iptsync import names
+from iptsync.engine import Engine
+from iptsync.netfilter import Netfilter
 
 pytestmark = pytest.mark.netns
 

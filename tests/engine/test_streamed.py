@@ -8,13 +8,9 @@ kernel on nft too.
 from __future__ import annotations
 
 import pytest
-from conftest import HoldLock
+from lockholder import HoldLock
 
-from iptsync import names
-from iptsync.engine import Engine
-from iptsync.netfilter import Backend, Netfilter, XtablesLockError
-from iptsync.plan import Plan, TablePlan
-from tests.engine.world import (
+from engine.world import (
     SETTINGS,
     World,
     assert_holds_full_sync,
@@ -22,6 +18,10 @@ from tests.engine.world import (
     owned,
     service,
 )
+from iptsync import names
+from iptsync.engine import Engine
+from iptsync.netfilter import Backend, Netfilter, XtablesLockError
+from iptsync.plan import Plan, TablePlan
 
 pytestmark = pytest.mark.netns
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HoldLock
+from lockholder import HoldLock
 
 from iptsync.netfilter import Backend, Netfilter, RestoreError, choose_backend, detect_backend
 
