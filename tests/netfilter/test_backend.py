@@ -104,3 +104,22 @@ def test_large_payload_is_streamed_and_a_late_bad_line_is_named(netfilter: Netfi
     assert 44_003 == failure.value.line
     assert "> 44003  -A IPTSYNC-U --no-such-option" in failure.value.context
     assert "IPTSYNC-U" not in netfilter.save(["filter"])["filter"].chains
+
+
+@pytest.mark.netns
+def test_stream_that_fails_early_reports_the_line_while_more_was_being_written(
+        netfilter: Netfilter) -> None:
+    """iptables-restore stops reading at an early bad line while the stream still writes
+    (as a full sync still rendering would): the broken pipe is absorbed, the error names the
+    line, and nothing is committed."""
+    rules = [f"-A IPTSYNC-V -s 10.0.{i // 250 % 250}.{i % 250 + 1}/32 -j RETURN"
+             for i in range(3_000)]
+    stream = netfilter.restore_stream()
+    stream.write(["*filter", ":IPTSYNC-V - [0:0]", "-A IPTSYNC-V --no-such-option"])
+    for _ in range(30):  # 90,000 lines: far more than the pipe holds
+        stream.write(rules)
+    stream.write(["COMMIT"])
+    with pytest.raises(RestoreError) as failure:
+        stream.close()
+    assert 3 == failure.value.line
+    assert "IPTSYNC-V" not in netfilter.save(["filter"])["filter"].chains
