@@ -42,6 +42,7 @@ from iptsync.netfilter import Netfilter, RestoreError
 from iptsync.options import with_node
 from iptsync.plan import (
     DEFAULT_STAGE_LINES,
+    NO_STAGING,
     ChainContent,
     DesiredTables,
     Plan,
@@ -495,7 +496,7 @@ class Engine:
             tables = [nat.finish(jumps)]
             wanted = DesiredTables({"filter": self._top_chains("filter")}, jumps)
             tables.append(plan_table("filter", wanted, live.get("filter") or SavedTable("filter")))
-            plan = Plan([t for t in tables if not t.empty])
+            plan = Plan([t for t in tables if not t.empty], NO_STAGING)  # all sent already
             if not tables[1].empty:
                 stream.write(tables[1].lines())
             try:

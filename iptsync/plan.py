@@ -164,6 +164,7 @@ class TablePlan:
 
 
 DEFAULT_STAGE_LINES = 5000
+NO_STAGING = 1 << 62  # a stage_lines no plan reaches
 # Declaring 111k chains in one nft --noflush batch took over 5 minutes; in batches of 2,000
 # it took 2.0 s, of 10,000 3.8 s (10,000 services x 10 endpoints).
 DECLARE_BATCH = 2000

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from iptsync.netfilter import Backend, Netfilter, NetfilterError, RestoreError
-from iptsync.plan import DEFAULT_STAGE_LINES, Plan
+from iptsync.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # Measured at 1,000 services x 10 endpoints (44k lines, first sync): nft took 5.6 s in one
 # --noflush batch and 1.5 s staged; legacy took 0.35 s in one batch and 1.1 s staged, because
 # legacy rewrites the whole table for every batch. So only nft stages.
-STAGE_LINES = {Backend.NFT: DEFAULT_STAGE_LINES, Backend.LEGACY: 1 << 62}
+STAGE_LINES = {Backend.NFT: DEFAULT_STAGE_LINES, Backend.LEGACY: NO_STAGING}
 # Full syncs that take one batch (legacy) stream it to iptables-restore while the engine still
 # renders: at 10,000 services, rendering overlaps the restore instead of preceding it.
 STREAM_FULL = {Backend.NFT: False, Backend.LEGACY: True}
