@@ -198,8 +198,9 @@ class Engine:
         self.stage_lines = stage_lines
         # Full syncs streamed while rendering (see _stream_full): by default as suits the
         # backend (iptsync.sync.STREAM_FULL).
-        self.stream_full = (stream_full if stream_full is not None or netfilter is None
-                            else STREAM_FULL[netfilter.backend])
+        if stream_full is None:
+            stream_full = netfilter is not None and STREAM_FULL[netfilter.backend]
+        self.stream_full = stream_full
         self.clock = clock
         self.problems: dict[tuple[str, str, str], Problem] = {}
         self._rendered: dict[ServiceKey, RenderedService] = {}
