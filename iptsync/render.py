@@ -308,8 +308,7 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
         _endpoint_dispatch(out, port, svc, sets.cluster, seps, large_cluster=large_cluster)
     if sets.local and port.uses_local_endpoints:
         _endpoint_dispatch(out, port, svl, sets.local, seps, large_cluster=large_cluster)
-    for endpoint in sets.reachable:
-        _endpoint_chain(out, port, endpoint, seps[endpoint.key], large_cluster)
+    _endpoint_chains(out, port, sets.reachable, seps, large_cluster)
     return out
 
 
@@ -338,16 +337,21 @@ def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
         out.add(chain, *_comment(f"{spn} -> {ep.key}", large_cluster), *chance, "-j", sep)
 
 
-def _endpoint_chain(out: PortRules, port: ServicePort, ep: Endpoint, sep: str,
-                    large_cluster: bool) -> None:
-    spn = str(port.name)
+def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endpoint],
+                     seps: dict[str, str], large_cluster: bool) -> None:
+    """Each endpoint's SEP chain (a large cluster has 100,000: what does not depend on the
+    endpoint is built once)."""
     proto = port.protocol.lower
-    comment = _comment(spn, large_cluster)
-    # Hairpin: a pod reaching itself through the service must be masqueraded.
-    out.add(sep, *comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ)
-    affinity = ("-m", "recent", "--name", sep, "--set") if port.affinity_timeout else ()
-    out.add(sep, *comment, *affinity, "-m", proto, "-p", proto, "-j", "DNAT",
-            "--to-destination", ep.key)
+    comment = _comment(str(port.name), large_cluster)
+    dnat = ("-m", proto, "-p", proto, "-j", "DNAT", "--to-destination")
+    for ep in endpoints:
+        sep = seps[ep.key]
+        affinity = ("-m", "recent", "--name", sep, "--set") if port.affinity_timeout else ()
+        out.chains[sep] = [
+            # Hairpin: a pod reaching itself through the service must be masqueraded.
+            Rule(sep, (*comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ)),
+            Rule(sep, (*comment, *affinity, *dnat, ep.key)),
+        ]
 
 
 # --- the whole ruleset -----------------------------------------------------------------------
