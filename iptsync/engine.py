@@ -58,7 +58,7 @@ from iptsync.render import (
     chain_tails,
     render_service_port,
 )
-from iptsync.ruleset import Jump, Rule, SavedTable, chain_line, join_args, ordered_tables
+from iptsync.ruleset import Jump, Rule, SavedTable, join_args, ordered_tables
 from iptsync.state import ClusterState, ServiceKey
 from iptsync.sync import STREAM_FULL, apply_plan, failed_restore
 
@@ -532,12 +532,7 @@ class Engine:
             self._plan_top(old, new, table_plan)
         nat = table_plan("nat")
         for chain, content in deletes:
-            # Flushed here, deleted at the end of the batch, once nothing jumps to it.
-            nat.deleted.append(chain)
-            nat.chain_lines.append(chain_line(chain))
-            nat.tail_lines.append(f"-X {chain}")
-            nat.undo_chain_lines.append(chain_line(chain))
-            nat.undo_rule_lines.extend(content.lines)
+            nat.delete_chain(chain, content.lines)
         ordered = [tables[t] for t in ordered_tables(tables) if not tables[t].empty]
         return Plan(ordered, self.stage_lines)
 

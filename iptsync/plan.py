@@ -146,6 +146,15 @@ class TablePlan:
             self.undo_chain_lines.append(chain_line(chain))
             self.undo_rule_lines.extend(before)
 
+    def delete_chain(self, chain: str, before: Sequence[str]) -> None:
+        """Flush and delete ``chain`` (the ``-X`` comes after every rewrite that could still
+        jump to it); ``before``: its current rules, put back by the undo."""
+        self.deleted.append(chain)
+        self.chain_lines.append(chain_line(chain))
+        self.tail_lines.append(f"-X {chain}")
+        self.undo_chain_lines.append(chain_line(chain))
+        self.undo_rule_lines.extend(before)
+
     def lines(self, *, staged: bool = False) -> list[str]:
         """The table's batch; with ``staged``, without the new chains (already loaded)."""
         if staged:
@@ -292,8 +301,8 @@ class TableBuilder:
             current = live.get(chain)
             if current is not None and content.matches(current):
                 continue
-            self.plan.write_chain(chain, content.lines, None if current is None else [
-                f"-A {chain} {rule}".rstrip() for rule in current])
+            self.plan.write_chain(chain, content.lines,
+                                  None if current is None else live_lines(chain, current))
             if self.emit is not None:
                 declarations.append(chain_line(chain))
                 rules.extend(content.lines)
@@ -303,22 +312,17 @@ class TableBuilder:
         """Delete our stale chains, insert missing jumps; the table's plan."""
         plan, table, live = self.plan, self.plan.table, self.live
         pinned = foreign_references(table, live, rewritten=self.wanted)
-        first_deleted = len(plan.deleted)
-        for chain in live.chains:
+        for chain, rules in live.chains.items():
             if (chain not in self.wanted and names.is_service_chain(chain)
                     and names.is_owned_chain(table, chain) and chain not in pinned):
-                plan.deleted.append(chain)
-                plan.chain_lines.append(chain_line(chain))
-                plan.tail_lines.append(f"-X {chain}")
-                _restore_chain(plan, chain, live.chains[chain])
+                plan.delete_chain(chain, live_lines(chain, rules))
         missing = [j for j in jumps if j.table == table
                    and j.rule.canonical not in live.chains.get(j.chain, [])]
         # Inserting at 1 in reverse order leaves the missing jumps in their listed order.
         plan.tail_lines[:0] = [jump.rule.restore_line("-I", 1) for jump in reversed(missing)]
         plan.undo_rule_lines.extend(jump.rule.restore_line("-D") for jump in missing)
         plan.jumps = missing
-        stale = plan.deleted[first_deleted:]
-        self._emit([*map(chain_line, stale), *plan.tail_lines])
+        self._emit([*map(chain_line, plan.deleted), *plan.tail_lines])
         if self.emitted:
             self._emit(["COMMIT"])
             plan.streamed_lines = self.emitted
@@ -333,9 +337,9 @@ class TableBuilder:
         self.emit(lines)
 
 
-def _restore_chain(plan: TablePlan, chain: str, canonical_rules: Iterable[str]) -> None:
-    plan.undo_chain_lines.append(chain_line(chain))
-    plan.undo_rule_lines.extend(f"-A {chain} {rule}".rstrip() for rule in canonical_rules)
+def live_lines(chain: str, canonical_rules: Iterable[str]) -> list[str]:
+    """A live chain's rules (as iptables-save printed them) as restore lines."""
+    return [f"-A {chain} {rule}".rstrip() for rule in canonical_rules]
 
 
 def foreign_references(table: str, live: SavedTable,
@@ -391,10 +395,7 @@ def cleanup_plan(live: Mapping[str, SavedTable]) -> Plan:
                     plan.undo_rule_lines.append(f"-A {chain} {rule}")
                     plan.jumps.append(Jump(table, chain, tuple(split_args(rule))))
         for chain in doomed:
-            plan.deleted.append(chain)
-            plan.chain_lines.append(chain_line(chain))
-            plan.tail_lines.append(f"-X {chain}")
-            _restore_chain(plan, chain, saved.chains[chain])
+            plan.delete_chain(chain, live_lines(chain, saved.chains[chain]))
         if not plan.empty:
             tables.append(plan)
     return Plan(tables)
