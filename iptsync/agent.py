@@ -212,8 +212,13 @@ class Agent:
             (self.metrics.restore_failures if kind == "full"
              else self.metrics.partial_restore_failures).inc()
             self.metrics.syncs.labels(kind, "failure").inc()
-            log.error("%s sync failed, the previous rules are in place; retrying in full "
-                      "in %.1fs: %s", kind, self.timing.retry_after, err)
+            undo_failed = err.undo_failed if isinstance(err, SyncError) else ()
+            for table in undo_failed:
+                self.metrics.undo_failures.labels(table).inc()
+            state = (f"the {', '.join(undo_failed)} table keeps part of the failed batch"
+                     if undo_failed else "the previous rules are in place")
+            log.error("%s sync failed, %s; retrying in full in %.1fs: %s", kind, state,
+                      self.timing.retry_after, err)
             return
         self._failed = False
         self._changed_since = None

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from iptsync.conntrack import clear_stale_flows, flow_targets
 from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, parse_object
@@ -58,7 +58,15 @@ from iptsync.render import (
     chain_tails,
     render_service_port,
 )
-from iptsync.ruleset import Jump, Rule, SavedTable, join_args, ordered_tables
+from iptsync.ruleset import (
+    Jump,
+    Rule,
+    SavedTable,
+    canonical,
+    join_args,
+    ordered_tables,
+    split_args,
+)
 from iptsync.state import ClusterState, ServiceKey
 from iptsync.sync import STREAM_FULL, apply_plan, failed_restore
 
@@ -518,6 +526,7 @@ class Engine:
             return tables.setdefault(name, TablePlan(name))
 
         deletes: list[tuple[str, ChainContent]] = []
+        top_ops: list[TopOp] = []
         for _key, old, new in changes:
             old_chains = old.chains if old else {}
             new_chains = new.chains if new else {}
@@ -529,39 +538,87 @@ class Engine:
                 nat.write_chain(chain, content.lines, None if before is None else before.lines)
             deletes.extend((chain, content) for chain, content in old_chains.items()
                            if chain not in new_chains)
-            self._plan_top(old, new, table_plan)
+            top_ops.extend(self._plan_top(old, new))
         nat = table_plan("nat")
         for chain, content in deletes:
             nat.delete_chain(chain, content.lines)
-        ordered = [tables[t] for t in ordered_tables(tables) if not tables[t].empty]
+        for op in top_ops:
+            table_plan(op.table)
+        ordered = [tables[t] for t in ordered_tables(tables)
+                   if not tables[t].empty or any(op.table == t for op in top_ops)]
+        for plan in ordered:
+            # Only a table that commits before another can be undone after its commit.
+            self._write_top_ops(plan, [op for op in top_ops if op.table == plan.table],
+                                undoable=plan is not ordered[-1])
         return Plan(ordered, self.stage_lines)
 
-    def _plan_top(self, old: RenderedService | None, new: RenderedService | None,
-                  table_plan: Callable[[str], TablePlan]) -> None:
+    def _plan_top(self, old: RenderedService | None,
+                  new: RenderedService | None) -> list[TopOp]:
         """Delete the service's vanished top-level rules, insert its new ones after the head.
 
         A rule whose text is unchanged stays where it is. New rules are inserted in reverse,
         each at the head's end, so the service's rules keep their render order among
         themselves.
         """
+        ops: list[TopOp] = []
         kept = {r.place for r in old.top} & {r.place for r in new.top} if old and new else set()
         for rule in old.top if old else ():
             top = self._top[(rule.table, rule.chain)]
             top.remove(rule)
             if rule.place not in kept:
-                plan = table_plan(rule.table)
-                plan.rule_lines.append(f"-D {rule.chain} {rule.text}")
-                plan.undo_rule_lines.append(f"-I {rule.chain} {top.first_free} {rule.text}")
-                plan.top_rules += 1
+                ops.append(TopOp(rule.table, rule.chain, rule.text, None, top.first_free))
         for rule in new.top if new else ():
             self._top[(rule.table, rule.chain)].insert(rule)
         for rule in reversed(new.top if new else ()):
             if rule.place not in kept:
-                plan = table_plan(rule.table)
                 position = self._top[(rule.table, rule.chain)].first_free
-                plan.rule_lines.append(f"-I {rule.chain} {position} {rule.text}")
-                plan.undo_rule_lines.insert(0, f"-D {rule.chain} {rule.text}")
-                plan.top_rules += 1
+                ops.append(TopOp(rule.table, rule.chain, rule.text, position, position))
+        return ops
+
+    def _write_top_ops(self, plan: TablePlan, ops: list[TopOp], *, undoable: bool) -> None:
+        """Add single-rule deletions and insertions to ``plan``, and their undo.
+
+        The undo reverses them in reverse order. A deleted rule goes back where it was: the
+        services' rules of a top-level chain are in no fixed order in the kernel (partial
+        syncs insert at the head), so when the table may have to be undone the chain is read
+        (``-S``: that chain only) to find each deleted rule's place. Elsewhere it goes back
+        at the head: the same rules, their order does not matter.
+        """
+        live: dict[str, list[str]] = {}
+        if undoable and self.netfilter is not None:
+            for chain in {op.chain for op in ops if op.insert_at is None}:
+                prefix = f"-A {chain} "
+                live[chain] = [line[len(prefix):] for line in
+                               self.netfilter.run("-t", plan.table, "-S", chain).splitlines()
+                               if line.startswith(prefix)]
+        undo: list[str] = []
+        for op in ops:
+            rules = live.get(op.chain)
+            spelled = canonical(split_args(op.text)) if rules is not None else ""
+            if op.insert_at is not None:
+                plan.rule_lines.append(f"-I {op.chain} {op.insert_at} {op.text}")
+                undo.append(f"-D {op.chain} {op.text}")
+                if rules is not None:
+                    rules.insert(op.insert_at - 1, spelled)
+            else:
+                position = op.head_end
+                if rules is not None and spelled in rules:
+                    position = rules.index(spelled) + 1
+                    del rules[position - 1]
+                plan.rule_lines.append(f"-D {op.chain} {op.text}")
+                undo.append(f"-I {op.chain} {position} {op.text}")
+            plan.top_rules += 1
+        plan.undo_rule_lines.extend(reversed(undo))
+
+
+class TopOp(NamedTuple):
+    """One rule deleted from (``insert_at`` None) or inserted into a top-level chain."""
+
+    table: str
+    chain: str
+    text: str  # the arguments, as restore input
+    insert_at: int | None
+    head_end: int  # the first position after the chain's fixed head
 
 
 ServiceChange = tuple[ServiceKey, RenderedService | None, RenderedService | None]

@@ -80,6 +80,10 @@ class Metrics:
             "iptsync_drift_repairs_total",
             "Chains (or jumps) found changed by something else and repaired", ["table"],
             registry=r)
+        self.undo_failures = Counter(
+            "iptsync_undo_failures_total",
+            "Tables whose undo after a failed restore was rejected too (they keep part of "
+            "the failed batch until the next full sync)", ["table"], registry=r)
         self.canary_missing = Counter(
             "iptsync_canary_missing_total",
             "Times the canary chain was found missing (tables flushed)", registry=r)

@@ -5,7 +5,11 @@ chains we own are deleted; jumps from built-in chains are inserted only when mis
 we do not own is ever named in a payload. For every table the plan also carries an undo
 payload that puts back exactly what the table held, because iptables-restore commits table by
 table: when the nat part of a batch fails after filter was committed, the agent undoes filter
-and the kernel is left as it was.
+and the kernel is left as it was. An undo is one atomic batch of its table, ordered as the
+kernel requires: every chain the batch touched is declared first (which flushes it, so its
+jumps to new chains are gone), rewritten and deleted chains get their previous rules back,
+inserted rules and jumps are deleted and deleted rules reinserted where they were, and only
+then are the new chains, by now empty and unreferenced, deleted.
 
 Large numbers of new chains (a first sync) are staged: ``iptables-nft-restore --noflush`` is
 superlinear in the size of one batch, so new chains are declared in one batch and filled in
@@ -15,7 +19,7 @@ atomic batch rewrites the existing chains that make them reachable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from iptsync import names
@@ -139,6 +143,9 @@ class TablePlan:
         if before is None:
             self.created.append(chain)
             self.new_chains[chain] = list(lines)
+            # Flushed before it is deleted: the kernel refuses to delete a chain that still
+            # holds rules (nft: "Device or resource busy") or that another new chain jumps to.
+            self.undo_chain_lines.append(chain_line(chain))
             self.undo_tail_lines.append(f"-X {chain}")
         else:
             self.chain_lines.append(chain_line(chain))
@@ -167,9 +174,30 @@ class TablePlan:
     def new_rule_count(self) -> int:
         return sum(len(lines) for lines in self.new_chains.values())
 
+    def summary(self) -> str:
+        return (f"{self.table}: {len(self.written)} chains written ({len(self.created)} new), "
+                f"{len(self.deleted)} deleted, {len(self.jumps)} jumps, "
+                f"{self.rules_written} rules"
+                + (f", {self.top_rules} top-level rules" if self.top_rules else ""))
+
     def undo_lines(self) -> list[str]:
+        """One batch that puts back what the table held before :meth:`lines` was committed."""
         return _table_lines(self.table, self.undo_chain_lines, self.undo_rule_lines,
                             self.undo_tail_lines)
+
+    def discard_lines(self, chains: Sequence[str]) -> list[str]:
+        """One batch that removes new ``chains`` loaded by a stage whose final batch never
+        committed: nothing references them yet. Declaring a chain creates it when its stage
+        did not get that far, so the batch holds whatever the stages loaded."""
+        return _table_lines(self.table, list(map(chain_line, chains)), [],
+                            [f"-X {chain}" for chain in chains])
+
+    def delete_rule(self, chain: str, position: int, rule: str) -> None:
+        """Delete ``rule`` (canonical), the ``position``-th (1-based) of ``chain``; the undo
+        puts it back in that place. Undo lines of deleted rules must follow in ascending
+        position per chain, so that each lands where it was."""
+        self.rule_lines.append(f"-D {chain} {rule}")
+        self.undo_rule_lines.append(f"-I {chain} {position} {rule}")
 
 
 DEFAULT_STAGE_LINES = 5000
@@ -237,14 +265,17 @@ class Plan:
                 done.append(table)
         return done
 
+    def discards(self, committed: Collection[str]) -> list[list[str]]:
+        """Batches that remove the staged new chains of the tables not in ``committed``."""
+        if not self.staged:
+            return []
+        return [table.discard_lines(new[i:i + DECLARE_BATCH])
+                for table in self.tables if table.table not in committed
+                for new in [list(table.new_chains)]
+                for i in range(0, len(new), DECLARE_BATCH)]
+
     def summary(self) -> str:
-        parts = []
-        for t in self.tables:
-            parts.append(f"{t.table}: {len(t.written)} chains written ({len(t.created)} new), "
-                         f"{len(t.deleted)} deleted, {len(t.jumps)} jumps, "
-                         f"{t.rules_written} rules"
-                         + (f", {t.top_rules} top-level rules" if t.top_rules else ""))
-        return "; ".join(parts) or "no changes"
+        return "; ".join(t.summary() for t in self.tables) or "no changes"
 
 
 def _table_lines(table: str, chains: list[str], rules: list[str], tail: list[str]) -> list[str]:
@@ -389,10 +420,9 @@ def cleanup_plan(live: Mapping[str, SavedTable]) -> Plan:
         for chain, rules in saved.chains.items():
             if names.is_owned_chain(table, chain):
                 continue
-            for rule in rules:
+            for position, rule in enumerate(rules, 1):
                 if jump_target(rule) in doomed:
-                    plan.rule_lines.append(f"-D {chain} {rule}")
-                    plan.undo_rule_lines.append(f"-A {chain} {rule}")
+                    plan.delete_rule(chain, position, rule)
                     plan.jumps.append(Jump(table, chain, tuple(split_args(rule))))
         for chain in doomed:
             plan.delete_chain(chain, live_lines(chain, saved.chains[chain]))

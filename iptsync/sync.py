@@ -25,14 +25,19 @@ STREAM_FULL = {Backend.NFT: False, Backend.LEGACY: True}
 
 
 class SyncError(RuntimeError):
-    """A sync that could not be applied; the previous rules are still in place."""
+    """A sync that could not be applied. The previous rules are still in place, except in
+    the tables named in ``undo_failed``, which keep what the failed batch committed."""
+
+    def __init__(self, message: str, undo_failed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.undo_failed = undo_failed
 
 
 def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
     """Apply ``plan``: staged new chains first, then one atomic batch; undo on failure.
 
-    A failure while staging changes no traffic (nothing references the new chains yet); they
-    are left for the next sync, which either reuses or deletes them.
+    A failure while staging changes no traffic (nothing references the new chains yet); the
+    chains loaded so far are removed again.
     """
     if plan.empty:
         return
@@ -40,6 +45,7 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
         try:
             netfilter.restore(stage)
         except RestoreError as err:
+            discard_staged(netfilter, plan, ())
             detail = f"\n{err.context}" if err.context else ""
             raise SyncError(f"iptables-restore failed while loading new chains (no traffic "
                             f"affected): {err}{detail}") from err
@@ -50,16 +56,45 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
 
 
 def failed_restore(netfilter: Netfilter, plan: Plan, err: RestoreError) -> SyncError:
-    """Undo the tables of ``plan`` that were committed before the failing line."""
-    undone = []
-    for table in plan.committed_before(err.line):
+    """Undo the tables of ``plan`` that were committed before the failing line.
+
+    The last committed table is undone first, so the kernel passes back through the states
+    the batch took it through (nat and filter rules never jump to each other, but traffic
+    sees both: undoing in reverse keeps every intermediate state one that the batch itself
+    already showed). Each table's undo is one atomic batch: it either puts the whole table
+    back or changes nothing, and then the table keeps the failed batch's changes until the
+    next sync, which is a full one.
+    """
+    committed = plan.committed_before(err.line)
+    undone: list[str] = []
+    failed: list[str] = []
+    for table in reversed(committed):
         try:
             netfilter.restore(table.undo_lines())
             undone.append(table.table)
         except NetfilterError as undo_err:
-            log.error("could not undo table %s after a failed restore: %s", table.table,
-                      undo_err)
+            failed.append(table.table)
+            created = ", ".join(table.created[:10]) + (", ..." if len(table.created) > 10
+                                                       else "")
+            log.error("UNDO FAILED for table %s after a failed restore: %s. The %s table keeps "
+                      "the failed batch's changes (%s%s) next to the previous rules of the "
+                      "other tables until the next sync, which is a full one", table.table,
+                      undo_err, table.table, table.summary(),
+                      f"; new chains: {created}" if created else "")
+    discard_staged(netfilter, plan, [t.table for t in committed])
     detail = f"\n{err.context}" if err.context else ""
+    undo = f"; UNDO FAILED for {', '.join(failed)} (kept the batch's changes)" if failed else ""
     return SyncError(f"iptables-restore failed: {err}; tables undone: "
-                     f"{', '.join(undone) or 'none'}{detail}")
+                     f"{', '.join(undone) or 'none'}{undo}{detail}", tuple(failed))
 
+
+def discard_staged(netfilter: Netfilter, plan: Plan, committed: list[str] | tuple[()]) -> None:
+    """Remove the staged new chains of the tables that never committed (no traffic reaches
+    them); a chain left behind is only logged: the next full sync reuses or deletes it."""
+    for batch in plan.discards(committed):
+        try:
+            netfilter.restore(batch)
+        except NetfilterError as discard_err:
+            log.warning("could not remove new chains loaded for the failed sync (no traffic "
+                        "reaches them; the next full sync reuses or deletes them): %s",
+                        discard_err)

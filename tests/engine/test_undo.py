@@ -1,0 +1,303 @@
+"""A batch that fails after one table committed leaves the kernel exactly as it was.
+
+iptables-restore commits table by table: when the later table of a batch is rejected, the
+earlier one has already changed the kernel and must be undone. Each example starts from a
+previous sync of several services next to foreign rules, makes one kind of change, and has a
+foreign program make the later table fail for real (a chain the batch jumps to disappears, or a
+chain the batch deletes gets a foreign jump), so the kernel itself rejects the line. The
+``iptables-save`` text of both tables right before the batch and after the failed sync must be
+identical (counters and header comments aside).
+
+Paths: ``planned`` (a full sync in one batch, filter then nat), ``staged`` (the same, new chains
+loaded in batches first: the nft default), ``streamed`` (nat streamed while rendering, then
+filter: the legacy default) and ``partial`` (only what changed, filter then nat). Conventions as
+in test_incremental: node ``node1``, pods in 10.0.0.0/14, services ``s0``..``s4``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
+from iptsync import names
+from iptsync.engine import Engine
+from iptsync.netfilter import OWNED_TABLES, Netfilter, RestoreError
+from iptsync.plan import cleanup_plan
+from iptsync.ruleset import SavedTable
+from iptsync.sync import SyncError, apply_plan
+
+pytestmark = pytest.mark.netns
+
+FOREIGN = """*filter
+:MY-FIREWALL - [0:0]
+-A INPUT -s 192.0.2.0/24 -j MY-FIREWALL
+-A MY-FIREWALL -p tcp -m tcp --dport 22 -j ACCEPT
+-A FORWARD -j MY-FIREWALL
+-A OUTPUT -d 192.0.2.9/32 -j DROP
+COMMIT
+*nat
+:MY-NAT - [0:0]
+-A PREROUTING -d 192.0.2.1/32 -j MY-NAT
+-A MY-NAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.0.2.2:80
+-A POSTROUTING -o lo -j RETURN
+COMMIT
+"""
+
+
+def snapshot(netfilter: Netfilter) -> str:
+    """Both tables as iptables-save prints them, without header comments and counters."""
+    text = "".join(netfilter.save_text(table) for table in OWNED_TABLES)
+    return re.sub(r"\[\d+:\d+\]", "[0:0]",
+                  "".join(line for line in text.splitlines(keepends=True)
+                          if not line.startswith("#")))
+
+
+Race = Callable[[Netfilter], None]
+
+
+@dataclass
+class RacingNetfilter(Netfilter):
+    """The real netfilter; a foreign program changes the kernel right after iptsync read it
+    (once), and the kernel's state at that moment is kept in ``before``."""
+
+    race: Race | None = None
+    before: str = ""
+
+    def save(self, tables: Iterable[str] = OWNED_TABLES) -> dict[str, SavedTable]:
+        saved = super().save(tables)
+        if self.race is not None:
+            race, self.race = self.race, None
+            race(self)
+            self.before = snapshot(self)
+        return saved
+
+
+def cluster(world: World, engine: Engine) -> None:
+    """Four services: NodePort and LoadBalancer, one Local with no endpoints (filter rules)."""
+    for index in range(4):
+        world.apply(engine, service(index, "LoadBalancer" if index % 2 else "NodePort",
+                                    index == 3, 2))
+        endpoints = [] if index == 3 else [(0, True, True), (1, True, False)]
+        world.apply(engine, endpoint_slice(index, endpoints))
+
+
+def remove_jumps(netfilter: Netfilter, table: str, target: str) -> None:
+    """A foreign program deletes every rule in a built-in chain that jumps to ``target``."""
+    saved = netfilter.save([table])[table]
+    netfilter.restore([f"*{table}",
+                       *(f"-D {chain} {rule}" for chain, rules in saved.chains.items()
+                         if not names.is_owned_chain(table, chain)
+                         for rule in rules if rule.endswith(f"-j {target}")),
+                       "COMMIT"])
+
+
+def vanish(table: str, chain: str) -> tuple[Race, Race]:
+    """Make the later table fail: before the sync the jumps to ``chain`` go (so the batch
+    inserts them again), after iptsync read the kernel ``chain`` itself goes (so the kernel
+    rejects the jump: there is nothing to jump to)."""
+    def before(netfilter: Netfilter) -> None:
+        remove_jumps(netfilter, table, chain)
+
+    def after(netfilter: Netfilter) -> None:
+        netfilter.run("-t", table, "-F", chain)
+        netfilter.run("-t", table, "-X", chain)
+    return before, after
+
+
+# Changes: (description, what the world or a foreign program does before the sync).
+Change = Callable[[World, Engine, Netfilter], None]
+
+
+def filter_chains_removed(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """Someone removed our filter chains and the jumps to them: all recreated, jumps inserted."""
+    [filter_plan] = [t for t in cleanup_plan(netfilter.save()).tables if t.table == "filter"]
+    netfilter.restore(filter_plan.lines())
+
+
+def filter_jumps_removed(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """Someone removed our jumps from filter's built-in chains: inserted again."""
+    for target in (names.KUBE_SERVICES, names.KUBE_EXTERNAL_SERVICES, names.KUBE_NODEPORTS):
+        remove_jumps(netfilter, "filter", target)
+
+
+def endpoints_lost(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """s0 loses its endpoints: filter chains rewritten (REJECT), nat chains rewritten, SEPs
+    deleted."""
+    world.apply(engine, endpoint_slice(0, []))
+
+
+def endpoints_found(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """s3 gets endpoints: its filter REJECT rules go, nat chains are created."""
+    world.apply(engine, endpoint_slice(3, [(2, True, True)]))
+
+
+def service_added(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """A new service s4: new nat chains, top-level chains rewritten."""
+    world.apply(engine, service(4, "LoadBalancer", False, 2))
+    world.apply(engine, endpoint_slice(4, [(0, True, True), (1, True, False), (2, True, False)]))
+
+
+def endpoint_added(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """s1 gets a third endpoint: its SVC chains rewritten, a SEP chain created."""
+    world.apply(engine, endpoint_slice(1, [(0, True, True), (1, True, False), (2, False, True),
+                                           (3, True, True)]))
+
+
+def service_deleted(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """s1 is deleted: its nat chains deleted, top-level chains rewritten."""
+    world.apply(engine, ("Service", 1))
+    world.apply(engine, ("EndpointSlice", 1))
+
+
+def nat_jumps_removed(world: World, engine: Engine, netfilter: Netfilter) -> None:
+    """Someone removed our jumps from nat's built-in chains: inserted again."""
+    remove_jumps(netfilter, "nat", names.KUBE_SERVICES)
+
+
+FILTER_CHANGES = [filter_chains_removed, filter_jumps_removed, endpoints_lost, endpoints_found]
+NAT_CHANGES = [service_added, endpoint_added, service_deleted, nat_jumps_removed,
+               endpoints_lost, endpoints_found]
+
+
+def fail_and_compare(netfilter: Netfilter, engine_options: dict[str, object], change: Change,
+                     later: tuple[str, str], undone: str) -> None:
+    """Sync a cluster, make ``change``, have the ``later`` (table, chain) vanish mid-sync:
+    the failed full sync leaves the kernel as it was; the next sync converges."""
+    racing = RacingNetfilter(netfilter.backend, netfilter.netns)
+    racing.restore(FOREIGN)
+    world = World()
+    engine = Engine(racing, SETTINGS, clear_flows=False, **engine_options)  # type: ignore[arg-type]
+    cluster(world, engine)
+    engine.sync()
+    change(world, engine, racing)
+    before, after = vanish(*later)
+    before(racing)
+    racing.race = after
+    with pytest.raises(SyncError) as failure:
+        engine.sync(full=True)
+    assert racing.before == snapshot(racing), str(failure.value)
+    assert f"tables undone: {undone}" in str(failure.value)
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), racing)
+
+
+NAT_FAILS = (("nat", names.KUBE_POSTROUTING), "filter")
+FILTER_FAILS = (("filter", names.KUBE_FORWARD), "nat")
+
+
+@pytest.mark.parametrize("change", FILTER_CHANGES, ids=lambda c: c.__name__)
+def test_planned_full_sync_undoes_filter_when_nat_fails(netfilter: Netfilter,
+                                                         change: Change) -> None:
+    """A full sync in one batch whose nat part the kernel rejects leaves filter as it was."""
+    fail_and_compare(netfilter, {"stream_full": False, "stage_lines": 1 << 40}, change,
+                     *NAT_FAILS)
+
+
+@pytest.mark.parametrize("change", FILTER_CHANGES, ids=lambda c: c.__name__)
+def test_staged_full_sync_undoes_filter_and_the_staged_chains_when_nat_fails(
+        netfilter: Netfilter, change: Change) -> None:
+    """A staged full sync whose final nat part the kernel rejects leaves no staged chain and
+    filter as it was."""
+    fail_and_compare(netfilter, {"stream_full": False, "stage_lines": 1}, change, *NAT_FAILS)
+
+
+@pytest.mark.parametrize("change", NAT_CHANGES, ids=lambda c: c.__name__)
+def test_streamed_full_sync_undoes_nat_when_filter_fails(netfilter: Netfilter,
+                                                         change: Change) -> None:
+    """A streamed full sync whose filter part the kernel rejects leaves nat as it was."""
+    fail_and_compare(netfilter, {"stream_full": True}, change, *FILTER_FAILS)
+
+
+PARTIAL_CHANGES = [endpoints_lost, endpoints_found, service_added, endpoint_added]
+
+
+@pytest.mark.parametrize("change", PARTIAL_CHANGES, ids=lambda c: c.__name__)
+def test_partial_sync_undoes_filter_when_nat_fails(netfilter: Netfilter,
+                                                   change: Change) -> None:
+    """A partial sync whose nat part the kernel rejects (a foreign rule jumps to a chain it
+    deletes) leaves filter's inserted and deleted rules as they were, in their places."""
+    netfilter.restore(FOREIGN)
+    world = World()
+    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    cluster(world, engine)
+    world.apply(engine, endpoint_slice(4, []))  # a second REJECT in filter, before s3's
+    world.apply(engine, service(4, "NodePort", False, 1))
+    engine.sync()
+    change(world, engine, netfilter)
+    endpoints_lost(world, engine, netfilter)  # filter always changes
+    world.apply(engine, ("Service", 2))
+    netfilter.run("-t", "nat", "-A", "MY-NAT", "-j", names.svc_chain("default/s2:p0", "tcp"))
+    before = snapshot(netfilter)
+    with pytest.raises(SyncError) as failure:
+        engine.sync()
+    assert before == snapshot(netfilter), str(failure.value)
+    assert "tables undone: filter" in str(failure.value)
+
+
+def test_failed_cleanup_puts_back_filter_chains_and_foreign_jumps_in_place(
+        netfilter: Netfilter) -> None:
+    """A cleanup whose nat part the kernel rejects recreates the filter chains it deleted
+    with their rules, and puts every jump it removed back at its place among foreign rules."""
+    racing = RacingNetfilter(netfilter.backend, netfilter.netns)
+    racing.restore(FOREIGN)
+    world = World()
+    engine = Engine(racing, SETTINGS, clear_flows=False)
+    cluster(world, engine)
+    engine.sync()
+    racing.race = lambda nf: nf.run("-t", "nat", "-A", "MY-NAT", "-j",
+                                    names.svc_chain("default/s1:p0", "tcp"))
+    plan = cleanup_plan(racing.save())
+    [filter_plan, _nat] = plan.tables
+    assert (["filter", "nat"], True) == ([t.table for t in plan.tables], bool(filter_plan.deleted))
+    with pytest.raises(SyncError) as failure:
+        apply_plan(racing, plan)
+    assert racing.before == snapshot(racing), str(failure.value)
+    assert "tables undone: filter" in str(failure.value)
+
+
+@dataclass
+class FailingUndo(RacingNetfilter):
+    """Also lets a foreign program act between a rejected batch and iptsync's undo (once)."""
+
+    after_failure: Race | None = None
+
+    def restore(self, payload: str | Sequence[str], *, noflush: bool = True) -> None:
+        try:
+            super().restore(payload, noflush=noflush)
+        except RestoreError:
+            if self.after_failure is not None:
+                action, self.after_failure = self.after_failure, None
+                action(self)
+            raise
+
+
+def test_failed_undo_is_reported_and_the_next_sync_is_full(
+        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
+    """When the undo itself is rejected (a foreign rule now jumps to a chain it would
+    delete), the error says so and what the table keeps, and the next sync is full."""
+    racing = FailingUndo(netfilter.backend, netfilter.netns)
+    racing.restore(FOREIGN)
+    world = World()
+    engine = Engine(racing, SETTINGS, clear_flows=False, stream_full=False)
+    cluster(world, engine)
+    engine.sync()
+    filter_chains_removed(world, engine, racing)
+    before, after = vanish(*NAT_FAILS[0])
+    before(racing)
+    racing.race = after
+    racing.after_failure = lambda nf: nf.run("-A", "MY-FIREWALL", "-j", names.KUBE_FORWARD)
+    with pytest.raises(SyncError) as failure:
+        engine.sync(full=True)
+    assert ("filter",) == failure.value.undo_failed
+    assert "tables undone: none; UNDO FAILED for filter" in str(failure.value)
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "UNDO FAILED for table filter" in record.getMessage()
+    assert ("filter: 6 chains written (6 new), 0 deleted, 9 jumps, 11 rules; new chains: "
+            "KUBE-NODEPORTS, KUBE-SERVICES") in record.getMessage()
+    assert engine.needs_full
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), racing)
