@@ -581,8 +581,10 @@ class Engine:
         The undo reverses them in reverse order. A deleted rule goes back where it was: the
         services' rules of a top-level chain are in no fixed order in the kernel (partial
         syncs insert at the head), so when the table may have to be undone the chain is read
-        (``-S``: that chain only) to find each deleted rule's place. Elsewhere it goes back
-        at the head: the same rules, their order does not matter.
+        (``-S``: that chain only; 10-20 ms on nft, 5 ms on legacy, with 110k nat rules
+        loaded) to find each deleted rule's place. That happens only when a partial sync
+        deletes a filter rule (a service's REJECT when it gets endpoints) and also changes
+        nat. Elsewhere it goes back at the head: the same rules, their order does not matter.
         """
         live: dict[str, list[str]] = {}
         if undoable and self.netfilter is not None:

@@ -21,13 +21,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pytest
+from agent.test_run_command import ListOnly
 
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
 from iptsync import names
+from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
 from iptsync.netfilter import OWNED_TABLES, Netfilter, RestoreError
 from iptsync.plan import cleanup_plan
 from iptsync.ruleset import SavedTable
+from iptsync.sources.base import Snapshot
 from iptsync.sync import SyncError, apply_plan
 
 pytestmark = pytest.mark.netns
@@ -275,10 +278,9 @@ class FailingUndo(RacingNetfilter):
             raise
 
 
-def test_failed_undo_is_reported_and_the_next_sync_is_full(
-        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
-    """When the undo itself is rejected (a foreign rule now jumps to a chain it would
-    delete), the error says so and what the table keeps, and the next sync is full."""
+def undo_will_fail(netfilter: Netfilter) -> tuple[FailingUndo, World, Engine]:
+    """A synced cluster whose next full sync fails in nat after filter committed new chains,
+    and whose undo of filter then fails: a foreign rule jumps to one of those new chains."""
     racing = FailingUndo(netfilter.backend, netfilter.netns)
     racing.restore(FOREIGN)
     world = World()
@@ -290,6 +292,14 @@ def test_failed_undo_is_reported_and_the_next_sync_is_full(
     before(racing)
     racing.race = after
     racing.after_failure = lambda nf: nf.run("-A", "MY-FIREWALL", "-j", names.KUBE_FORWARD)
+    return racing, world, engine
+
+
+def test_failed_undo_is_reported_and_the_next_sync_is_full(
+        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
+    """When the undo itself is rejected, the error says so and what the table keeps, and
+    the next sync is full."""
+    racing, world, engine = undo_will_fail(netfilter)
     with pytest.raises(SyncError) as failure:
         engine.sync(full=True)
     assert ("filter",) == failure.value.undo_failed
@@ -301,3 +311,25 @@ def test_failed_undo_is_reported_and_the_next_sync_is_full(
     assert engine.needs_full
     assert engine.sync().full
     assert_holds_full_sync(list(world.objects.values()), racing)
+
+
+def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
+        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent's log does not claim the previous rules are in place after a failed undo;
+    iptsync_undo_failures_total counts it, and the retry converges."""
+    racing, world, engine = undo_will_fail(netfilter)
+    objects = list(world.objects.values())
+    source = ListOnly(*(Snapshot(kind, tuple(o for o in objects if o["kind"] == kind))
+                        for kind in ("Service", "EndpointSlice", "Node")))
+    agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=60,
+                                                  canary_interval=60))
+    agent.run(iterations=1)
+    assert 1 == agent.metrics.registry.get_sample_value("iptsync_undo_failures_total",
+                                                         {"table": "filter"})
+    [message] = [r.getMessage() for r in caplog.records if r.name == "iptsync.agent"
+                 and r.levelname == "ERROR"]
+    assert message.startswith("full sync failed, the filter table keeps part of the failed "
+                              "batch; retrying in full")
+    agent.run(iterations=3)
+    assert not agent.reports[-1].plan.empty
+    assert_holds_full_sync(objects, racing)
