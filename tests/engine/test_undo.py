@@ -28,7 +28,7 @@ from iptsync import names
 from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
 from iptsync.netfilter import OWNED_TABLES, Netfilter, RestoreError
-from iptsync.plan import cleanup_plan
+from iptsync.plan import NO_STAGING, cleanup_plan
 from iptsync.ruleset import SavedTable
 from iptsync.sources.base import Snapshot
 from iptsync.sync import SyncError, apply_plan
@@ -59,7 +59,7 @@ def snapshot(netfilter: Netfilter) -> str:
                           if not line.startswith("#")))
 
 
-Race = Callable[[Netfilter], None]
+Race = Callable[[Netfilter], object]
 
 
 @dataclass
@@ -111,7 +111,7 @@ def vanish(table: str, chain: str) -> tuple[Race, Race]:
     return before, after
 
 
-# Changes: (description, what the world or a foreign program does before the sync).
+# What the cluster or a foreign program changes before the failing sync.
 Change = Callable[[World, Engine, Netfilter], None]
 
 
@@ -166,14 +166,15 @@ NAT_CHANGES = [service_added, endpoint_added, service_deleted, nat_jumps_removed
                endpoints_lost, endpoints_found]
 
 
-def fail_and_compare(netfilter: Netfilter, engine_options: dict[str, object], change: Change,
-                     later: tuple[str, str], undone: str) -> None:
+def fail_and_compare(netfilter: Netfilter, change: Change, later: tuple[str, str],
+                     undone: str, *, stream_full: bool, stage_lines: int = NO_STAGING) -> None:
     """Sync a cluster, make ``change``, have the ``later`` (table, chain) vanish mid-sync:
     the failed full sync leaves the kernel as it was; the next sync converges."""
     racing = RacingNetfilter(netfilter.backend, netfilter.netns)
     racing.restore(FOREIGN)
     world = World()
-    engine = Engine(racing, SETTINGS, clear_flows=False, **engine_options)  # type: ignore[arg-type]
+    engine = Engine(racing, SETTINGS, clear_flows=False, stream_full=stream_full,
+                    stage_lines=stage_lines)
     cluster(world, engine)
     engine.sync()
     change(world, engine, racing)
@@ -196,8 +197,7 @@ FILTER_FAILS = (("filter", names.KUBE_FORWARD), "nat")
 def test_planned_full_sync_undoes_filter_when_nat_fails(netfilter: Netfilter,
                                                          change: Change) -> None:
     """A full sync in one batch whose nat part the kernel rejects leaves filter as it was."""
-    fail_and_compare(netfilter, {"stream_full": False, "stage_lines": 1 << 40}, change,
-                     *NAT_FAILS)
+    fail_and_compare(netfilter, change, *NAT_FAILS, stream_full=False)
 
 
 @pytest.mark.parametrize("change", FILTER_CHANGES, ids=lambda c: c.__name__)
@@ -205,14 +205,14 @@ def test_staged_full_sync_undoes_filter_and_the_staged_chains_when_nat_fails(
         netfilter: Netfilter, change: Change) -> None:
     """A staged full sync whose final nat part the kernel rejects leaves no staged chain and
     filter as it was."""
-    fail_and_compare(netfilter, {"stream_full": False, "stage_lines": 1}, change, *NAT_FAILS)
+    fail_and_compare(netfilter, change, *NAT_FAILS, stream_full=False, stage_lines=1)
 
 
 @pytest.mark.parametrize("change", NAT_CHANGES, ids=lambda c: c.__name__)
 def test_streamed_full_sync_undoes_nat_when_filter_fails(netfilter: Netfilter,
                                                          change: Change) -> None:
     """A streamed full sync whose filter part the kernel rejects leaves nat as it was."""
-    fail_and_compare(netfilter, {"stream_full": True}, change, *FILTER_FAILS)
+    fail_and_compare(netfilter, change, *FILTER_FAILS, stream_full=True)
 
 
 PARTIAL_CHANGES = [endpoints_lost, endpoints_found, service_added, endpoint_added]
