@@ -50,6 +50,7 @@ sink are serialised, so the agent's sink need not be thread-safe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import random
@@ -460,7 +461,7 @@ class _Reflector:
                 if self._stopping.is_set():
                     return
                 if _timed_out(err):
-                    self._declare_dead(describe_error(err))
+                    self._declare_dead(_why_dead(err))
                 else:
                     logger.info("watch of %s broke (%s); watching again from %s",
                                 self.kind, describe_error(err), self._resource_version)
@@ -540,6 +541,14 @@ def _timed_out(error: BaseException) -> bool:
             or isinstance(error.__cause__, TimeoutError))
 
 
+def _why_dead(error: BaseException) -> str:
+    """What gave up on a timed-out stream: the kernel (keepalive) or the read timeout."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT:
+        return "TCP keepalive: the server's host stopped answering"
+    return "read timeout: no event or bookmark in time"
+
+
 def _error_event(status: dict[str, Any]) -> Exception:
     """The exception an ``ERROR`` watch event (a metav1.Status) stands for."""
     text = f"{status.get('code')} {status.get('reason')}: {status.get('message')}"
@@ -578,7 +587,8 @@ def describe_error(error: BaseException | None) -> str:
         message = _status_message(error.body)
         return f"HTTP {error.status} {error.reason}" + (f": {message}" if message else "")
     if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
-        return str(error.reason)
+        # urllib3's connection errors carry (connection object, message): the message says it.
+        return str(error.reason.args[-1] if error.reason.args else error.reason)
     return f"{type(error).__name__}: {error}"
 
 
