@@ -226,7 +226,6 @@ class ApiSource:
         api_client: kubernetes.client.ApiClient | None = None,
         settings: ApiSettings = ApiSettings(),
     ) -> None:
-        self.settings = settings
         self.status = SourceStatus()
         self._owns_client = api_client is None
         self._client = (api_client if api_client is not None
@@ -561,9 +560,9 @@ def _resource_version_of(obj: Manifest) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
-def _socket(response: urllib3.BaseHTTPResponse) -> socket.socket | None:
-    sock = getattr(getattr(response, "connection", None), "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
+def _socket(response: urllib3.BaseHTTPResponse) -> Any:
+    """The response's socket (plain or TLS), or None once the connection is released."""
+    return getattr(getattr(response, "connection", None), "sock", None)
 
 
 def _shut_down(response: urllib3.BaseHTTPResponse) -> None:
