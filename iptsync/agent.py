@@ -106,8 +106,7 @@ class Agent:
 
     def _turn(self) -> None:
         self._wait_for_messages(self._next_deadline() - self.clock())
-        connected = all(source.status.connected for source in self.sources)
-        self.metrics.source_connected.set(1 if connected else 0)
+        self._update_source_metrics()
         if not self.ready:
             return
         now = self.clock()
@@ -122,6 +121,14 @@ class Agent:
             return
         if full or due or not self.engine.synced_once:
             self._sync(full=full or not self.engine.synced_once)
+
+    def _update_source_metrics(self) -> None:
+        connected = all(source.status.connected for source in self.sources)
+        self.metrics.source_connected.set(1 if connected else 0)
+        now = time.monotonic()  # the sources' clock, not self.clock (tests may fake that)
+        for source in self.sources:
+            for kind, seconds in source.status.silence(now).items():
+                self.metrics.watch_staleness.labels(kind).set(seconds)
 
     def _next_deadline(self) -> float:
         now = self.clock()

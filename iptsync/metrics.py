@@ -92,3 +92,8 @@ class Metrics:
             "Objects currently rejected (or partly dropped) as invalid", ["kind"], registry=r)
         self.source_connected = Gauge(
             "iptsync_source_connected", "1 when the object source is reachable", registry=r)
+        self.watch_staleness = Gauge(
+            "iptsync_watch_staleness_seconds",
+            "Seconds since the API server last sent anything for this kind (a list or watch "
+            "response, an event, a bookmark)",
+            ["kind"], registry=r)

@@ -13,6 +13,7 @@ says what went wrong instead of failing later with a confusing timeout.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import re
@@ -20,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -265,6 +266,33 @@ def add_veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         "netns",
         check_nsname(ns_b),
     )
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
+
+
+@contextlib.contextmanager
+def thread_in_netns(name: str) -> Iterator[None]:
+    """Move the calling thread (only it) into namespace ``name`` for the block, then back.
+
+    For in-process servers and clients: a socket belongs to the namespace of the thread that
+    creates it, and a thread started inside the block (and every thread it starts) stays in
+    ``name`` for its whole life. Keep the block short: the caller's own thread is moved.
+    """
+    with open("/proc/thread-self/ns/net", "rb") as home, \
+            open(f"/run/netns/{check_nsname(name)}", "rb") as target:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
 
 
 def netns_required() -> bool:

@@ -4,9 +4,11 @@ Each kind gets one thread doing what client-go's reflector does:
 
 - LIST, in pages (``limit``/``continue``: large clusters hold tens of thousands of objects),
   and send a :class:`Snapshot`;
-- WATCH from the list's resourceVersion with bookmarks allowed; every event, BOOKMARKs
-  included, advances the resourceVersion to resume from; ADDED/MODIFIED/DELETED become
-  :class:`Change` messages;
+- WATCH from the list's resourceVersion with bookmarks allowed and a server-side
+  ``timeoutSeconds`` drawn at random between ``min_watch_timeout`` and twice that, as client-go
+  does, so that the watches of thousands of nodes do not all restart at once; every event,
+  BOOKMARKs included, advances the resourceVersion to resume from; ADDED/MODIFIED/DELETED
+  become :class:`Change` messages;
 - when the server ends a watch (its ``timeoutSeconds``), or an established watch breaks, WATCH
   again from the last resourceVersion: no relist, and changes missed meanwhile still arrive;
 - 410 Gone/Expired (an HTTP 410, or an ``ERROR`` event with code 410) means the history since
@@ -14,6 +16,25 @@ Each kind gets one thread doing what client-go's reflector does:
 - a request that fails (unreachable, reset, timed out, 5xx, ...) is retried with exponential
   backoff and jitter; meanwhile ``status.connected`` is False and ``status.last_error`` says
   why; one warning per outage, one info line on recovery.
+
+Bounded staleness. When the server's host vanishes without a reset (a partition, a dead load
+balancer, a frozen VM), a watch stays ESTABLISHED and nothing arrives: without more, only the
+read timeout after ``timeoutSeconds`` (5 to 10 minutes) would notice. Two things cut that
+short, and either declares the watch dead (a WARNING naming the kind and how long it was
+silent), after which the kind is listed again (an INFO line when that succeeds):
+
+- TCP keepalive with short timings on every connection the client opens (and a matching
+  ``TCP_USER_TIMEOUT`` for requests sent into the void): the kernel ends a connection whose
+  peer stopped answering after ``keepalive_idle + keepalive_interval * keepalive_count``
+  seconds (25 s by default);
+- a read timeout sized from the bookmark interval: once the server has sent a kind's watch a
+  BOOKMARK (kube-apiserver's watch cache sends one about every minute), a watch silent for
+  ``bookmark_interval + request_timeout`` seconds is dead even if TCP still answers (a hung
+  server or proxy). A server that never sends bookmarks keeps the long read timeout, so it is
+  not declared dead on every quiet interval.
+
+``status.last_heard`` holds, per kind, when the server last said something (a list or watch
+response, an event, a bookmark); the agent exports the seconds since as a metric.
 
 Objects are never turned into the client's models: deserialising tens of thousands of them is
 slow. The generated list methods are called with ``_preload_content=False`` (so the client
@@ -29,8 +50,10 @@ sink are serialised, so the agent's sink need not be thread-safe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -74,15 +97,71 @@ _TRANSIENT = (ApiException, urllib3.exceptions.HTTPError, OSError, json.JSONDeco
 
 
 @dataclass(frozen=True)
-class _Settings:
-    """How the threads talk to the server; see :class:`ApiSource` for each field."""
+class ApiSettings:
+    """How the threads talk to the API server (seconds unless said otherwise).
 
-    bookmarks: bool
-    watch_timeout: int
-    request_timeout: float
-    backoff_initial: float
-    backoff_max: float
-    page_size: int
+    The defaults suit production: a dead connection is noticed within about 25 s (keepalive)
+    or 90 s (no bookmark on a connection that still answers TCP), and a change made during a
+    partition is programmed well within a minute after it heals (at most ``request_timeout``
+    for a connection attempt in flight, plus ``backoff_max``, plus one LIST). Tests shrink
+    them all.
+    """
+
+    bookmarks: bool = True
+    """Ask for BOOKMARK events (cheap resumes, and the heartbeat the read timeout relies on)."""
+    min_watch_timeout: int = 300
+    """Each watch asks the server to end it after a random ``timeoutSeconds`` between this
+    and twice this (client-go's reflector: 5 minutes)."""
+    bookmark_interval: float = 60.0
+    """How often the server sends a watch a BOOKMARK (kube-apiserver: every minute)."""
+    request_timeout: float = 30.0
+    """Connect timeout; read timeout of lists; the grace added to the watch read timeout."""
+    keepalive_idle: int = 10
+    """Seconds a connection is quiet before the kernel probes its peer."""
+    keepalive_interval: int = 5
+    """Seconds between unanswered keepalive probes."""
+    keepalive_count: int = 3
+    """Unanswered probes after which the kernel ends the connection."""
+    backoff_initial: float = 0.2
+    """First wait after a failed request; the window doubles per failure ..."""
+    backoff_max: float = 10.0
+    """... up to this."""
+    page_size: int = 500
+    """Objects per LIST page."""
+
+    def watch_timeout(self) -> int:
+        """A ``timeoutSeconds`` for one watch: random in [min, 2 x min), as client-go does."""
+        return int(self.min_watch_timeout * (1.0 + random.random()))
+
+    def watch_read_timeout(self, timeout_seconds: int, *, bookmarks_arrive: bool) -> float:
+        """How long a watch may stay silent before it is declared dead."""
+        if self.bookmarks and bookmarks_arrive:
+            return self.bookmark_interval + self.request_timeout
+        # The server ends the stream after timeoutSeconds; the read timeout only catches a
+        # connection that died without a word (keepalive normally notices much sooner).
+        return timeout_seconds + self.request_timeout
+
+    @property
+    def dead_peer_timeout(self) -> int:
+        """Seconds after which the kernel gives up on a peer that stopped answering."""
+        return self.keepalive_idle + self.keepalive_interval * self.keepalive_count
+
+
+def keepalive_socket_options(settings: ApiSettings) -> list[tuple[int, int, int]]:
+    """urllib3 ``socket_options`` for API connections: its defaults plus TCP keepalive.
+
+    ``TCP_USER_TIMEOUT`` bounds what keepalive cannot see: a request sent after the peer
+    vanished sits unacknowledged, and keepalive probes only idle connections.
+    """
+    options = list(urllib3.connection.HTTPConnection.default_socket_options)
+    options += [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, settings.keepalive_idle),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, settings.keepalive_interval),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_count),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, settings.dead_peer_timeout * 1000),
+    ]
+    return options
 
 
 @dataclass(frozen=True)
@@ -106,7 +185,8 @@ def _resources(client: kubernetes.client.ApiClient, node_name: str) -> tuple[_Re
     )
 
 
-def _client_from_config(kubeconfig: str | Path | None) -> kubernetes.client.ApiClient:
+def _client_from_config(kubeconfig: str | Path | None,
+                        settings: ApiSettings) -> kubernetes.client.ApiClient:
     """An ApiClient from a kubeconfig file, or from the pod's service account without one."""
     configuration = kubernetes.client.Configuration()
     try:
@@ -122,6 +202,7 @@ def _client_from_config(kubeconfig: str | Path | None) -> kubernetes.client.ApiC
     # Retries are ours (backoff, one warning per outage); urllib3's would add three instant
     # attempts and a warning each to every failed request.
     configuration.retries = 0
+    configuration.socket_options = keepalive_socket_options(settings)
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -131,13 +212,10 @@ class ApiSource:
     Without ``api_client``, the client is built from ``kubeconfig``, or from the in-cluster
     service account when that is None (configuration errors raise here, not in the threads);
     a client built here is closed by :meth:`stop`, one passed in is left to its owner (give it
-    ``configuration.retries = 0``, as built here, or urllib3 retries and logs on its own).
-
-    ``watch_timeout_seconds``: the server ends each watch after this long (``timeoutSeconds``).
-    ``request_timeout``: connect timeout, and read timeout of lists (watches wait that much
-    longer than ``watch_timeout_seconds``). Failed requests are retried after a random wait
-    between ``backoff_initial`` and a window that doubles per failure up to ``backoff_max``.
-    ``page_size``: objects per LIST page.
+    ``configuration.retries = 0`` and ``configuration.socket_options =
+    keepalive_socket_options(settings)``, as built here, or urllib3 retries and logs on its
+    own and a dead peer goes unnoticed until the read timeout). ``settings``: see
+    :class:`ApiSettings`.
     """
 
     def __init__(
@@ -146,18 +224,12 @@ class ApiSource:
         *,
         kubeconfig: str | Path | None = None,
         api_client: kubernetes.client.ApiClient | None = None,
-        bookmarks: bool = True,
-        watch_timeout_seconds: int = 300,
-        request_timeout: float = 30.0,
-        backoff_initial: float = 0.2,
-        backoff_max: float = 10.0,
-        page_size: int = 500,
+        settings: ApiSettings = ApiSettings(),
     ) -> None:
-        settings = _Settings(bookmarks, watch_timeout_seconds, request_timeout,
-                             backoff_initial, backoff_max, page_size)
         self.status = SourceStatus()
         self._owns_client = api_client is None
-        self._client = api_client if api_client is not None else _client_from_config(kubeconfig)
+        self._client = (api_client if api_client is not None
+                        else _client_from_config(kubeconfig, settings))
         self._tracker = _StatusTracker(self.status)
         self._stopping = threading.Event()
         self._sink_lock = threading.Lock()
@@ -234,6 +306,16 @@ class _StatusTracker:
         with self._lock:
             self._status.relists += 1
 
+    def heard(self, kind: Kind) -> None:
+        """The server said something about ``kind``: a response, an event or a bookmark."""
+        with self._lock:
+            self._status.last_heard[kind] = time.monotonic()
+
+    def silence(self, kind: Kind) -> float:
+        """Seconds since the server last said something about ``kind``."""
+        with self._lock:
+            return self._status.silence(time.monotonic()).get(kind, 0.0)
+
     def event(self, kind: Kind) -> None:
         """A watch event became a Change."""
         with self._lock:
@@ -243,7 +325,7 @@ class _StatusTracker:
 class _Reflector:
     """The list+watch loop of one kind, run in its own thread."""
 
-    def __init__(self, resource: _Resource, settings: _Settings, tracker: _StatusTracker,
+    def __init__(self, resource: _Resource, settings: ApiSettings, tracker: _StatusTracker,
                  stopping: threading.Event, send: Callable[[Snapshot | Change], None]) -> None:
         self.kind = resource.kind
         self._resource = resource
@@ -253,6 +335,8 @@ class _Reflector:
         self._send = send
         self._resource_version: str | None = None  # None: a LIST is due
         self._listed = False
+        self._bookmarks_arrive = False  # arms the read timeout sized from bookmark_interval
+        self._silent_since: float | None = None  # when a watch declared dead went silent
         self._response_lock = threading.Lock()
         self._response: urllib3.BaseHTTPResponse | None = None
 
@@ -325,6 +409,11 @@ class _Reflector:
             self._tracker.relisted()
         self._listed = True
         self._resource_version = resource_version
+        if self._silent_since is not None:
+            logger.info("%s objects listed again (%d) after a dead watch, %.1f s after the API "
+                        "server went silent", self.kind, len(objects),
+                        time.monotonic() - self._silent_since)
+            self._silent_since = None
         self._send(Snapshot(self.kind, tuple(objects), resource_version))
 
     def _list_page(self, token: str | None) -> dict[str, Any]:
@@ -347,23 +436,42 @@ class _Reflector:
 
     def _watch(self) -> None:
         settings = self._settings
+        timeout_seconds = settings.watch_timeout()
+        read_timeout = settings.watch_read_timeout(timeout_seconds,
+                                                   bookmarks_arrive=self._bookmarks_arrive)
         with self._request(
             watch=True,
             resource_version=self._resource_version,
             allow_watch_bookmarks=settings.bookmarks,
-            timeout_seconds=settings.watch_timeout,
-            # The server ends the stream after timeoutSeconds; the read timeout only catches
-            # a connection that died without a word.
-            _request_timeout=(settings.request_timeout,
-                              settings.watch_timeout + settings.request_timeout),
+            timeout_seconds=timeout_seconds,
+            _request_timeout=(settings.request_timeout, read_timeout),
         ) as response:
+            armed = self._bookmarks_arrive
             try:
                 for line in _lines(response):
+                    self._tracker.heard(self.kind)
                     self._handle(json.loads(line))
+                    if self._bookmarks_arrive and not armed:
+                        # The first bookmark proves the server sends them: arm this stream.
+                        armed = True
+                        _set_read_timeout(response, settings.watch_read_timeout(
+                            timeout_seconds, bookmarks_arrive=True))
             except (urllib3.exceptions.HTTPError, OSError) as err:
-                if not self._stopping.is_set():
+                if self._stopping.is_set():
+                    return
+                if _timed_out(err):
+                    self._declare_dead(_why_dead(err))
+                else:
                     logger.info("watch of %s broke (%s); watching again from %s",
                                 self.kind, describe_error(err), self._resource_version)
+
+    def _declare_dead(self, reason: str) -> None:
+        """Nothing arrived for too long (read timeout or keepalive): list again."""
+        silence = self._tracker.silence(self.kind)
+        logger.warning("watch of %s declared dead: nothing from the API server for %.1f s "
+                       "(%s); reconnecting and listing again", self.kind, silence, reason)
+        self._silent_since = time.monotonic() - silence
+        self._resource_version = None
 
     def _handle(self, event: Any) -> None:
         obj = event.get("object") if isinstance(event, dict) else None
@@ -377,7 +485,9 @@ class _Reflector:
             manifest = self._with_kind(obj)
             self._tracker.event(self.kind)
             self._send(Change(self.kind, action, manifest, _resource_version_of(manifest)))
-        elif event_type != "BOOKMARK":
+        elif event_type == "BOOKMARK":
+            self._bookmarks_arrive = True
+        else:
             logger.warning("ignoring %s watch event of unknown type %r", self.kind, event_type)
             return
         self._resource_version = _resource_version_of(obj) or self._resource_version
@@ -396,6 +506,7 @@ class _Reflector:
                 raise _Expired(describe_error(err)) from err
             raise
         self._tracker.request_succeeded(self.kind)
+        self._tracker.heard(self.kind)
         with self._response_lock:
             self._response = response
             if self._stopping.is_set():
@@ -423,6 +534,20 @@ def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         raise _BadResponse("watch stream ended in the middle of an event")
 
 
+def _timed_out(error: BaseException) -> bool:
+    """Whether a broken stream timed out (read timeout, or keepalive's ETIMEDOUT)."""
+    return (isinstance(error, (urllib3.exceptions.ReadTimeoutError, TimeoutError))
+            or isinstance(error.__cause__, TimeoutError))
+
+
+def _why_dead(error: BaseException) -> str:
+    """What gave up on a timed-out stream: the kernel (keepalive) or the read timeout."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT:
+        return "TCP keepalive: the server's host stopped answering"
+    return "read timeout: no event or bookmark in time"
+
+
 def _error_event(status: dict[str, Any]) -> Exception:
     """The exception an ``ERROR`` watch event (a metav1.Status) stands for."""
     text = f"{status.get('code')} {status.get('reason')}: {status.get('message')}"
@@ -435,12 +560,24 @@ def _resource_version_of(obj: Manifest) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
+def _socket(response: urllib3.BaseHTTPResponse) -> Any:
+    """The response's socket (plain or TLS), or None once the connection is released."""
+    return getattr(getattr(response, "connection", None), "sock", None)
+
+
 def _shut_down(response: urllib3.BaseHTTPResponse) -> None:
     """Shut the response's socket down (close() could block behind an SSL read's lock)."""
-    sock = getattr(getattr(response, "connection", None), "sock", None)
+    sock = _socket(response)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _set_read_timeout(response: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    """Change the read timeout of a response being streamed (it applies to each read)."""
+    sock = _socket(response)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def describe_error(error: BaseException | None) -> str:
@@ -449,7 +586,8 @@ def describe_error(error: BaseException | None) -> str:
         message = _status_message(error.body)
         return f"HTTP {error.status} {error.reason}" + (f": {message}" if message else "")
     if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
-        return str(error.reason)
+        # urllib3's connection errors carry (connection object, message): the message says it.
+        return str(error.reason.args[-1] if error.reason.args else error.reason)
     return f"{type(error).__name__}: {error}"
 
 

@@ -58,6 +58,14 @@ class SourceStatus:
     last_error: str | None = None
     relists: int = 0  # lists after the first (410 Gone, reconnects)
     events: dict[str, int] = field(default_factory=dict)  # per kind
+    # Per kind, when (time.monotonic()) the backend last said something: a response, an
+    # event, a bookmark. Sources that do not watch leave it empty.
+    last_heard: dict[str, float] = field(default_factory=dict)
+
+    def silence(self, now: float) -> dict[str, float]:
+        """Seconds since the backend last said something, per kind (``now``: monotonic)."""
+        heard = list(self.last_heard.items())  # one atomic copy: sources write from threads
+        return {kind: max(0.0, now - at) for kind, at in heard}
 
 
 class Source(Protocol):

@@ -30,7 +30,7 @@ from iptsync.lab.topology import Cluster, ClusterSpec, PodSpec, cleanup_stale
 from iptsync.metrics import Metrics
 from iptsync.netfilter import Backend, Netfilter
 from iptsync.render import Settings
-from iptsync.sources.api import ApiSource
+from iptsync.sources.api import ApiSettings, ApiSource
 
 from .waiting import eventually
 
@@ -63,8 +63,8 @@ class RunningAgent:
         self.netfilter.restore("*filter\nCOMMIT\n*nat\nCOMMIT\n", noflush=False)
         self.client = server.api_client()
         self.client.configuration.retries = 0  # as ApiSource sets on clients it builds
-        self.source = ApiSource("node1", api_client=self.client, watch_timeout_seconds=5,
-                                request_timeout=2.0, backoff_initial=0.05, backoff_max=0.5)
+        self.source = ApiSource("node1", api_client=self.client, settings=ApiSettings(
+            min_watch_timeout=5, request_timeout=2.0, backoff_initial=0.05, backoff_max=0.5))
         self.metrics = Metrics()
         self.health = HealthState(2.0)
         self.health_server = HealthServer(("127.0.0.1", 0), self.health)

@@ -4,7 +4,8 @@ The agent talks to the API server through the official ``kubernetes`` Python cli
 bugs worth catching live in the protocol: which resourceVersion a watch resumes from, what
 happens on 410 Expired, whether a paged LIST stays consistent, whether the agent survives the
 server going away. Mocking the client hides all of that, so this module serves the real wire
-protocol on 127.0.0.1 (JSON only) for the three resources the agent reads:
+protocol on 127.0.0.1, or another address (JSON only), for the three resources the agent
+reads:
 
 * ``/api/v1/services``, ``/api/v1/namespaces/{ns}/services[/{name}]``
 * ``/apis/discovery.k8s.io/v1/endpointslices``, ``.../namespaces/{ns}/endpointslices[/{name}]``
@@ -22,8 +23,9 @@ a fresh, inconsistent continue token); a WATCH from such a resourceVersion gets 
 
 Test controls: :meth:`FakeApiServer.create` / ``update`` / ``delete`` change the store and emit
 watch events; ``compact`` expires history; ``bookmark`` and ``close_watches`` act on every open
-watch; ``stop`` / ``start`` take the server away and bring it back on the same port with the
-same store; ``latency`` delays every request; ``requests`` records what the client sent, and
+watch, and while ``stalled`` open watches send nothing (a hung server); ``stop`` / ``start``
+take the server away and bring it back on the same port with the same store; ``latency``
+delays every request; ``requests`` records what the client sent, and
 ``wait_for_request`` / ``wait_for_watches`` let a test wait for the client instead of sleeping.
 """
 
@@ -533,6 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
                     if idle and all(now < t for t in wakeups):
                         store.cond.wait(min([0.1] + [t - now for t in wakeups]))
                         now = time.monotonic()
+                    if owner.stalled and watcher.ending != "abort":
+                        store.cond.wait(0.02)  # hung: nothing sent, the connection stays up
+                        continue
                     batch = list(watcher.queue)
                     watcher.queue.clear()
                     ending = watcher.ending
@@ -564,14 +569,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeApiServer:
-    """A fake kube-apiserver on ``http://127.0.0.1:<port>``; use as a context manager.
+    """A fake kube-apiserver on ``http://<host>:<port>``; use as a context manager.
 
     ``bookmark_interval``: seconds between periodic BOOKMARKs on watches that allow them
     (None: only on :meth:`bookmark`). ``max_events``: the watch-history window. ``latency``:
     seconds slept before answering each request (settable at any time). ``token``: when set,
     requests must carry ``Authorization: Bearer <token>`` (else 401). ``too_large_rv_wait``:
     how long a LIST at a future resourceVersion waits for the store before 504 (the real
-    server waits 3 s).
+    server waits 3 s). ``host``: the address to listen on (the listening socket belongs to
+    the network namespace of the thread that calls :meth:`start`). ``stalled``: while True,
+    open watches send nothing at all, neither events nor bookmarks, and never time out, as a
+    hung server or proxy would; what they missed is sent once it is False again.
     """
 
     def __init__(
@@ -582,8 +590,11 @@ class FakeApiServer:
         latency: float = 0.0,
         token: str | None = None,
         too_large_rv_wait: float = 0.0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.store = Store(max_events=max_events)
+        self.host = host
+        self.stalled = False
         self.bookmark_interval = bookmark_interval
         self.latency = latency
         self.token = token
@@ -619,10 +630,10 @@ class FakeApiServer:
         with self._lifecycle:
             if self._httpd is not None:
                 raise RuntimeError("the fake API server is already running")
-            httpd = _HTTPServer(("127.0.0.1", self._port), self)
+            httpd = _HTTPServer((self.host, self._port), self)
             self._stopping = threading.Event()
             self._port = int(httpd.server_address[1])
-            self._documents = _documents(f"127.0.0.1:{self._port}")
+            self._documents = _documents(f"{self.host}:{self._port}")
             thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01},
                                       name=f"fake-apiserver-{self._port}", daemon=True)
             thread.start()
@@ -669,8 +680,8 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        return f"http://127.0.0.1:{self._port}"
+        """``http://<host>:<port>``."""
+        return f"http://{self.host}:{self._port}"
 
     # --- client helpers ---
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -685,6 +686,25 @@ def test_watch_deserialize_false_crashes_on_error_event(
                                       resource_version=stale, deserialize=False,
                                       _request_timeout=WATCH_TIMEOUT):
             pass
+
+
+def test_stalled_watch_sends_nothing_until_released(apiserver: FakeApiServer,
+                                                    core: CoreV1Api) -> None:
+    """While stalled, an open watch sends no event and no bookmark and ignores its
+    timeoutSeconds, the connection staying up; released, it sends what it held back."""
+    apiserver.bookmark_interval = 0.1
+    apiserver.stalled = True  # the response headers still go out
+    response = raw_service_watch(core, resource_version=apiserver.resource_version,
+                                 timeout_seconds=1)
+    apiserver.create(service("held"))
+    sock = response.connection.sock  # type: ignore[union-attr]
+    held_back = select.select([sock], [], [], 1.5)[0]
+    apiserver.stalled = False
+    assert ([], 1) == (held_back, apiserver.active_watches)
+    assert ("ADDED", "held") == next(
+        (e["type"], e["object"]["metadata"]["name"]) for e in events(response)
+        if e["type"] != "BOOKMARK")
+    response.release_conn()
 
 
 def test_watch_timeout_seconds_ends_stream(apiserver: FakeApiServer, core: CoreV1Api) -> None:

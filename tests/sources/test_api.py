@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ import pytest
 from apiserver import FakeApiServer, RecordedRequest, manifest
 
 from iptsync.model import parse_object
-from iptsync.sources.api import ApiConfigError, ApiSource
+from iptsync.sources.api import (
+    ApiConfigError,
+    ApiSettings,
+    ApiSource,
+    keepalive_socket_options,
+)
 from iptsync.sources.base import KINDS, Kind, Snapshot, object_key
 
 from .conftest import Recorder, names, wait_until
@@ -28,8 +34,8 @@ NODE = "node-a"
 SERVICES = "/api/v1/services"
 SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES = "/api/v1/nodes"
-FAST: dict[str, Any] = {"backoff_initial": 0.01, "backoff_max": 0.05, "request_timeout": 5.0,
-        "watch_timeout_seconds": 60}
+FAST = ApiSettings(backoff_initial=0.01, backoff_max=0.05, request_timeout=5.0,
+                   min_watch_timeout=60)
 
 
 def service(name: str, namespace: str = "default", cluster_ip: str = "10.96.0.10") -> Any:
@@ -77,10 +83,13 @@ def start_source(apiserver: FakeApiServer,
     started: list[tuple[ApiSource, kubernetes.client.ApiClient]] = []
 
     def start(**options: Any) -> ApiSource:
+        settings = replace(FAST, **options)
         configuration = apiserver.client_configuration()
-        configuration.retries = 0  # as ApiSource configures the clients it builds
+        # As ApiSource configures the clients it builds.
+        configuration.retries = 0
+        configuration.socket_options = keepalive_socket_options(settings)
         client = kubernetes.client.ApiClient(configuration)
-        source = ApiSource(NODE, api_client=client, **{**FAST, **options})
+        source = ApiSource(NODE, api_client=client, settings=settings)
         started.append((source, client))
         source.start(recorder)
         return source
@@ -132,11 +141,30 @@ def test_list_then_watch_requests(apiserver: FakeApiServer, recorder: Recorder,
     assert [{"fieldSelector": f"metadata.name={NODE}", "limit": "500"}] \
         == [r.query for r in requests_to(apiserver, NODES, watch=False)]
     assert [{"fieldSelector": f"metadata.name={NODE}", "watch": "true", "resourceVersion": rv,
-             "allowWatchBookmarks": "true", "timeoutSeconds": "60"}] \
-        == [r.query for r in requests_to(apiserver, NODES, watch=True)]
-    assert [{"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true",
-             "timeoutSeconds": "60"}] \
-        == [r.query for r in requests_to(apiserver, SERVICES, watch=True)]
+             "allowWatchBookmarks": "true"}] \
+        == [without_timeout(r.query) for r in requests_to(apiserver, NODES, watch=True)]
+    assert [{"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}] \
+        == [without_timeout(r.query) for r in requests_to(apiserver, SERVICES, watch=True)]
+
+
+def without_timeout(query: Mapping[str, str]) -> dict[str, str]:
+    """A request's query without ``timeoutSeconds`` (random; checked on its own)."""
+    return {key: value for key, value in query.items() if key != "timeoutSeconds"}
+
+
+def test_watch_timeouts_are_randomised_like_client_go(
+        apiserver: FakeApiServer, recorder: Recorder,
+        start_source: Callable[..., ApiSource]) -> None:
+    """Every watch asks for a timeoutSeconds drawn from [min, 2 x min), not one fixed value."""
+    start_source(min_watch_timeout=60)
+    synced(recorder)
+    for rounds in range(2, 6):
+        apiserver.wait_for_watches(3)
+        apiserver.close_watches()
+        wait_until(lambda n=rounds: len([r for r in apiserver.requests if r.is_watch]) >= 3 * n,
+                   f"watch round {rounds}")
+    timeouts = [int(r.query["timeoutSeconds"]) for r in apiserver.requests if r.is_watch]
+    assert (True, True) == (all(60 <= t < 120 for t in timeouts), len(set(timeouts)) > 1)
 
 
 def test_list_is_paginated(apiserver: FakeApiServer, recorder: Recorder,
@@ -260,6 +288,59 @@ def test_expired_continue_token_restarts_list(apiserver: FakeApiServer, recorder
     assert 1 == len(recorder.snapshots("Service"))
 
 
+def test_silent_watch_is_declared_dead_and_relisted(
+        apiserver: FakeApiServer, recorder: Recorder, start_source: Callable[..., ApiSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Watches kept alive by bookmarks stay up; once nothing arrives (no event, no bookmark)
+    for bookmark_interval + request_timeout, a WARNING names the kind and its silence, the
+    kind is listed again (with what changed meanwhile) and an INFO line says so."""
+    caplog.set_level(logging.INFO, logger="iptsync.sources.api")
+    apiserver.bookmark_interval = 0.1
+    source = start_source(bookmark_interval=0.1, request_timeout=0.5)
+    synced(recorder)
+    time.sleep(1.5)  # 15 bookmarks: the short read timeout is armed, and never fires
+    assert (0, []) == (source.status.relists, warnings(caplog))
+    apiserver.stalled = True
+    started = time.monotonic()
+    apiserver.create(service("during"))
+    snapshot = recorder.wait_for_snapshots("Service", 2)  # LISTs still answer
+    declared_after = time.monotonic() - started
+    apiserver.stalled = False
+    assert ["during"] == names(snapshot)
+    dead = next(m for m in warnings(caplog) if m.startswith("watch of Service declared dead"))
+    silence = float(dead.split(" for ")[1].split(" s ")[0])
+    assert (True, True, True) == (0.5 <= silence < 2.0, declared_after < 2.0,
+                                  "(read timeout: no event or bookmark in time)" in dead), dead
+    assert ["Service objects listed again (1) after a dead watch"] \
+        == [m.split(",")[0] for m in infos(caplog) if m.startswith("Service objects")][:1]
+
+
+def test_short_read_timeout_waits_for_a_first_bookmark(
+        apiserver: FakeApiServer, recorder: Recorder,
+        start_source: Callable[..., ApiSource]) -> None:
+    """A server that sends no bookmarks is not declared dead every bookmark interval; the
+    silence per kind still grows for the staleness metric."""
+    source = start_source(bookmark_interval=0.1, request_timeout=0.5)
+    synced(recorder)
+    apiserver.wait_for_watches(3)
+    time.sleep(1.5)
+    silence = source.status.silence(time.monotonic())
+    assert (0, 3) == (source.status.relists, apiserver.active_watches)
+    assert dict.fromkeys(KINDS, True) == {kind: s >= 1.0 for kind, s in silence.items()}
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The source's WARNING messages so far."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "iptsync.sources.api" and r.levelno == logging.WARNING]
+
+
+def infos(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The source's INFO messages so far."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "iptsync.sources.api" and r.levelno == logging.INFO]
+
+
 def test_api_down_then_back(apiserver: FakeApiServer, recorder: Recorder,
                             start_source: Callable[..., ApiSource],
                             caplog: pytest.LogCaptureFixture) -> None:
@@ -304,7 +385,7 @@ def test_unreachable_at_start(apiserver: FakeApiServer, recorder: Recorder,
 def test_stop_ends_idle_watches_promptly(apiserver: FakeApiServer, recorder: Recorder,
                                          start_source: Callable[..., ApiSource]) -> None:
     """stop() ends threads blocked on idle watches well within two seconds."""
-    source = start_source(watch_timeout_seconds=300, request_timeout=60.0)
+    source = start_source(min_watch_timeout=300, request_timeout=60.0)
     synced(recorder)
     apiserver.wait_for_watches(3)
     started = time.monotonic()
@@ -331,7 +412,7 @@ def test_kubeconfig_with_token(recorder: Recorder, tmp_path: Path) -> None:
     with FakeApiServer(bookmark_interval=None, token="s3cret") as server:
         server.create(node(NODE))
         source = ApiSource(NODE, kubeconfig=server.write_kubeconfig(tmp_path / "kubeconfig"),
-                           **FAST)
+                           settings=FAST)
         source.start(recorder)
         try:
             assert [NODE] == names(synced(recorder)["Node"])
