@@ -70,7 +70,9 @@ def node_options(func: F) -> F:
                      help="Accept NodePort connections on 127.0.0.1."),
         click.option("--node-ip", "node_ips", multiple=True,
                      help="A node address (repeatable); default: the Node object's addresses."),
-        click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
+        click.option("-v", "--verbose", count=True,
+                     help="More logging: -v info, -vv debug, -vvv libraries' debug too "
+                          "(run starts at info: one v fewer)."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -275,15 +277,24 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
     metrics = Metrics()
     health = HealthState(2 * timing.sync_period)
     servers: list[HttpServer] = []
-    try:
-        if healthz is not None:
-            servers.append(HealthServer(healthz, health))
-        if metrics_at is not None:
-            servers.append(MetricsServer(metrics_at, metrics.registry, health))
-    except OSError as err:
-        for server in servers:
-            server.close()
-        raise click.ClickException(f"cannot listen: {err}") from None
+    wanted: list[tuple[str, tuple[str, int] | None, Callable[[tuple[str, int]], HttpServer]]] = [
+        ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health)),
+        ("--metrics-bind-address", metrics_at,
+         lambda at: MetricsServer(at, metrics.registry, health))]
+    for flag, address, serve in wanted:
+        if address is None:
+            continue
+        try:
+            servers.append(serve(address))
+        except OSError as err:
+            for server in servers:
+                server.close()
+            host, port = address
+            raise click.ClickException(
+                f"{flag} {host or '0.0.0.0'}:{port}: cannot listen there: "
+                f"{err.strerror or err} (another process, or another iptsync or kube-proxy, "
+                f"may hold the port; choose another address or an empty one to disable "
+                f"it)") from None
     agent = Agent(engine, sources, timing=timing, metrics=metrics, health=health,
                   service_health=ServiceHealthServers(proxy_healthy=health.healthy))
 
