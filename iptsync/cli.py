@@ -194,6 +194,8 @@ def resolve_backend(choice: str) -> Backend:
               help="HOST:PORT of /metrics; empty disables.  [default: 127.0.0.1:10249]")
 @click.option("--canary-interval", default="5s", show_default=True, hidden=True,
               help="How often to look for the canary chain.")
+@click.option("--progress-interval", default="5s", show_default=True, hidden=True,
+              help="How often a long sync logs how far it got.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
@@ -210,9 +212,14 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     config = proxy_config(params)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
     netfilter = Netfilter(resolve_backend(backend))
+    try:
+        progress_interval = parse_duration(params["progress_interval"], "--progress-interval")
+    except OptionError as err:
+        raise click.UsageError(str(err)) from None
     engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
                     clear_flows=not no_conntrack_cleanup,
-                    stage_lines=STAGE_LINES[netfilter.backend])
+                    stage_lines=STAGE_LINES[netfilter.backend],
+                    progress_interval=progress_interval)
     if once:
         if not params["objects"]:
             raise click.UsageError("--once needs --objects")

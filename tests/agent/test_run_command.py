@@ -184,6 +184,18 @@ def test_verbose_is_iptsync_debug_and_only_vv_adds_the_libraries(netns: str,
     assert "pyroute2" in loggers["-vv"]
 
 
+def test_progress_interval_flag_reaches_the_sync(netns: str, tmp_path: Path) -> None:
+    """``--progress-interval 0`` makes even a one-service sync report its progress."""
+    objects = tmp_path / "web.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        service("web", "10.96.0.50"), endpoint_slice("web", "10.0.1.10")]}))
+    result = subprocess.run(
+        run_command(netns, "--once", "--objects", str(objects), "--iptables-backend", "legacy",
+                    "--progress-interval", "0"), capture_output=True, text=True, check=False)
+    assert 0 == result.returncode, result.stderr
+    assert "full sync in progress: 0 of 1 services sent to iptables-restore" in result.stderr
+
+
 @pytest.mark.parametrize("flag", ["--healthz-bind-address", "--metrics-bind-address"])
 def test_busy_port_names_the_flag_and_the_address(netns: str, tmp_path: Path,
                                                   flag: str) -> None:
