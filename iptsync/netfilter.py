@@ -344,9 +344,9 @@ def choose_backend(found: Found, count_rules: Callable[[Backend], int]) -> tuple
         return kube[0], f"found {_where(found[kube[0]])}"
     counts = {backend: count_rules(backend) for backend in Backend}
     chosen = Backend.LEGACY if counts[Backend.LEGACY] > counts[Backend.NFT] else Backend.NFT
-    return chosen, (f"{'no' if not kube else 'no hint chain but'} kube chains in "
-                    f"{'either' if not kube else 'both'}; it holds the most rules "
-                    f"(nft {counts[Backend.NFT]}, legacy {counts[Backend.LEGACY]})")
+    situation = "kube chains in both, no hint chain" if kube else "no kube chains in either"
+    return chosen, (f"{situation}; it holds more rules (nft {counts[Backend.NFT]}, legacy "
+                    f"{counts[Backend.LEGACY]})")
 
 
 def _where(found: Sequence[tuple[str, str]]) -> str:
@@ -357,9 +357,10 @@ def detect_backend(netns: str | None = None) -> Backend:
     """Pick the backend this node uses from a few chains, without reading whole tables.
 
     Listing one chain costs milliseconds on a loaded node: nft dumps only that chain; legacy
-    loads only that chain's table, and KUBE_CHAINS live in the small ones. Reading every
-    table of both backends instead cost 7 s at 10,000 services. Rules are counted (a full
-    iptables-save) only when no backend or both hold kube chains without a hint chain.
+    loads only that chain's table, and KUBE_CHAINS live in the small ones: 16 ms at 10,000
+    services, where saving every table of both backends took 7 s (16 s on a busy machine).
+    Rules are counted (a full iptables-save) only when no hint chain decides and not exactly
+    one backend holds kube chains.
     """
     found: dict[Backend, list[tuple[str, str]]] = {}
     for backend in Backend:
