@@ -212,6 +212,7 @@ class Agent:
         if full:
             self._last_full = self._last_sync
         kind = "full" if full or self.engine.needs_full else "partial"
+        first = not self.engine.synced_once
         try:
             report = self.engine.sync(full=full)
         except (SyncError, NetfilterError) as err:
@@ -232,12 +233,12 @@ class Agent:
         self._pending = {"Service": 0, "EndpointSlice": 0}
         self._update_pending_metrics()
         self.health.updated()
-        self._record(report)
+        self._record(report, first=first)
         if self.service_health is not None:
             self.service_health.update(health_check_ports(self.engine.state,
                                                           self.engine.settings.node_name))
 
-    def _record(self, report: EngineReport) -> None:
+    def _record(self, report: EngineReport, *, first: bool = False) -> None:
         m = self.metrics
         total = report.phases.get("total", 0.0)
         kind = "full" if report.full else "partial"
@@ -258,6 +259,15 @@ class Agent:
             table = chain.split("/", 1)[0]
             m.drift.labels(table).inc()
             log.warning("drift: %s was changed outside iptsync; repaired", chain)
+        if first:
+            # Said also when the node already held every rule (a restart): the operator
+            # waiting for the agent to come up learns that it has.
+            counts = self.engine.rule_counts()
+            log.info("first full sync done in %.2fs: %d services, %s rules; %s", total,
+                     len(self.engine.state.services),
+                     ", ".join(f"{table} {counts[table]}" for table in sorted(counts)),
+                     "nothing needed changing" if report.plan.empty
+                     else report.plan.summary())
         level = logging.INFO if not report.plan.empty or report.drifted else logging.DEBUG
         log.log(level, "%s", report.line())
         self.reports = [*self.reports[-9:], report]

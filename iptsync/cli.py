@@ -70,7 +70,9 @@ def node_options(func: F) -> F:
                      help="Accept NodePort connections on 127.0.0.1."),
         click.option("--node-ip", "node_ips", multiple=True,
                      help="A node address (repeatable); default: the Node object's addresses."),
-        click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
+        click.option("-v", "--verbose", count=True,
+                     help="More logging: -v info, -vv debug, -vvv libraries' debug too "
+                          "(run starts at info: one v fewer)."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -192,6 +194,8 @@ def resolve_backend(choice: str) -> Backend:
               help="HOST:PORT of /metrics; empty disables.  [default: 127.0.0.1:10249]")
 @click.option("--canary-interval", default="5s", show_default=True, hidden=True,
               help="How often to look for the canary chain.")
+@click.option("--progress-interval", default="5s", show_default=True, hidden=True,
+              help="How often a long sync logs how far it got.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
@@ -208,9 +212,14 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     config = proxy_config(params)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
     netfilter = Netfilter(resolve_backend(backend))
+    try:
+        progress_interval = parse_duration(params["progress_interval"], "--progress-interval")
+    except OptionError as err:
+        raise click.UsageError(str(err)) from None
     engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
                     clear_flows=not no_conntrack_cleanup,
-                    stage_lines=STAGE_LINES[netfilter.backend])
+                    stage_lines=STAGE_LINES[netfilter.backend],
+                    progress_interval=progress_interval)
     if once:
         if not params["objects"]:
             raise click.UsageError("--once needs --objects")
@@ -275,15 +284,24 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
     metrics = Metrics()
     health = HealthState(2 * timing.sync_period)
     servers: list[HttpServer] = []
-    try:
-        if healthz is not None:
-            servers.append(HealthServer(healthz, health))
-        if metrics_at is not None:
-            servers.append(MetricsServer(metrics_at, metrics.registry, health))
-    except OSError as err:
-        for server in servers:
-            server.close()
-        raise click.ClickException(f"cannot listen: {err}") from None
+    wanted: list[tuple[str, tuple[str, int] | None, Callable[[tuple[str, int]], HttpServer]]] = [
+        ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health)),
+        ("--metrics-bind-address", metrics_at,
+         lambda at: MetricsServer(at, metrics.registry, health))]
+    for flag, address, serve in wanted:
+        if address is None:
+            continue
+        try:
+            servers.append(serve(address))
+        except OSError as err:
+            for server in servers:
+                server.close()
+            host, port = address
+            raise click.ClickException(
+                f"{flag} {host or '0.0.0.0'}:{port}: cannot listen there: "
+                f"{err.strerror or err} (another process, or another iptsync or kube-proxy, "
+                f"may hold the port; choose another address or an empty one to disable "
+                f"it)") from None
     agent = Agent(engine, sources, timing=timing, metrics=metrics, health=health,
                   service_health=ServiceHealthServers(proxy_healthy=health.healthy))
 

@@ -51,6 +51,7 @@ from iptsync.plan import (
     make_plan,
     plan_table,
 )
+from iptsync.progress import PROGRESS_INTERVAL, Progress
 from iptsync.render import (
     PortRules,
     Settings,
@@ -196,6 +197,7 @@ class Engine:
     def __init__(self, netfilter: Netfilter | None, settings: Settings, *,
                  interface_ips: Iterable[IPAddress] = (), clear_flows: bool = True,
                  stage_lines: int = DEFAULT_STAGE_LINES, stream_full: bool | None = None,
+                 progress_interval: float = PROGRESS_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.netfilter = netfilter
         self.base_settings = settings
@@ -209,6 +211,7 @@ class Engine:
         if stream_full is None:
             stream_full = netfilter is not None and STREAM_FULL[netfilter.backend]
         self.stream_full = stream_full
+        self.progress_interval = progress_interval  # seconds between progress lines
         self.clock = clock
         self.problems: dict[tuple[str, str, str], Problem] = {}
         self._rendered: dict[ServiceKey, RenderedService] = {}
@@ -414,6 +417,7 @@ class Engine:
             raise RuntimeError("this engine has no netfilter to sync")
         phases: dict[str, float] = {}
         started = self.clock()
+        progress = Progress(self.progress_interval, self.clock, started)
         dirty = set(self._dirty)
         known_good = self.synced_once and not self.needs_full
         full = full or self.needs_full
@@ -421,7 +425,7 @@ class Engine:
             self.needs_full = True  # until the kernel is known to hold the new rules
             if full and self.stream_full:
                 with bulk():
-                    report = self._stream_full(phases, known_good=known_good)
+                    report = self._stream_full(phases, progress, known_good=known_good)
             else:
                 with bulk():
                     changes = self._render_dirty()
@@ -434,7 +438,7 @@ class Engine:
                         phases["plan"] = self.clock() - mark
                 report.services_rendered = len(changes)
                 mark = self.clock()
-                apply_plan(self.netfilter, report.plan)
+                apply_plan(self.netfilter, report.plan, progress)
                 phases["apply"] = self.clock() - mark
         except Exception:
             self._dirty |= dirty
@@ -466,7 +470,8 @@ class Engine:
             report.drifted = _drift(plan, changes)
         return report
 
-    def _stream_full(self, phases: dict[str, float], *, known_good: bool) -> EngineReport:
+    def _stream_full(self, phases: dict[str, float], progress: Progress, *,
+                     known_good: bool) -> EngineReport:
         """A full sync applied as one batch, streamed to iptables-restore while rendering.
 
         For backends that take a first sync in one batch (legacy), iptables-restore parses
@@ -490,7 +495,11 @@ class Engine:
             nat.add_chains({chain: content for chain, content in top.items()
                             if chain not in SERVICE_RULE_CHAINS["nat"]})
             dirty = self._take_dirty()
-            for key in sorted(dirty | self._rendered.keys()):
+            keys = sorted(dirty | self._rendered.keys())
+            for index, key in enumerate(keys):
+                progress.report("full sync in progress: %d of %d services sent to "
+                                "iptables-restore, %d chains written", index, len(keys),
+                                len(nat.plan.written))
                 if key in dirty:
                     mark = self.clock()
                     changes.append(self._render_one(key))

@@ -24,13 +24,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(verbose: int, fmt: str = "text") -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
+    """iptsync's own loggers at warning, info (``verbose`` 1) or debug (2); from 3 on, every
+    library's debug output too (urllib3, the kubernetes client, pyroute2, asyncio), which
+    otherwise stays at warning: at debug it buries iptsync's lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    # The kubernetes client and urllib3 are chatty at debug level.
-    for noisy in ("urllib3", "kubernetes"):
-        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    root.setLevel(logging.DEBUG if verbose >= 3 else logging.WARNING)
+    logging.getLogger("iptsync").setLevel(logging.WARNING - 10 * min(verbose, 2))

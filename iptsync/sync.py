@@ -11,6 +11,7 @@ import logging
 
 from iptsync.netfilter import Backend, Netfilter, NetfilterError, RestoreError
 from iptsync.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan
+from iptsync.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,16 @@ class SyncError(RuntimeError):
         self.undo_failed = undo_failed
 
 
-def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
+def apply_plan(netfilter: Netfilter, plan: Plan, progress: Progress | None = None) -> None:
     """Apply ``plan``: staged new chains first, then one atomic batch; undo on failure.
 
     A failure while staging changes no traffic (nothing references the new chains yet); the
-    chains loaded so far are removed again.
+    chains loaded so far are removed again. ``progress`` is told how many of the plan's
+    chains each stage has filled.
     """
     if plan.empty:
         return
+    total, filled = sum(len(t.written) for t in plan.tables), 0
     for stage in plan.stages():
         try:
             netfilter.restore(stage)
@@ -49,6 +52,10 @@ def apply_plan(netfilter: Netfilter, plan: Plan) -> None:
             detail = f"\n{err.context}" if err.context else ""
             raise SyncError(f"iptables-restore failed while loading new chains (no traffic "
                             f"affected): {err}{detail}") from err
+        if progress is not None:
+            # A stage holds whole chains: the ones its rules fill.
+            filled += len({line.split(" ", 2)[1] for line in stage if line.startswith("-A ")})
+            progress.report("sync in progress: %d of %d chains written", filled, total)
     try:
         netfilter.restore(plan.payload_lines())
     except RestoreError as err:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -128,3 +130,95 @@ def test_no_rule_is_written_before_every_kind_is_listed(netfilter: Netfilter) ->
     assert engine.synced_once
     assert names.svc_chain("default/web:http", "tcp") not in netfilter.save()["nat"].chains
     assert names.KUBE_SERVICES in netfilter.save()["nat"].chains
+
+
+def run_command(netns: str, *args: str) -> list[str]:
+    """``iptsync run`` inside ``netns``, as the tests here start it."""
+    return ["ip", "netns", "exec", netns, sys.executable, "-m", "iptsync.cli", "run",
+            "--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14",
+            "--no-conntrack-cleanup", *args]
+
+
+def test_first_full_sync_is_logged_also_when_nothing_needed_changing(
+        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent says at INFO when its first full sync is done, with counts and duration:
+    after writing the rules, and after a restart that found every rule in place."""
+    caplog.set_level(logging.INFO, logger="iptsync")
+    said = []
+    for _start in ("first", "restart"):
+        source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
+                          Snapshot("EndpointSlice", (endpoint_slice("web", "10.0.1.10"),)),
+                          Snapshot("Node", ()))
+        engine = Engine(netfilter, SETTINGS, clear_flows=False)
+        agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=60))
+        agent.run(iterations=3)
+        said += [r for r in caplog.records if r.getMessage().startswith("first full sync")]
+        caplog.clear()
+    [first, restart] = said
+    assert {logging.INFO} == {first.levelno, restart.levelno}
+    pattern = r"first full sync done in [\d.]+s: 1 services, filter \d+, nat \d+ rules; (.*)"
+    [first_changes] = re.fullmatch(pattern, first.getMessage()).groups()  # type: ignore[union-attr]
+    assert "chains written" in first_changes
+    assert re.fullmatch(pattern + "$", restart.getMessage())
+    assert restart.getMessage().endswith("; nothing needed changing")
+
+
+def test_verbose_is_iptsync_debug_and_only_vv_adds_the_libraries(netns: str,
+                                                                tmp_path: Path) -> None:
+    """``run -v`` (debug for run) shows iptsync's debug lines and no library's; ``-vv`` adds
+    the libraries' debug output (pyroute2 here)."""
+    objects = tmp_path / "web.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        service("web", "10.96.0.50"), endpoint_slice("web", "10.0.1.10")]}))
+    loggers = {}
+    for verbose in ("-v", "-vv"):
+        result = subprocess.run(
+            run_command(netns, verbose, "--once", "--objects", str(objects),
+                        "--iptables-backend", "legacy", "--log-format", "json"),
+            capture_output=True, text=True, check=False)
+        assert 0 == result.returncode, result.stderr
+        logs = [json.loads(line) for line in result.stderr.splitlines()]
+        loggers[verbose] = {entry["logger"].split(".")[0] for entry in logs
+                            if entry["level"] == "debug"}
+    assert {"iptsync"} == loggers["-v"]
+    assert "pyroute2" in loggers["-vv"]
+
+
+def test_progress_interval_flag_reaches_the_sync(netns: str, tmp_path: Path) -> None:
+    """``--progress-interval 0`` makes even a one-service sync report its progress."""
+    objects = tmp_path / "web.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        service("web", "10.96.0.50"), endpoint_slice("web", "10.0.1.10")]}))
+    result = subprocess.run(
+        run_command(netns, "--once", "--objects", str(objects), "--iptables-backend", "legacy",
+                    "--progress-interval", "0"), capture_output=True, text=True, check=False)
+    assert 0 == result.returncode, result.stderr
+    assert "full sync in progress: 0 of 1 services sent to iptables-restore" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--healthz-bind-address", "--metrics-bind-address"])
+def test_busy_port_names_the_flag_and_the_address(netns: str, tmp_path: Path,
+                                                  flag: str) -> None:
+    """A health or metrics address already in use: a message naming the flag and address,
+    exit status 1, no traceback."""
+    objects = tmp_path / "web.json"
+    objects.write_text(json.dumps(service("web", "10.96.0.50")))
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 10999)); s.listen();"
+         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert "ready" == holder.stdout.readline().strip()
+        others = [f for f in ("--healthz-bind-address", "--metrics-bind-address") if f != flag]
+        result = subprocess.run(
+            run_command(netns, "--objects", str(objects), "--iptables-backend", "legacy",
+                        flag, "127.0.0.1:10999", *others, ""),
+            capture_output=True, text=True, check=False, timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert 1 == result.returncode
+    assert "Traceback" not in result.stderr
+    assert (f"Error: {flag} 127.0.0.1:10999: cannot listen there: Address already in use"
+            in result.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 import time
@@ -14,22 +16,38 @@ from iptsync.netfilter import Backend, Netfilter, RestoreError, choose_backend, 
 
 SCENARIOS = Path(__file__).parents[1] / "render" / "scenarios"
 HINT = ":KUBE-IPTABLES-HINT - [0:0]\n"
+HINTED = [("mangle", "KUBE-IPTABLES-HINT")]
+CANARY = [("filter", "KUBE-PROXY-CANARY")]
 
 
-@pytest.mark.parametrize(("nft_mangle", "legacy_mangle", "nft_rules", "legacy_rules", "expected"), [
-    ("", "", 0, 0, Backend.NFT),  # nothing anywhere: nft, the distributions' default
-    ("", "", 3, 10, Backend.LEGACY),  # more legacy rules
-    ("", "", 10, 3, Backend.NFT),
-    (HINT, "", 0, 50, Backend.NFT),  # kubelet's hint beats rule counts
-    ("", HINT, 50, 0, Backend.LEGACY),
-    (HINT, HINT, 0, 0, Backend.NFT),  # iptables-wrappers looks at nft first
-    ("", ":KUBE-KUBELET-CANARY - [0:0]\n", 9, 0, Backend.LEGACY),
+@pytest.mark.parametrize(("nft", "legacy", "nft_rules", "legacy_rules", "expected"), [
+    ([], [], 0, 0, Backend.NFT),  # nothing anywhere: nft, the distributions' default
+    ([], [], 3, 10, Backend.LEGACY),  # more legacy rules
+    ([], [], 10, 3, Backend.NFT),
+    (HINTED, [], 0, 50, Backend.NFT),  # kubelet's hint beats rule counts
+    ([], HINTED, 50, 0, Backend.LEGACY),
+    (HINTED, HINTED, 0, 0, Backend.NFT),  # iptables-wrappers looks at nft first
+    ([], [("mangle", "KUBE-KUBELET-CANARY")], 9, 0, Backend.LEGACY),
+    ([], CANARY, 50, 0, Backend.LEGACY),  # kube chains in one backend beat rule counts
+    (CANARY, HINTED, 0, 0, Backend.LEGACY),  # a hint beats a canary
+    (CANARY, CANARY, 3, 10, Backend.LEGACY),  # canaries in both: more rules
 ])
-def test_choose_backend_follows_iptables_wrappers(nft_mangle: str, legacy_mangle: str,
+def test_choose_backend_follows_iptables_wrappers(nft: list[tuple[str, str]],
+                                                   legacy: list[tuple[str, str]],
                                                    nft_rules: int, legacy_rules: int,
                                                    expected: Backend) -> None:
-    """Hint chains decide first (nft before legacy), then the backend with more rules."""
-    assert expected == choose_backend(nft_mangle, legacy_mangle, nft_rules, legacy_rules)
+    """Hint chains decide first (nft before legacy), then the only backend with kube chains,
+    then the backend with more rules; rules are counted only when it comes to that."""
+    counted: list[Backend] = []
+
+    def count(backend: Backend) -> int:
+        counted.append(backend)
+        return nft_rules if backend is Backend.NFT else legacy_rules
+
+    chosen, _why = choose_backend({Backend.NFT: nft, Backend.LEGACY: legacy}, count)
+    assert expected == chosen
+    hinted_or_alone = HINTED in (nft, legacy) or bool(nft) != bool(legacy)
+    assert ([] if hinted_or_alone else list(Backend)) == counted
 
 
 @pytest.mark.netns
@@ -42,6 +60,82 @@ def test_detect_backend_reads_both_backends(netns: str) -> None:
     assert Backend.LEGACY == detect_backend(netns)
     Netfilter(Backend.NFT, netns).restore(f"*mangle\n{HINT}COMMIT\n")
     assert Backend.NFT == detect_backend(netns)
+
+
+@pytest.mark.netns
+def test_detection_says_what_it_found_and_warns_when_both_backends_hold_kube_chains(
+        netns: str, caplog: pytest.LogCaptureFixture) -> None:
+    """kube-proxy's canary in legacy alone picks legacy and says so; an nft hint as well picks
+    nft, and a warning names what each backend holds."""
+    caplog.set_level(logging.INFO, logger="iptsync")
+    Netfilter(Backend.LEGACY, netns).restore("*filter\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
+    assert Backend.LEGACY == detect_backend(netns)
+    assert ["iptables backend legacy: found KUBE-PROXY-CANARY in filter"] == [
+        r.getMessage() for r in caplog.records]
+    caplog.clear()
+    Netfilter(Backend.NFT, netns).restore(f"*mangle\n{HINT}COMMIT\n")
+    assert Backend.NFT == detect_backend(netns)
+    [info, warning] = caplog.records
+    assert "iptables backend nft: found KUBE-IPTABLES-HINT in mangle" == info.getMessage()
+    assert logging.WARNING == warning.levelno
+    assert ("both iptables backends hold kube chains (nft: KUBE-IPTABLES-HINT in mangle; "
+            "legacy: KUBE-PROXY-CANARY in filter); using nft") in warning.getMessage()
+    assert "iptsync cleanup --iptables-backend legacy" in warning.getMessage()
+
+
+@pytest.mark.netns
+def test_detection_does_not_read_the_loaded_nat_table(netns: str) -> None:
+    """With 40,000 rules in nat in both backends, detection (kube chains in both, a hint in
+    nft) takes a third of one iptables-save of each backend at most (it took three each)."""
+    rules = [f"-A KUBE-SERVICES -d 10.{i // 250 % 250}.{i % 250}.1/32 -j RETURN"
+             for i in range(40_000)]
+    for backend in Backend:
+        netfilter = Netfilter(backend, netns)
+        netfilter.restore(["*nat", ":KUBE-SERVICES - [0:0]", *rules, "COMMIT", "*filter",
+                           ":KUBE-PROXY-CANARY - [0:0]", "COMMIT"])
+    Netfilter(Backend.NFT, netns).restore(f"*mangle\n{HINT}COMMIT\n")
+    started = time.monotonic()
+    assert [40_000, 40_000] == [Netfilter(b, netns).rule_count() for b in Backend]
+    saving = time.monotonic() - started
+    started = time.monotonic()
+    assert Backend.NFT == detect_backend(netns)
+    assert time.monotonic() - started < saving / 3
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("backend", list(Backend), ids=lambda b: b.value)
+def test_wait_for_the_xtables_lock_is_logged_with_its_duration(
+        netns: str, backend: Backend, xtables_lock: HoldLock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A legacy restore that waits 2 s for a held xtables lock says how long it waited; nft,
+    which takes no xtables lock, does not wait."""
+    caplog.set_level(logging.INFO, logger="iptsync")
+    netfilter = Netfilter(backend, netns)
+    with xtables_lock(2):
+        netfilter.restore("*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n")
+    assert "KUBE-SERVICES" in netfilter.save(["filter"])["filter"].chains
+    waits = [re.fullmatch(r"waited ([\d.]+)s for the xtables lock (\S+) \(held by another "
+                          r"program\)", r.getMessage()) for r in caplog.records]
+    seconds = [float(match.group(1)) for match in waits if match]
+    if backend is Backend.NFT:
+        assert [] == seconds
+    else:
+        [waited] = seconds
+        assert waited >= 1.5
+
+
+@pytest.mark.netns
+def test_streamed_restore_may_take_longer_than_the_lock_wait(netfilter: Netfilter) -> None:
+    """A batch still being produced after lock_wait_seconds commits (iptables-legacy-restore
+    -w N used to end any run still reading N seconds after it took the lock)."""
+    netfilter.lock_wait_seconds = 1
+    rules = [f"-A IPTSYNC-SLOW -s 10.0.{i // 250}.{i % 250 + 1}/32 -j RETURN"
+             for i in range(5_000)]
+    with netfilter.restore_stream() as stream:
+        stream.write(["*filter", ":IPTSYNC-SLOW - [0:0]", *rules])  # started: a full chunk
+        time.sleep(2)  # as a slow render would
+        stream.write(["COMMIT"])
+    assert 5_000 == len(netfilter.save(["filter"])["filter"].chains["IPTSYNC-SLOW"])
 
 
 @pytest.mark.netns
