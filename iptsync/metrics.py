@@ -88,3 +88,7 @@ class Metrics:
             "Objects currently rejected (or partly dropped) as invalid", ["kind"], registry=r)
         self.source_connected = Gauge(
             "iptsync_source_connected", "1 when the object source is reachable", registry=r)
+        self.file_errors = Counter(
+            "iptsync_objects_file_errors_total",
+            "Times an --objects file or path was found unreadable, unparsable or without any "
+            "object (what it last yielded stays in use)", registry=r)
