@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from iptsync.sources.base import KINDS, Kind, Snapshot
-from iptsync.sources.files import FilesSource
+from iptsync.sources.files import FilesSource, load_objects
 
 from .conftest import Recorder, names, wait_until
 
@@ -313,3 +313,54 @@ def test_stop_is_prompt(manifests: Path, recorder: Recorder,
     started = time.monotonic()
     source.stop()
     assert time.monotonic() - started < 1.0
+
+
+def problems_of(*paths: Path) -> tuple[list[str], list[str]]:
+    """``load_objects``' errors and other problems, as text."""
+    loaded = load_objects(paths)
+    return ([str(e) for e in loaded.errors],
+            [str(p) for p in loaded.problems if p not in loaded.errors])
+
+
+def test_load_errors_name_the_path_and_why(tmp_path: Path) -> None:
+    """Every way input can be unusable is an error naming the path (and line and column)."""
+    empty, no_objects, missing = tmp_path / "empty", tmp_path / "no-objects", tmp_path / "nope"
+    empty.mkdir()
+    no_objects.mkdir()
+    (no_objects / "comments.yaml").write_text("# nothing yet\n")
+    latin1, control = tmp_path / "latin1.yaml", tmp_path / "control.yaml"
+    latin1.write_bytes(b"kind: Service # caf\xe9\n")
+    control.write_text("kind: Service\nmetadata: {name: \x07}\n")
+    assert ([f"{empty}: holds no .yaml, .yml or .json file"], []) == problems_of(empty)
+    assert ([f"{no_objects}: yields no Kubernetes object"], []) == problems_of(no_objects)
+    assert ([f"{missing}: cannot read: No such file or directory"], []) == problems_of(missing)
+    assert ([f"{latin1}: cannot read: not UTF-8 text (invalid continuation byte at byte 19)"],
+            []) == problems_of(latin1)
+    assert ([f"{control}:2:18: cannot parse YAML: unacceptable character #x0007: special "
+             "characters are not allowed"], []) == problems_of(control)
+
+
+def test_documents_that_are_not_objects_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A document or List item without a kind is named and skipped; the rest loads."""
+    path = tmp_path / "mixed.yaml"
+    path.write_text(service_yaml("web") + "---\n- a list\n---\nkind: List\nitems: [{}, "
+                    "{kind: Service, metadata: {name: db}}]\n---\n")
+    loaded = load_objects([path])
+    assert [["web"], ["db"]] == [[o["metadata"]["name"]] for o in loaded.objects]
+    assert ([], [f"{path}:6: not a Kubernetes object (a mapping with a kind); skipped",
+                 f"{path}:8 items[0]: not a Kubernetes object (a mapping with a kind); skipped"]
+            ) == problems_of(path)
+
+
+def test_duplicates_across_paths_follow_the_command_line_order(tmp_path: Path) -> None:
+    """Paths are read in the order given, files in path order: the last definition wins."""
+    first, second = tmp_path / "b.yaml", tmp_path / "a.yaml"
+    first.write_text(service_yaml("web").replace("80", "81"))
+    second.write_text(service_yaml("web").replace("80", "82"))
+    loaded = load_objects([first, second])
+    assert [82] == [o["spec"]["ports"][0]["port"] for o in loaded.objects]
+    assert [("Service", "default/web", "definition",
+             f"defined more than once: {first}:1, then {second}:1; the last definition "
+             f"({second}:1) is used")] == [(p.kind, p.ref, p.dropped, p.message)
+                                           for p in loaded.problems]
+    assert [81] == [o["spec"]["ports"][0]["port"] for o in load_objects([tmp_path]).objects]
