@@ -36,6 +36,7 @@ from iptsync.sources.base import KINDS, Sink, Snapshot, SourceStatus, object_key
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+SUFFIXES_TEXT = ".yaml, .yml or .json"
 
 # One object read from a file: the manifest, the line its YAML document starts on (None in
 # JSON) and its index among a List's items (None outside a List).
@@ -126,9 +127,9 @@ def _walk(top: Path, found: Scan) -> list[Path]:
     for root, dirnames, filenames in os.walk(top, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            path = Path(root, name)
             if name.startswith("."):
                 continue
+            path = Path(root, name)
             if path.suffix in MANIFEST_SUFFIXES:
                 files.append(path)
             else:
@@ -145,15 +146,15 @@ def read_paths(paths: Iterable[str | Path]) -> Reading:
     for top, ignored in found.ignored.items():
         names = ", ".join(str(path.relative_to(top)) for path in sorted(ignored))
         reading.warnings.append(file_problem(
-            top, f"ignoring files without a .yaml, .yml or .json suffix: {names}"))
+            top, f"ignoring files without a {SUFFIXES_TEXT} suffix: {names}"))
     for top, files in found.files.items():
         for path in files:
-            if path not in reading.objects:
+            if path not in reading.objects and path not in reading.errors:
                 _read_file(path, reading)
         if not any(within(bad, top) for bad in reading.errors) and not any(
                 reading.objects.get(path) for path in files):
             reading.errors[top] = file_problem(top, "yields no Kubernetes object" if files else
-                                               "holds no .yaml, .yml or .json file")
+                                               f"holds no {SUFFIXES_TEXT} file")
     return reading
 
 
