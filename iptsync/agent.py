@@ -74,6 +74,7 @@ class Agent:
         self._last_full = float("-inf")
         self._last_canary = clock()
         self._failed = False
+        self._read_errors = 0  # sources' read_errors already counted in the metrics
         self._pending = {"Service": 0, "EndpointSlice": 0}
         self._triggers: list[datetime] = []  # EndpointSlice change times awaiting a sync
         self.reports: list[EngineReport] = []  # kept short; for tests and debugging
@@ -106,7 +107,7 @@ class Agent:
 
     def _turn(self) -> None:
         self._wait_for_messages(self._next_deadline() - self.clock())
-        self._update_source_metrics()
+        self._publish_source_status()
         if not self.ready:
             return
         now = self.clock()
@@ -122,9 +123,12 @@ class Agent:
         if full or due or not self.engine.synced_once:
             self._sync(full=full or not self.engine.synced_once)
 
-    def _update_source_metrics(self) -> None:
+    def _publish_source_status(self) -> None:
         connected = all(source.status.connected for source in self.sources)
         self.metrics.source_connected.set(1 if connected else 0)
+        read_errors = sum(source.status.read_errors for source in self.sources)
+        self.metrics.file_errors.inc(read_errors - self._read_errors)
+        self._read_errors = read_errors
         now = time.monotonic()  # the sources' clock, not self.clock (tests may fake that)
         for source in self.sources:
             for kind, seconds in source.status.silence(now).items():

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any, TypeVar
 
 import click
@@ -29,6 +29,7 @@ from iptsync.health import (
 )
 from iptsync.logs import setup_logging
 from iptsync.metrics import Metrics
+from iptsync.model import Problem
 from iptsync.netfilter import Backend, Netfilter, NetfilterError, detect_backend
 from iptsync.nodeinfo import interface_addresses
 from iptsync.options import (
@@ -42,7 +43,7 @@ from iptsync.options import (
 from iptsync.plan import cleanup_plan
 from iptsync.render import Settings
 from iptsync.sources.base import Source
-from iptsync.sources.files import load_objects
+from iptsync.sources.files import LoadedObjects, load_objects
 from iptsync.sync import STAGE_LINES, SyncError, apply_plan
 from iptsync.sysctl import ensure_proxy_sysctls
 
@@ -113,17 +114,47 @@ def settings_from(params: dict[str, Any]) -> Settings:
         raise click.UsageError(str(err)) from None
 
 
-def desired_from_params(params: dict[str, Any]) -> Desired:
+def load_checked(paths: Iterable[str], *, as_json: bool = False) -> LoadedObjects:
+    """The objects of ``--objects``, refusing input that cannot be used.
+
+    A path that cannot be read or parsed, or yields no Kubernetes object, would make a
+    command act on part of the objects (a sync delete the Services of a file with a typo):
+    every problem is logged, with ``as_json`` printed as the ``problems`` list, and the
+    command fails.
+    """
+    loaded = load_objects(paths)
+    if not loaded.errors:
+        return loaded
+    report(problem for problem in loaded.problems if problem not in loaded.errors)
+    for error in loaded.errors:
+        logging.getLogger("iptsync").error("%s", error)
+    if as_json:
+        print_json({"problems": problems_json(loaded.problems)})
+    raise click.ClickException(
+        f"--objects: {len(loaded.errors)} unusable file(s) or path(s), listed above; nothing done")
+
+
+def desired_from_params(params: dict[str, Any], *, as_json: bool = False,
+                        interface_ips: Iterable[Any] = ()) -> Desired:
+    """The rules for ``--objects`` and the node flags; every problem logged and kept in
+    :attr:`Desired.problems`, the input's first."""
     settings = settings_from(params)
-    loaded = load_objects(params["objects"])
-    desired = desired_from_objects(loaded.objects, settings)
-    report(loaded.problems + desired.problems)
+    loaded = load_checked(params["objects"], as_json=as_json)
+    desired = desired_from_objects(loaded.objects, settings, interface_ips)
+    desired.problems = [*loaded.problems, *desired.problems]
+    report(desired.problems)
     return desired
 
 
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def problems_json(problems: Iterable[Problem]) -> list[dict[str, str]]:
+    """The ``problems`` list of every JSON output."""
+    return [{"kind": p.kind, "object": p.ref, "field": p.field, "message": p.message,
+             "dropped": p.dropped} for p in problems]
 
 
 @click.group()
@@ -142,7 +173,7 @@ def dump(output_format: str, **params: Any) -> None:
     # rescan them again and again for nothing (a third of the time at 10k services).
     gc.disable()
     setup_logging(params.pop("verbose"))
-    desired = desired_from_params(params)
+    desired = desired_from_params(params, as_json=output_format == "json")
     if output_format == "json":
         print_json(dump_json(desired))
     else:
@@ -161,8 +192,7 @@ def dump_json(desired: Desired) -> dict[str, Any]:
         },
         "jumps": [{"table": j.table, "chain": j.chain, "rule": j.rule.restore_line()}
                   for j in rs.jumps],
-        "problems": [{"kind": p.kind, "object": p.ref, "field": p.field, "message": p.message,
-                      "dropped": p.dropped} for p in desired.problems],
+        "problems": problems_json(desired.problems),
     }
 
 
@@ -249,7 +279,7 @@ def bind_address(flag: str | None, configured: str | None, default: str,
 
 
 def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
-    loaded = load_objects(paths)
+    loaded = load_checked(paths)
     report(loaded.problems)
     with bulk():
         for obj in loaded.objects:
@@ -369,14 +399,16 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
     if live == bool(params["objects"]):
         raise click.UsageError("give either --live or --objects")
     settings = settings_from(params)
+    problems: list[Problem] = []
     try:
         packet = tracer.make_packet(src, dst, proto)
         if live:
             tables = tracer.from_saved(Netfilter(resolve_backend(backend)).save(("filter", "nat")))
             node_ips = tuple(dict.fromkeys((*settings.node_ips, *interface_addresses())))
         else:
-            desired = desired_from_params(params)
+            desired = desired_from_params(params, as_json=as_json)
             tables, node_ips = tracer.from_ruleset(desired.ruleset), desired.settings.node_ips
+            problems = desired.problems
     except tracer.TraceError as err:
         raise click.UsageError(str(err)) from None
     except (NetfilterError, FileNotFoundError) as err:
@@ -384,7 +416,7 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
     chosen = origin or tracer.default_origin(packet.src, settings.cluster_cidrs, node_ips)
     result = tracer.trace(tables, packet, origin=chosen, node_ips=node_ips)
     if as_json:
-        print_json(tracer.result_json(result))
+        print_json({**tracer.result_json(result), "problems": problems_json(problems)})
     else:
         sys.stdout.write(tracer.render_text(result))
 
@@ -411,13 +443,14 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
         ref = explainer.parse_service_ref(service)
     except explainer.ExplainError as err:
         raise click.UsageError(str(err)) from None
-    desired = desired_from_params(params)
+    desired = desired_from_params(params, as_json=as_json)
     try:
         result = explainer.explain(desired.state, desired.settings, ref)
     except explainer.ExplainError as err:
         raise click.ClickException(str(err)) from None
     if as_json:
-        print_json(explainer.explanation_json(result))
+        print_json({**explainer.explanation_json(result),
+                    "problems": problems_json(desired.problems)})
     else:
         sys.stdout.write(explainer.render_text(result))
 
@@ -444,7 +477,6 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
         raise click.UsageError("give either --live or --saved FILE")
     if not params["objects"]:
         raise click.UsageError("--objects is required")
-    settings = settings_from(params)
     try:
         if saved is not None:
             current, label, interface_ips = parse_save(saved.read()), f"rules in {saved.name}", []
@@ -455,13 +487,16 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
     except (NetfilterError, RulesetError, OSError) as err:
         click.echo(f"Error: cannot read the rules: {err}", err=True)
         sys.exit(2)
-    loaded = load_objects(params["objects"])
-    desired = desired_from_objects(loaded.objects, settings, interface_ips)
-    report(loaded.problems + desired.problems)
+    try:
+        desired = desired_from_params(params, as_json=as_json, interface_ips=interface_ips)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(2)
     changes = diffview.diff_report(make_plan(desired.ruleset, current), current,
                                    desired.ruleset)
     if as_json:
-        print_json(diffview.report_json(changes))
+        print_json({**diffview.report_json(changes),
+                    "problems": problems_json(desired.problems)})
     else:
         sys.stdout.write(diffview.render_text(
             changes, live_label=label,

@@ -97,3 +97,7 @@ class Metrics:
             "Seconds since the API server last sent anything for this kind (a list or watch "
             "response, an event, a bookmark)",
             ["kind"], registry=r)
+        self.file_errors = Counter(
+            "iptsync_objects_file_errors_total",
+            "Times an --objects file or path was found unreadable, unparsable or without any "
+            "object (what it last yielded stays in use)", registry=r)

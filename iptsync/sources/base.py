@@ -58,6 +58,9 @@ class SourceStatus:
     last_error: str | None = None
     relists: int = 0  # lists after the first (410 Gone, reconnects)
     events: dict[str, int] = field(default_factory=dict)  # per kind
+    # Times an input (an --objects file or path) was found unusable: unreadable, unparsable or
+    # empty. Cumulative; the agent publishes it as iptsync_objects_file_errors_total.
+    read_errors: int = 0
     # Per kind, when (time.monotonic()) the backend last said something: a response, an
     # event, a bookmark. Sources that do not watch leave it empty.
     last_heard: dict[str, float] = field(default_factory=dict)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from iptsync.sources.base import KINDS, Kind, Snapshot
-from iptsync.sources.files import FilesSource
+from iptsync.sources.files import FilesSource, load_objects
 
-from .conftest import Recorder, names
+from .conftest import Recorder, names, wait_until
 
 POLL = 0.02
 
@@ -149,31 +149,160 @@ def test_deleted_file(manifests: Path, recorder: Recorder,
     wait_for_state(recorder, {"Service": ["web", "db"], "EndpointSlice": ["web-1"], "Node": []})
 
 
-def test_broken_file_is_reported_and_others_load(
+BROKEN = "kind: Service\nmetadata: [unclosed\n"  # error at 3:1, the list opened at 2:11
+
+
+def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_broken_file_at_start_sends_nothing_until_fixed(
         manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
         caplog: pytest.LogCaptureFixture) -> None:
-    """A file that does not parse is logged by name and skipped; the other files still load."""
+    """A file that does not parse at start: warning with file:line:column, nothing sent (the
+    agent leaves the kernel alone) until it is fixed; then everything arrives."""
     broken = manifests / "broken.yaml"
-    broken.write_text("kind: Service\nmetadata: [unclosed\n")
+    broken.write_text(BROKEN)
     source = start_source(manifests)
-    first = round_of_snapshots(recorder, 1)
-    assert (["web", "db"], ["node-a"]) == (names(first["Service"]), names(first["Node"]))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert [True] == [w.startswith(f"{broken}: cannot read manifests: ") for w in warnings]
-    assert str(broken) in str(source.status.last_error)
-
-
-def test_file_fixed_later(manifests: Path, recorder: Recorder,
-                          start_source: Callable[..., FilesSource]) -> None:
-    """Once a broken file is fixed its objects arrive and the error is cleared."""
-    broken = manifests / "broken.yaml"
-    broken.write_text("kind: Service\nmetadata: [unclosed\n")
-    source = start_source(manifests)
-    round_of_snapshots(recorder, 1)
+    wait_until(lambda: source.status.read_errors == 1, "the error to be counted")
+    time.sleep(5 * POLL)
+    assert [] == recorder.messages
+    assert [f"{broken}:3:1: cannot parse YAML: expected ',' or ']', but got '<stream end>' "
+            "(while parsing a flow sequence started at line 2, column 11); no object from "
+            "it is used", "not syncing until every --objects path loads without errors; the "
+            "rules in place are left as they are"] == warnings_logged(caplog)
+    assert (False, True) == (source.status.connected, str(broken) in str(source.status.last_error))
     broken.write_text(service_yaml("fixed"))
     wait_for_state(recorder, {"Service": ["fixed", "web", "db"], "EndpointSlice": ["web-1"],
                               "Node": ["node-a"]})
-    assert source.status.last_error is None
+    assert (True, None) == (source.status.connected, source.status.last_error)
+
+
+def break_and_wait(path: Path, text: str, source: FilesSource, recorder: Recorder,
+                   errors: int) -> dict[Kind, list[str]]:
+    """Write ``text`` to ``path``, wait for the ``errors``-th error and the Snapshots sent after
+    it; returns their names."""
+    rounds = len(recorder.snapshots("Node"))
+    path.write_text(text)
+    wait_until(lambda: source.status.read_errors == errors, "the error to be counted")
+    round_of_snapshots(recorder, rounds + 1)
+    state = latest_state(recorder)
+    assert state is not None
+    return state
+
+
+def test_file_broken_later_keeps_its_objects_until_fixed(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A file that stops parsing keeps the objects it last yielded, with a warning naming the
+    line and column; once fixed, an INFO and its new objects."""
+    caplog.set_level(logging.INFO)
+    services = manifests / "services.yaml"
+    source = start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    state = break_and_wait(services, service_yaml("web", "db") + "spec: [\n", source, recorder, 1)
+    assert {"Service": ["web", "db"], "EndpointSlice": ["web-1"], "Node": ["node-a"]} == state
+    assert [f"{services}:11:1: cannot parse YAML: expected the node content, but found "
+            "'<stream end>' (while parsing a flow node started at line 11, column 1); keeping "
+            "the objects last loaded from it (2)"] == warnings_logged(caplog)
+    assert False is source.status.connected
+    services.write_text(service_yaml("web"))
+    wait_for_state(recorder, {"Service": ["web"], "EndpointSlice": ["web-1"], "Node": ["node-a"]})
+    assert [f"{services}: loads again; using the objects it holds now (1)"] == [
+        r.getMessage() for r in caplog.records if "loads again" in r.getMessage()]
+    assert (True, 1) == (source.status.connected, source.status.read_errors)
+
+
+def test_other_files_still_update_while_one_is_broken(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource]) -> None:
+    """While one file is broken, edits to the others are sent, with the broken one's last
+    objects."""
+    source = start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    break_and_wait(manifests / "services.yaml", BROKEN, source, recorder, 1)
+    (manifests / "node.yaml").write_text(NODE.replace("node-a", "node-bb"))
+    wait_for_state(recorder, {"Service": ["web", "db"], "EndpointSlice": ["web-1"],
+                              "Node": ["node-bb"]})
+
+
+def test_broken_json_is_reported_with_line_and_column(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A JSON syntax error names the file, line and column, and keeps the file's objects."""
+    slices = manifests / "slices.json"
+    source = start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    state = break_and_wait(slices, '{"kind": "List",\n  "items" []}', source, recorder, 1)
+    assert ["web-1"] == state["EndpointSlice"]
+    assert [f"{slices}:2:11: cannot parse JSON: Expecting ':' delimiter; keeping the "
+            "objects last loaded from it (1)"] == warnings_logged(caplog)
+
+
+def test_removed_directory_keeps_everything(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A directory given that disappears (renamed, unmounted) keeps all it yielded, with a
+    warning; back in place, its objects are read again."""
+    source = start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    moved = manifests.with_name("moved")
+    manifests.rename(moved)
+    wait_until(lambda: source.status.read_errors == 1, "the error to be counted")
+    round_of_snapshots(recorder, 2)
+    assert {"Service": ["web", "db"], "EndpointSlice": ["web-1"], "Node": ["node-a"]} \
+        == latest_state(recorder)
+    assert [f"{manifests}: cannot read: No such file or directory; keeping the objects last "
+            "loaded from it (4)"] == warnings_logged(caplog)
+    moved.rename(manifests)
+    (manifests / "node.yaml").unlink()
+    wait_for_state(recorder, {"Service": ["web", "db"], "EndpointSlice": ["web-1"], "Node": []})
+
+
+def test_emptied_directory_keeps_everything(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A directory given whose files are all removed is an error, not "no Services": its
+    last objects stay, with a warning."""
+    source = start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    for path in manifests.iterdir():
+        path.unlink()
+    wait_until(lambda: source.status.read_errors == 1, "the error to be counted")
+    round_of_snapshots(recorder, 2)
+    assert {"Service": ["web", "db"], "EndpointSlice": ["web-1"], "Node": ["node-a"]} \
+        == latest_state(recorder)
+    assert [f"{manifests}: holds no .yaml, .yml or .json file; keeping the objects last "
+            "loaded from it (4)"] == warnings_logged(caplog)
+
+
+def test_files_left_out_are_named_once(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Files without a manifest suffix are named in one warning, not again on each reload;
+    hidden files are left out without one."""
+    (manifests / "README.md").write_text("notes\n")
+    (manifests / "svc.ymal").write_text(service_yaml("typo"))
+    (manifests / ".hidden.yaml").write_text(service_yaml("hidden"))
+    start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    (manifests / "services.yaml").write_text(service_yaml("web"))
+    wait_for_state(recorder, {"Service": ["web"], "EndpointSlice": ["web-1"], "Node": ["node-a"]})
+    assert [f"{manifests}: ignoring files without a .yaml, .yml or .json suffix: README.md, "
+            "svc.ymal"] == warnings_logged(caplog)
+
+
+def test_duplicate_object_last_definition_wins(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The same Service in two files: a warning with both places; the later file's wins."""
+    (manifests / "zz-override.yaml").write_text(service_yaml("db").replace("80", "81"))
+    start_source(manifests)
+    services = round_of_snapshots(recorder, 1)["Service"]
+    assert [("web", 80), ("db", 81)] == [(obj["metadata"]["name"], obj["spec"]["ports"][0]["port"])
+                                         for obj in services.objects]
+    assert [f"Service default/db: defined more than once: {manifests}/services.yaml:6, then "
+            f"{manifests}/zz-override.yaml:1; the last definition "
+            f"({manifests}/zz-override.yaml:1) is used"] == warnings_logged(caplog)
 
 
 def test_stop_is_prompt(manifests: Path, recorder: Recorder,
@@ -184,3 +313,54 @@ def test_stop_is_prompt(manifests: Path, recorder: Recorder,
     started = time.monotonic()
     source.stop()
     assert time.monotonic() - started < 1.0
+
+
+def problems_of(*paths: Path) -> tuple[list[str], list[str]]:
+    """``load_objects``' errors and other problems, as text."""
+    loaded = load_objects(paths)
+    return ([str(e) for e in loaded.errors],
+            [str(p) for p in loaded.problems if p not in loaded.errors])
+
+
+def test_load_errors_name_the_path_and_why(tmp_path: Path) -> None:
+    """Every way input can be unusable is an error naming the path (and line and column)."""
+    empty, no_objects, missing = tmp_path / "empty", tmp_path / "no-objects", tmp_path / "nope"
+    empty.mkdir()
+    no_objects.mkdir()
+    (no_objects / "comments.yaml").write_text("# nothing yet\n")
+    latin1, control = tmp_path / "latin1.yaml", tmp_path / "control.yaml"
+    latin1.write_bytes(b"kind: Service # caf\xe9\n")
+    control.write_text("kind: Service\nmetadata: {name: \x07}\n")
+    assert ([f"{empty}: holds no .yaml, .yml or .json file"], []) == problems_of(empty)
+    assert ([f"{no_objects}: yields no Kubernetes object"], []) == problems_of(no_objects)
+    assert ([f"{missing}: cannot read: No such file or directory"], []) == problems_of(missing)
+    assert ([f"{latin1}: cannot read: not UTF-8 text (invalid continuation byte at byte 19)"],
+            []) == problems_of(latin1)
+    assert ([f"{control}:2:18: cannot parse YAML: unacceptable character #x0007: special "
+             "characters are not allowed"], []) == problems_of(control)
+
+
+def test_documents_that_are_not_objects_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A document or List item without a kind is named and skipped; the rest loads."""
+    path = tmp_path / "mixed.yaml"
+    path.write_text(service_yaml("web") + "---\n- a list\n---\nkind: List\nitems: [{}, "
+                    "{kind: Service, metadata: {name: db}}]\n---\n")
+    loaded = load_objects([path])
+    assert [["web"], ["db"]] == [[o["metadata"]["name"]] for o in loaded.objects]
+    assert ([], [f"{path}:6: not a Kubernetes object (a mapping with a kind); skipped",
+                 f"{path}:8 items[0]: not a Kubernetes object (a mapping with a kind); skipped"]
+            ) == problems_of(path)
+
+
+def test_duplicates_across_paths_follow_the_command_line_order(tmp_path: Path) -> None:
+    """Paths are read in the order given, files in path order: the last definition wins."""
+    first, second = tmp_path / "b.yaml", tmp_path / "a.yaml"
+    first.write_text(service_yaml("web").replace("80", "81"))
+    second.write_text(service_yaml("web").replace("80", "82"))
+    loaded = load_objects([first, second])
+    assert [82] == [o["spec"]["ports"][0]["port"] for o in loaded.objects]
+    assert [("Service", "default/web", "definition",
+             f"defined more than once: {first}:1, then {second}:1; the last definition "
+             f"({second}:1) is used")] == [(p.kind, p.ref, p.dropped, p.message)
+                                           for p in loaded.problems]
+    assert [81] == [o["spec"]["ports"][0]["port"] for o in load_objects([tmp_path]).objects]
