@@ -149,11 +149,12 @@ def test_without_net_admin_nothing_is_written_and_the_error_names_iptables(
     result = in_container(netfilter.netns, capabilities, volumes, run_once(netfilter))
     assert 1 == result.returncode
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
-    assert errors and f"iptables-{netfilter.backend.value}-" in errors[0], result.stderr
+    assert errors, result.stderr
+    assert f"iptables-{netfilter.backend.value}-" in errors[0]
     assert [] == owned_chains(netfilter)
 
 
-@pytest.mark.parametrize("backend, succeeds", [("nft", True), ("legacy", False)])
+@pytest.mark.parametrize(("backend", "succeeds"), [("nft", True), ("legacy", False)])
 def test_net_raw_is_what_the_legacy_backend_needs(
         netns: str, container: dict[str, Any], volumes: str, backend: str,
         succeeds: bool) -> None:
