@@ -32,11 +32,14 @@ NODE_FLAGS = ["--objects", str(OBJECTS), "--hostname-override", "node1",
 
 # Runs as root in its own mount namespace (unshare); never on the host's mounts: the first
 # line refuses to go on in the host's mount namespace. ``remount,bind,ro`` changes only this
-# namespace's view of a mount, never the filesystem itself.
+# namespace's view of a mount, never the filesystem itself. Network namespace handles (nsfs)
+# are left alone: other tests create and delete them meanwhile, and a deleted one vanishes
+# from this view too.
 _READ_ONLY_VIEW = """set -eu
 [ "$(readlink /proc/self/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || exit 99
-findmnt -rno TARGET,OPTIONS | while read -r target options; do
+findmnt -rno TARGET,FSTYPE,OPTIONS | while read -r target fstype options; do
     case "$target" in /proc|/proc/*) continue ;; esac
+    [ "$fstype" != nsfs ] || continue
     case ",$options," in *,rw,*) mount -o remount,bind,ro "$target" ;; esac
 done
 mount --bind /proc/sys /proc/sys
