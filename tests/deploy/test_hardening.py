@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent.waiting import eventually
 
 from iptsync.netfilter import Netfilter
 
@@ -80,17 +81,23 @@ def container_volumes(container: dict[str, Any], pod: dict[str, Any],
     return "\n".join([*binds, *tmpfs]) + "\n"
 
 
-def in_container(netns: str, capabilities: list[str], volumes: str,
-                 argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` in ``netns`` as the container would: read-only view, the given
+def container_command(netns: str, capabilities: list[str], volumes: str,
+                      argv: list[str]) -> list[str]:
+    """``argv`` run in ``netns`` as the container would run it: read-only view, the given
     volumes, only these capabilities, no_new_privs."""
     caps = ",".join(["-all", *(f"+{name.lower()}" for name in capabilities)])
     script = _READ_ONLY_VIEW + volumes + 'exec "$@"\n'
-    command = ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
-               "--", "sh", "-c", script, "sandbox",
-               "setpriv", "--no-new-privs", f"--inh-caps={caps}", f"--bounding-set={caps}",
-               "--", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    return ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
+            "--", "sh", "-c", script, "sandbox",
+            "setpriv", "--no-new-privs", f"--inh-caps={caps}", f"--bounding-set={caps}",
+            "--", *argv]
+
+
+def in_container(netns: str, capabilities: list[str], volumes: str,
+                 argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to its end in the stand-in container."""
+    return subprocess.run(container_command(netns, capabilities, volumes, argv),
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def run_once(netfilter: Netfilter) -> list[str]:
@@ -129,6 +136,34 @@ def test_agent_syncs_with_only_the_manifests_privileges(
     assert 0 == result.returncode, result.stderr
     assert live_matches_a_full_sync(netfilter)
     assert "cannot set sysctl net.ipv4.conf.all.route_localnet=1" in result.stderr
+
+
+def healthz_status(netns: str) -> str:
+    """The status of /healthz on the agent's default address, asked from inside ``netns``."""
+    ask = ("import urllib.request\ntry:\n    print(urllib.request.urlopen("
+           "'http://127.0.0.1:10256/healthz', timeout=2).status)\nexcept OSError as err:\n"
+           "    print(err)")
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", ask],
+                          capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+
+
+def test_long_running_agent_serves_health_with_only_the_manifests_privileges(
+        netfilter: Netfilter, container: dict[str, Any], volumes: str) -> None:
+    """The agent itself (not --once) syncs, answers /healthz 200 on its default address, and
+    stops cleanly on SIGTERM, all inside the stand-in container."""
+    assert netfilter.netns is not None
+    argv = [sys.executable, "-m", "iptsync.cli", "run", *NODE_FLAGS,
+            "--iptables-backend", netfilter.backend.value]
+    agent = subprocess.Popen(
+        container_command(netfilter.netns, granted_capabilities(container), volumes, argv),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        eventually(lambda: "200" == healthz_status(str(netfilter.netns)) or None, timeout=30)
+        assert live_matches_a_full_sync(netfilter)
+    finally:
+        agent.terminate()
+        _, errors = agent.communicate(timeout=30)
+    assert 0 == agent.returncode, errors
 
 
 def test_stand_in_container_cannot_write_outside_its_volumes(
