@@ -3,12 +3,12 @@
 A container's memory limit counts more than the agent's own peak RSS (what bench/scale.py
 reports): the ``iptables-restore`` / ``iptables-save`` it runs at the same time, and the kernel
 memory of the rules it writes (nf_tables and x_tables allocate it with memory-cgroup accounting,
-charged to the writer). Without a container engine, this measures both from outside: for
-``iptsync run --once`` (the real CLI) into a fresh network namespace, first into an empty one and
-then again on the loaded one (a restart), the resident memory of the agent and all its children
-is summed every 50 ms and the largest sum kept; the rules' kernel memory is what
-``/proc/meminfo`` (Slab + VmallocUsed + Percpu) gives back when the namespace is deleted. Other
-activity on the machine moves /proc/meminfo too: read that column as an estimate.
+charged to the writer). Without a container engine, this measures both from outside. It runs
+``iptsync run --once`` (the real CLI) into a fresh network namespace, first into an empty one,
+then again on the loaded one (a restart), sums the proportional set size of the agent and all
+its children every 50 ms and keeps the largest sum. The rules' kernel memory is what
+``/proc/meminfo`` (Slab + VmallocUsed + Percpu) gives back when the namespace is deleted; other
+activity on the machine moves those counters too, so read that figure as an estimate.
 
     python -m bench.container_memory --services 10000 --endpoints 10 --backend both
 """
@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,25 +60,33 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def rss_mb(pid: int) -> tuple[str, float]:
-    """A process's name and resident memory in MB (0 once it is gone)."""
+def pss_mb(pid: int) -> tuple[str, float]:
+    """A process's name and proportional set size in MB (0 once it is gone). PSS, not RSS: a
+    child between fork and exec shares the agent's pages, and summing RSS would count them
+    twice where the memory cgroup charges them once."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        if len(name) == 15:  # cut there: iptables-legacy-save and -restore would look alike
+            name = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
+    except (OSError, UnicodeDecodeError):
         return "", 0.0
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return fields["Name"].strip(), int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+    fields = dict(line.split(":", 1) for line in rollup.splitlines()[1:])
+    return name, int(fields.get("Pss", "0 kB").split()[0]) / 1024
 
 
 def tree_peak(argv: list[str]) -> tuple[float, dict[str, float]]:
-    """Run ``argv``; the largest summed RSS of it and its children, and that moment's parts."""
+    """Run ``argv``; the largest summed PSS of it and its children, and that moment's parts."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak, parts = 0.0, {}
     while proc.poll() is None:
-        sample = [rss_mb(pid) for pid in descendants(proc.pid)]
+        sample = [pss_mb(pid) for pid in descendants(proc.pid)]
         total = sum(mb for _, mb in sample)
         if total > peak:
-            peak, parts = total, {name: mb for name, mb in sample if mb > 1}
+            parts = {}
+            for name, mb in sample:
+                parts[name] = parts.get(name, 0.0) + mb
+            peak = total
         time.sleep(0.05)
     _, errors = proc.communicate()
     if proc.returncode != 0:
@@ -107,6 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: it creates network namespaces")
+    # SIGTERM unwinds like Ctrl-C, so the namespace is deleted.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory() as directory:
         objects = Path(directory) / "cluster.json"
         objects.write_text(json.dumps(cluster(args.services, args.endpoints)))
