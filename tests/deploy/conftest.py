@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 VAGRANT_SCRIPTS = sorted((DEPLOY / "vagrant").glob("*.sh"))
 
+Objects = dict[tuple[str, str], dict[str, Any]]
+
 
 def require_tool(name: str) -> str:
     """The tool's path; skip without it, or fail when CI requires every test to run."""
@@ -49,7 +51,7 @@ def shellcheck() -> str:
 
 
 @pytest.fixture(scope="session")
-def rendered(kubectl: str) -> dict[tuple[str, str], dict[str, Any]]:
+def rendered(kubectl: str) -> Objects:
     """``kubectl kustomize deploy/``, by (kind, name)."""
     result = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True,
                             text=True, check=False)
@@ -58,3 +60,22 @@ def rendered(kubectl: str) -> dict[tuple[str, str], dict[str, Any]]:
     by_key = {(obj["kind"], obj["metadata"]["name"]): obj for obj in objects}
     assert len(objects) == len(by_key), "two objects of one kind share a name"
     return by_key
+
+
+@pytest.fixture(scope="session")
+def daemonset(rendered: Objects) -> dict[str, Any]:
+    return rendered[("DaemonSet", "iptsync")]
+
+
+@pytest.fixture(scope="session")
+def pod(daemonset: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = daemonset["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture(scope="session")
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    """The DaemonSet's one container, as rendered."""
+    assert 1 == len(pod["containers"])
+    spec: dict[str, Any] = pod["containers"][0]
+    return spec

@@ -1,5 +1,6 @@
 """deploy/ as `kubectl apply -k deploy/` sends it: least-privilege RBAC, a DaemonSet that runs
-the agent on every node with two capabilities instead of privileged, and a config it reads."""
+the agent on every node with two capabilities instead of privileged, a read-only root and a
+memory limit, and a config it reads."""
 
 from __future__ import annotations
 
@@ -12,27 +13,7 @@ import pytest
 from iptsync.cli import run
 from iptsync.options import ProxyConfig, read_config
 
-from .conftest import DEPLOY, ROOT
-
-Objects = dict[tuple[str, str], dict[str, Any]]
-
-
-@pytest.fixture
-def daemonset(rendered: Objects) -> dict[str, Any]:
-    return rendered[("DaemonSet", "iptsync")]
-
-
-@pytest.fixture
-def pod(daemonset: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = daemonset["spec"]["template"]["spec"]
-    return spec
-
-
-@pytest.fixture
-def container(pod: dict[str, Any]) -> dict[str, Any]:
-    assert 1 == len(pod["containers"])
-    spec: dict[str, Any] = pod["containers"][0]
-    return spec
+from .conftest import DEPLOY, ROOT, Objects
 
 
 @pytest.fixture
@@ -96,11 +77,24 @@ def test_pods_use_the_nodes_network_namespace(pod: dict[str, Any]) -> None:
     assert "ClusterFirstWithHostNet" == pod["dnsPolicy"]
 
 
-def test_container_gets_net_admin_and_net_raw_not_privileged(container: dict[str, Any]) -> None:
-    """Two added capabilities, nothing privileged."""
+def test_container_drops_every_capability_but_net_admin_and_net_raw(
+        container: dict[str, Any]) -> None:
+    """drop ALL, then add back exactly NET_ADMIN and NET_RAW; not privileged."""
     security = container["securityContext"]
-    assert security.get("privileged", False) is False
-    assert {"NET_ADMIN", "NET_RAW"} == set(security["capabilities"]["add"])
+    assert security["privileged"] is False
+    assert {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]} == security["capabilities"]
+
+
+def test_container_cannot_gain_privileges_or_write_its_image(container: dict[str, Any]) -> None:
+    """No privilege escalation, the runtime's default seccomp profile, a read-only root, root."""
+    security = container["securityContext"]
+    assert {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "runAsUser": 0,
+    } == {key: security[key] for key in ("allowPrivilegeEscalation", "readOnlyRootFilesystem",
+                                         "seccompProfile", "runAsUser")}
 
 
 def test_pods_run_on_every_node_before_anything_else(pod: dict[str, Any]) -> None:
@@ -152,16 +146,25 @@ def test_api_server_address_can_be_given_without_a_service(container: dict[str, 
 
 
 def test_node_paths_are_mounted(container: dict[str, Any], pod: dict[str, Any]) -> None:
-    """The host's xtables lock (created if missing) and /lib/modules, read-only."""
+    """The host's xtables lock (created if missing) is the only host path."""
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     lock = mounts["/run/xtables.lock"]
     assert {"path": "/run/xtables.lock", "type": "FileOrCreate"} == \
         volumes[lock["name"]]["hostPath"]
     assert not lock.get("readOnly", False)
-    modules = mounts["/lib/modules"]
-    assert "/lib/modules" == volumes[modules["name"]]["hostPath"]["path"]
-    assert modules["readOnly"] is True
+    assert [lock["name"]] == [name for name, volume in volumes.items() if "hostPath" in volume]
+
+
+def test_only_the_lock_and_tmp_are_writable(container: dict[str, Any],
+                                            pod: dict[str, Any]) -> None:
+    """Besides the read-only root: the lock file and a size-limited emptyDir at /tmp."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    writable = {mount["mountPath"] for mount in container["volumeMounts"]
+                if not mount.get("readOnly", False)}
+    assert {"/run/xtables.lock", "/tmp"} == writable
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert {"sizeLimit": "64Mi"} == volumes[tmp["name"]]["emptyDir"]
 
 
 def test_config_file_comes_from_the_configmap(container: dict[str, Any], pod: dict[str, Any],
@@ -175,10 +178,11 @@ def test_config_file_comes_from_the_configmap(container: dict[str, Any], pod: di
     assert config_path.name in rendered[("ConfigMap", configmap)]["data"]
 
 
-def test_resources_request_without_limits(container: dict[str, Any]) -> None:
-    """CPU and memory are requested; no limit can throttle or OOM-kill the node's proxy."""
-    assert {"cpu", "memory"} == set(container["resources"]["requests"])
-    assert "limits" not in container["resources"]
+def test_memory_is_limited_with_headroom_over_the_measured_peak(
+        container: dict[str, Any]) -> None:
+    """A memory limit (1Gi) above the measured 10,000-service peak; requests; no CPU limit."""
+    assert {"requests": {"cpu": "100m", "memory": "320Mi"}, "limits": {"memory": "1Gi"}} == \
+        container["resources"]
 
 
 def test_image_is_pinned_and_named_once(container: dict[str, Any]) -> None:
