@@ -345,14 +345,20 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
         return ServiceInfo(namespace, name, (), "headless services get no rules")
     if not cluster_ip_text:
         raise InvalidField("spec.clusterIP", "missing: the service has no cluster IP allocated")
-    cluster_ip = _ip(cluster_ip_text, "spec.clusterIP")
-    family = IPFamily.of(cluster_ip)
-    unprogrammed = _Unprogrammed("Service", ref, family, problems)
-    if family is not IPFamily.IPV4:
+    primary = _ip(cluster_ip_text, "spec.clusterIP")
+    # A dual-stack Service lists its other family's cluster IP second; as kube-proxy's IPv4
+    # proxier does, the IPv4 one is programmed whichever comes first.
+    cluster_ips = [("spec.clusterIP", primary)] + [
+        (f"spec.clusterIPs[{i}]", _ip(text, f"spec.clusterIPs[{i}]"))
+        for i, text in enumerate(_list(spec, "clusterIPs", "spec.clusterIPs")[1:], 1)]
+    cluster_ip = next((ip for _, ip in cluster_ips if ip.version == 4), None)
+    if cluster_ip is None:
         problems.append(Problem("Service", ref, "spec.clusterIP", NOT_PROGRAMMED))
         return ServiceInfo(namespace, name, (), "IPv6 services are not programmed yet")
-    for i, text in enumerate(_list(spec, "clusterIPs", "spec.clusterIPs")[1:], 1):
-        unprogrammed.keep(_ip(text, f"spec.clusterIPs[{i}]"), f"spec.clusterIPs[{i}]")
+    family = IPFamily.IPV4
+    unprogrammed = _Unprogrammed("Service", ref, family, problems)
+    for path, ip in cluster_ips:
+        unprogrammed.keep(ip, path)
 
     external_ips = tuple(
         ip for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))

@@ -621,9 +621,6 @@ def test_service_without_rules_has_no_ports_and_a_reason(spec: Manifest, reason:
     pytest.param({"clusterIP": "fd00::10", "ports": [{"port": 80}]}, id="cluster-ip"),
     pytest.param({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ipFamilies": ["IPv6"],
                   "ports": [{"port": 80}]}, id="single-stack"),
-    pytest.param({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"],
-                  "ipFamilies": ["IPv6", "IPv4"], "ports": [{"port": 80}]},
-                 id="ipv6-primary-dual-stack"),
 ])
 def test_ipv6_service_is_skipped_with_a_warning(spec: Manifest) -> None:
     """An IPv6 Service parses to no ports and a warning naming spec.clusterIP."""
@@ -635,6 +632,18 @@ def test_ipv6_service_is_skipped_with_a_warning(spec: Manifest) -> None:
     assert isinstance(parsed.value, ServiceInfo)
     assert ((), "IPv6 services are not programmed yet") == (parsed.value.ports,
                                                             parsed.value.skipped_reason)
+
+
+def test_ipv6_primary_dual_stack_service_programs_its_ipv4_cluster_ip() -> None:
+    """With ipFamilies [IPv6, IPv4] the IPv4 cluster IP (listed second) is programmed."""
+    parsed = parse_object(service({"clusterIP": "fd00::10",
+                                   "clusterIPs": ["fd00::10", "10.96.0.10"],
+                                   "ipFamilies": ["IPv6", "IPv4"]}))
+    assert ["Service ns1/web: dropping IPv6 address: spec.clusterIP: fd00::10: IPv6 is not "
+            "programmed yet (IPv4 only)"] == [str(p) for p in parsed.problems]
+    assert isinstance(parsed.value, ServiceInfo)
+    assert [ipaddress.ip_address("10.96.0.10")] * 2 == [p.cluster_ip
+                                                        for p in parsed.value.ports]
 
 
 def test_dual_stack_service_keeps_ipv4_and_reports_each_ipv6_address() -> None:
