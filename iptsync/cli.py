@@ -81,10 +81,16 @@ def node_options(func: F) -> F:
 
 
 def proxy_config(params: dict[str, Any]) -> ProxyConfig:
+    """The --config file's fields (empty without one); warns about each one not applied."""
     try:
-        return read_config(params["config"]) if params.get("config") else ProxyConfig()
+        config = read_config(params["config"]) if params.get("config") else ProxyConfig()
     except OptionError as err:
         raise click.UsageError(str(err)) from None
+    for field in config.ignored:
+        logging.getLogger("iptsync").warning(
+            "--config %s: %s is set but not supported by iptsync: ignored", params["config"],
+            field)
+    return config
 
 
 def explicit(name: str) -> bool:
@@ -93,8 +99,8 @@ def explicit(name: str) -> bool:
     return source not in (None, click.core.ParameterSource.DEFAULT)
 
 
-def settings_from(params: dict[str, Any]) -> Settings:
-    config = proxy_config(params)
+def settings_from(params: dict[str, Any], config: ProxyConfig | None = None) -> Settings:
+    config = proxy_config(params) if config is None else config
 
     def pick(name: str, configured: Any) -> Any:
         return params[name] if explicit(name) or configured is None else configured
@@ -238,8 +244,8 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     syncs once and exits.
     """
     setup_logging(params.pop("verbose") + 1, log_format)
-    settings = settings_from(params)
     config = proxy_config(params)
+    settings = settings_from(params, config)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
     netfilter = Netfilter(resolve_backend(backend))
     try:

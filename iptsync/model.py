@@ -243,11 +243,23 @@ def _from_client_model(value: Any) -> Any:
 
 
 def object_ref(manifest: Mapping[str, Any]) -> str:
-    """``namespace/name`` of a manifest, tolerant of missing metadata."""
+    """``namespace/name`` of a manifest, tolerant of missing metadata, safe to log.
+
+    A hostile name must not forge log lines either: control characters are escaped and
+    overlong names cut (the name is invalid then, and the message says why).
+    """
     meta = manifest.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
     namespace = meta.get("namespace") or "default"
-    return f"{namespace}/{meta.get('name') or '<unnamed>'}"
+    return f"{printable(namespace)}/{printable(meta.get('name') or '<unnamed>')}"
+
+
+def printable(value: object, limit: int = 100) -> str:
+    """``value`` as text fit for one log line: escaped when unusual, cut when long."""
+    text = value if isinstance(value, str) else repr(value)
+    if not (text.isascii() and text.isprintable()):
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def parse_object(obj: Any) -> Parsed:
@@ -263,12 +275,18 @@ def parse_object(obj: Any) -> Parsed:
 
 
 def parse_service(manifest: Mapping[str, Any]) -> Parsed:
-    """Parse a Service; headless, ExternalName and non-IPv4 services yield no ports."""
+    """Parse a Service; headless, ExternalName and IPv6 services yield no ports.
+
+    What is valid but not programmed (IPv6 until dual-stack lands) comes back as problems
+    beside the value, so it is reported without being treated as a bad update.
+    """
     ref = object_ref(manifest)
+    problems: list[Problem] = []
     try:
-        return Parsed(_service(manifest))
+        info = _service(manifest, ref, problems)
     except InvalidField as err:
         return Parsed(None, (Problem("Service", ref, err.path, err.message),))
+    return Parsed(info, tuple(problems))
 
 
 def parse_endpoint_slice(manifest: Mapping[str, Any]) -> Parsed:
@@ -288,7 +306,8 @@ def parse_node(manifest: Mapping[str, Any]) -> Parsed:
     ref = object_ref(manifest)
     try:
         meta = _mapping(manifest, "metadata", required=True)
-        name = _string(meta, "name", "metadata.name", required=True)
+        name = _dns_subdomain(_string(meta, "name", "metadata.name", required=True),
+                              "metadata.name")
         labels = _string_map(meta, "labels", "metadata.labels")
         status = _mapping(manifest, "status")
         addresses: list[IPAddress] = []
@@ -308,10 +327,12 @@ _PARSERS = {
 }
 
 
-def _service(manifest: Mapping[str, Any]) -> ServiceInfo:
+def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> ServiceInfo:
     meta = _mapping(manifest, "metadata", required=True)
-    name = _string(meta, "name", "metadata.name", required=True)
-    namespace = _string(meta, "namespace", "metadata.namespace") or "default"
+    # Since Kubernetes 1.34 (RelaxedServiceNameValidation) a Service name may start with a
+    # digit: a DNS-1123 label, no longer a DNS-1035 one. Accept what any API server accepts.
+    name = _dns_label(_string(meta, "name", "metadata.name", required=True), "metadata.name")
+    namespace = _namespace(meta)
     annotations = _string_map(meta, "annotations", "metadata.annotations")
     spec = _mapping(manifest, "spec", "spec", required=True)
     svc_type = _string(spec, "type", "spec.type") or "ClusterIP"
@@ -324,22 +345,30 @@ def _service(manifest: Mapping[str, Any]) -> ServiceInfo:
         return ServiceInfo(namespace, name, (), "headless services get no rules")
     if not cluster_ip_text:
         raise InvalidField("spec.clusterIP", "missing: the service has no cluster IP allocated")
-    cluster_ip = _ip(cluster_ip_text, "spec.clusterIP")
-    family = IPFamily.of(cluster_ip)
-    if family is not IPFamily.IPV4:
-        return ServiceInfo(namespace, name, (), "IPv6 services are not supported yet")
+    primary = _ip(cluster_ip_text, "spec.clusterIP")
+    # A dual-stack Service lists its other family's cluster IP second; as kube-proxy's IPv4
+    # proxier does, the IPv4 one is programmed whichever comes first.
+    cluster_ips = [("spec.clusterIP", primary)] + [
+        (f"spec.clusterIPs[{i}]", _ip(text, f"spec.clusterIPs[{i}]"))
+        for i, text in enumerate(_list(spec, "clusterIPs", "spec.clusterIPs")[1:], 1)]
+    cluster_ip = next((ip for _, ip in cluster_ips if ip.version == 4), None)
+    if cluster_ip is None:
+        problems.append(Problem("Service", ref, "spec.clusterIP", NOT_PROGRAMMED))
+        return ServiceInfo(namespace, name, (), "IPv6 services are not programmed yet")
+    family = IPFamily.IPV4
+    unprogrammed = _Unprogrammed("Service", ref, family, problems)
+    for path, ip in cluster_ips:
+        unprogrammed.keep(ip, path)
 
     external_ips = tuple(
-        ip for ip in (
-            _ip(text, f"spec.externalIPs[{i}]")
-            for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))
-        ) if IPFamily.of(ip) is family
+        ip for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))
+        if unprogrammed.keep(ip := _ip(text, f"spec.externalIPs[{i}]"), f"spec.externalIPs[{i}]")
     )
     lb_ips: tuple[IPAddress, ...] = ()
     source_ranges: tuple[IPNetwork, ...] = ()
     if svc_type == "LoadBalancer":
-        lb_ips = _load_balancer_ips(manifest, family)
-        source_ranges = _source_ranges(spec, annotations, family)
+        lb_ips = _load_balancer_ips(manifest, unprogrammed)
+        source_ranges = _source_ranges(spec, annotations, unprogrammed)
     external_policy = _policy(spec, "externalTrafficPolicy")
     internal_policy = _policy(spec, "internalTrafficPolicy")
     external_local = external_policy == "Local" and svc_type in ("NodePort", "LoadBalancer")
@@ -357,7 +386,7 @@ def _service(manifest: Mapping[str, Any]) -> ServiceInfo:
     for i, raw in enumerate(raw_ports):
         path = f"spec.ports[{i}]"
         port_spec = _as_mapping(raw, path)
-        port_name = _string(port_spec, "name", f"{path}.name")
+        port_name = _port_name(port_spec, path)
         protocol = _protocol(port_spec.get("protocol"), f"{path}.protocol")
         if (port_name, protocol) in seen:
             raise InvalidField(f"{path}.name", f"duplicate port name {port_name!r}")
@@ -380,7 +409,29 @@ def _service(manifest: Mapping[str, Any]) -> ServiceInfo:
     return ServiceInfo(namespace, name, tuple(ports))
 
 
-def _load_balancer_ips(manifest: Mapping[str, Any], family: IPFamily) -> tuple[IPAddress, ...]:
+NOT_PROGRAMMED = "IPv6 is not programmed yet (IPv4 only)"
+
+
+@dataclass(frozen=True, slots=True)
+class _Unprogrammed:
+    """Sorts a Service's addresses: its own family is kept, the other reported as dropped."""
+
+    kind: str
+    ref: str
+    family: IPFamily
+    problems: list[Problem]
+
+    def keep(self, address: IPAddress | IPNetwork, path: str) -> bool:
+        if IPFamily.of(address) is self.family:
+            return True
+        what = "range" if isinstance(address, IPNetwork) else "address"
+        self.problems.append(Problem(self.kind, self.ref, path,
+                                     f"{address}: {NOT_PROGRAMMED}", dropped=f"IPv6 {what}"))
+        return False
+
+
+def _load_balancer_ips(manifest: Mapping[str, Any],
+                       unprogrammed: _Unprogrammed) -> tuple[IPAddress, ...]:
     status = _mapping(manifest, "status")
     load_balancer = _mapping(status, "loadBalancer", "status.loadBalancer")
     ips: list[IPAddress] = []
@@ -392,20 +443,20 @@ def _load_balancer_ips(manifest: Mapping[str, Any], family: IPFamily) -> tuple[I
         if ingress.get("ipMode") == "Proxy":
             continue  # the load balancer proxies; traffic arrives for the node, not the VIP
         ip = _ip(ingress.get("ip"), f"{path}.ip")
-        if IPFamily.of(ip) is family:
+        if unprogrammed.keep(ip, f"{path}.ip"):
             ips.append(ip)
     return tuple(ips)
 
 
 def _source_ranges(spec: Mapping[str, Any], annotations: Mapping[str, str],
-                   family: IPFamily) -> tuple[IPNetwork, ...]:
+                   unprogrammed: _Unprogrammed) -> tuple[IPNetwork, ...]:
     texts = [(f"spec.loadBalancerSourceRanges[{i}]", text) for i, text in
              enumerate(_list(spec, "loadBalancerSourceRanges", "spec.loadBalancerSourceRanges"))]
     if not texts and annotations.get(SOURCE_RANGES_ANNOTATION):
         path = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
         texts = [(path, part) for part in annotations[SOURCE_RANGES_ANNOTATION].split(",")]
-    ranges = [_cidr(text, path) for path, text in texts]
-    return tuple(net for net in ranges if IPFamily.of(net) is family)
+    # Reported, not only dropped: with IPv6 ranges alone, IPv4 clients are not restricted.
+    return tuple(net for path, text in texts if unprogrammed.keep(net := _cidr(text, path), path))
 
 
 def _policy(spec: Mapping[str, Any], key: str) -> str:
@@ -436,26 +487,42 @@ def _affinity_timeout(spec: Mapping[str, Any]) -> int | None:
 def _endpoint_slice(manifest: Mapping[str, Any], ref: str,
                     problems: list[Problem]) -> EndpointSliceInfo:
     meta = _mapping(manifest, "metadata", required=True)
-    name = _string(meta, "name", "metadata.name", required=True)
-    namespace = _string(meta, "namespace", "metadata.namespace") or "default"
+    name = _dns_subdomain(_string(meta, "name", "metadata.name", required=True),
+                          "metadata.name")
+    namespace = _namespace(meta)
     labels = _string_map(meta, "labels", "metadata.labels")
+    label_path = f"metadata.labels[{SERVICE_NAME_LABEL}]"
     service = labels.get(SERVICE_NAME_LABEL)
     if not service:
-        raise InvalidField(f"metadata.labels[{SERVICE_NAME_LABEL}]", "missing")
+        raise InvalidField(label_path, "missing")
+    if len(service) > 63 or not _LABEL_VALUE.fullmatch(service):
+        raise InvalidField(label_path, f"'{printable(service)}' is not a label value (at most "
+                                       "63 characters of A-Z, a-z, 0-9, '-', '_' and '.', "
+                                       "starting and ending with a letter or digit)")
     annotations = _string_map(meta, "annotations", "metadata.annotations")
     address_type = _string(manifest, "addressType", "addressType", required=True)
     if address_type not in ("IPv4", "IPv6", "FQDN"):
-        raise InvalidField("addressType", f"must be IPv4, IPv6 or FQDN, not {address_type!r}")
+        raise InvalidField("addressType",
+                           f"must be IPv4, IPv6 or FQDN, not '{printable(address_type)}'")
     family = None if address_type == "FQDN" else IPFamily(address_type)
+    if family is not IPFamily.IPV4:
+        # Kept (so the state matches the API), but its endpoints reach no rule.
+        problems.append(Problem("EndpointSlice", ref, "addressType",
+                                NOT_PROGRAMMED if family else
+                                "FQDN endpoints are never programmed (kube-proxy ignores them)"))
 
     ports: list[SlicePort] = []
     for i, raw in enumerate(_list(manifest, "ports", "ports")):
         path = f"ports[{i}]"
         port_spec = _as_mapping(raw, path)
         if port_spec.get("port") is None:
-            continue  # kube-proxy ignores a slice port without a number
+            # "All ports": kube-proxy cannot DNAT to that, so it ignores such a port.
+            problems.append(Problem("EndpointSlice", ref, f"{path}.port",
+                                    "no port number (all ports) is not programmed",
+                                    dropped=f"port {i}"))
+            continue
         ports.append(SlicePort(
-            name=_string(port_spec, "name", f"{path}.name"),
+            name=_port_name(port_spec, path),
             protocol=_protocol(port_spec.get("protocol"), f"{path}.protocol"),
             port=_port(port_spec.get("port"), f"{path}.port"),
         ))
@@ -568,6 +635,43 @@ def _timestamp(text: str) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+# --- names, checked as the API server checks them ---------------------------------------------
+# Names end up in rule comments and chain hashes: whatever the API server would refuse is
+# refused here too, so a name can never carry a quote, a blank or a newline into a rule.
+
+_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_DNS1123_LABEL = re.compile(_LABEL)
+_DNS1123_SUBDOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+def _dns_label(value: str, path: str) -> str:
+    if len(value) > 63 or not _DNS1123_LABEL.fullmatch(value):
+        raise InvalidField(path, f"'{printable(value)}' is not a DNS-1123 label (at most 63 "
+                                 "characters of a-z, 0-9 and '-', starting and ending with a "
+                                 "letter or digit)")
+    return value
+
+
+def _dns_subdomain(value: str, path: str) -> str:
+    if len(value) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(value):
+        raise InvalidField(path, f"'{printable(value)}' is not a DNS-1123 subdomain (at most "
+                                 "253 characters: DNS-1123 labels joined by '.')")
+    return value
+
+
+def _namespace(meta: Mapping[str, Any]) -> str:
+    namespace = _string(meta, "namespace", "metadata.namespace")
+    return _dns_label(namespace, "metadata.namespace") if namespace else "default"
+
+
+def _port_name(port_spec: Mapping[str, Any], path: str) -> str:
+    # Service and EndpointSlice port names are DNS-1123 labels (only container port names
+    # are the stricter IANA service names).
+    name = _string(port_spec, "name", f"{path}.name")
+    return _dns_label(name, f"{path}.name") if name else ""
 
 
 # --- field readers: each raises InvalidField naming the path ---------------------------------

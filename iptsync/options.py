@@ -1,6 +1,8 @@
 """Turn command-line flags (kube-proxy's names) and a KubeProxyConfiguration into Settings.
 
 Flags win over the config file, as in kube-proxy. Pure apart from reading the config file.
+A config that asks for another proxy mode is refused; every other field that is set but not
+applied is listed in :attr:`ProxyConfig.ignored`, for the caller to warn about.
 """
 
 from __future__ import annotations
@@ -36,6 +38,41 @@ class ProxyConfig:
     sync_period: float | None = None
     healthz_bind_address: str | None = None
     metrics_bind_address: str | None = None
+    ignored: tuple[str, ...] = ()  # set fields iptsync does not apply, as dotted paths
+
+
+# The KubeProxyConfiguration fields read above (and mode, checked); any other field with a
+# value is reported as ignored, so nothing an operator set is dropped without a word.
+APPLIED_FIELDS = frozenset({
+    "apiVersion", "kind", "mode", "hostnameOverride", "clusterCIDR", "nodePortAddresses",
+    "healthzBindAddress", "metricsBindAddress", "iptables.masqueradeAll",
+    "iptables.masqueradeBit", "iptables.localhostNodePorts", "iptables.minSyncPeriod",
+    "iptables.syncPeriod",
+})
+# Defaults that change nothing (beside the zero values: kubeadm writes every field, most as
+# null, "", 0, false or 0s).
+_NO_OP_DEFAULTS = {"bindAddress": ("0.0.0.0", "::")}
+_SUPPORTED_MODES = ("", "iptables")
+
+
+def unapplied_fields(doc: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the fields of ``doc`` that hold a value iptsync does not apply."""
+    found: list[str] = []
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if path in APPLIED_FIELDS or value in _NO_OP_DEFAULTS.get(path, ()):
+            continue
+        if isinstance(value, Mapping):
+            found.extend(unapplied_fields(value, f"{path}."))
+        elif not _unset(value):
+            found.append(path)
+    return found
+
+
+def _unset(value: Any) -> bool:
+    if isinstance(value, bool | list):
+        return not value
+    return value in (None, "", 0, "0", "0s")
 
 
 def parse_cidrs(text: str | Iterable[str] | None, what: str) -> tuple[IPNetwork, ...]:
@@ -82,6 +119,13 @@ def read_config(path: str | Path) -> ProxyConfig:
         raise OptionError(f"--config {path}: {err}") from None
     if not isinstance(doc, Mapping) or doc.get("kind") != "KubeProxyConfiguration":
         raise OptionError(f"--config {path}: not a KubeProxyConfiguration")
+    mode = doc.get("mode") or ""
+    if mode not in _SUPPORTED_MODES:
+        # Refused rather than warned about: a node that was meant to run IPVS or nftables
+        # and silently got iptables rules instead is the harder failure to find.
+        raise OptionError(f"--config {path}: mode: {mode!r} is not supported; iptsync "
+                          "implements kube-proxy's iptables mode only (set mode: iptables, "
+                          "or leave it empty)")
     iptables = doc.get("iptables") or {}
     addresses = doc.get("nodePortAddresses")
     return ProxyConfig(
@@ -95,6 +139,7 @@ def read_config(path: str | Path) -> ProxyConfig:
         sync_period=_duration_opt(iptables, "syncPeriod"),
         healthz_bind_address=doc.get("healthzBindAddress") or None,
         metrics_bind_address=doc.get("metricsBindAddress") or None,
+        ignored=tuple(unapplied_fields(doc)),
     )
 
 

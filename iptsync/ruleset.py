@@ -23,6 +23,10 @@ class RulesetError(ValueError):
     """Text that is not valid iptables-save/restore input, or a rule we cannot canonicalise."""
 
 
+class UnsafeRestoreText(RulesetError):
+    """A chain name or argument that would break out of its restore line: never written."""
+
+
 class Rule(NamedTuple):
     """One rule: its chain and its arguments (restore-input spelling, values unquoted).
 
@@ -102,14 +106,26 @@ def ordered_tables(tables: Iterable[str]) -> list[str]:
 
 
 def chain_line(name: str) -> str:
-    """A restore chain declaration; for an existing chain it also flushes it (with --noflush)."""
-    return f":{name} - [0:0]"
+    """A restore chain declaration; for an existing chain it also flushes it (with --noflush).
+
+    Every chain a batch creates, flushes, deletes (``-X``) or writes rules to is declared (or
+    is a built-in chain), so checking the name here covers those lines too.
+    """
+    return f":{checked_chain(name)} - [0:0]"
+
+
+def checked_chain(name: str) -> str:
+    """``name``, if it can stand as one token of a restore line; else UnsafeRestoreText."""
+    # isprintable() is False for newline, carriage return, NUL and the other controls.
+    if not name or not name.isprintable() or " " in name:
+        raise UnsafeRestoreText(f"refusing to write chain name {name!r} into a restore payload")
+    return name
 
 
 # --- tokenising and quoting ------------------------------------------------------------------
 
 _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
-_NEEDS_QUOTES = re.compile(r'[\s"\\]')
+_NEEDS_QUOTES = re.compile(r'[\s"\\\x00]')
 
 
 def split_args(text: str) -> list[str]:
@@ -123,13 +139,23 @@ def split_args(text: str) -> list[str]:
 def quote(token: str) -> str:
     if token and not _NEEDS_QUOTES.search(token):
         return token
+    if "\n" in token or "\r" in token or "\0" in token:
+        raise UnsafeRestoreText(f"refusing to write argument {token[:200]!r} into a restore "
+                                "payload: it holds a newline, carriage return or NUL")
     return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def join_args(args: Iterable[str]) -> str:
-    """The arguments as one restore line, quoted where iptables-restore needs it."""
+    """The arguments as one restore line, quoted where iptables-restore needs it.
+
+    Defence in depth behind the model's name checks: an argument holding a newline or a
+    carriage return would end the line and start another (a rule of the writer's choosing),
+    and a NUL cuts it short, so such an argument raises UnsafeRestoreText instead.
+    """
     args = tuple(args)
     if all(args):
+        # Newline, carriage return and NUL all need quotes: a token holding one always goes
+        # through quote(), which refuses it; the fast paths below never see one.
         if not _NEEDS_QUOTES.search("".join(args)):
             return " ".join(args)  # the common case: nothing to quote
         if "--comment" in args:
@@ -242,6 +268,9 @@ _NO_VALUE = frozenset({"--set", "--rcheck", "--update", "--remove", "--reap", "-
 # iptables-save prints string values bare only when made of these (xtables_save_string).
 _BARE_CHARS = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _PROBABILITY_SCALE = 0x80000000  # xt_statistic keeps the probability as a 31-bit fraction
+# xt_comment holds XT_MAX_COMMENT_LEN (256) bytes with the closing NUL; both backends' restore
+# cut a longer comment there without a word (measured: 300 bytes in, 255 in iptables-save).
+MAX_COMMENT_BYTES = 255
 
 Option = tuple[bool, str, tuple[str, ...]]  # (negated, --name, values)
 
@@ -353,7 +382,8 @@ def _format_options(options: Iterable[Option]) -> Iterator[str]:
 def _match_options(name: str, options: list[Option]) -> list[str]:
     if name == "comment":
         return [tok for negated, opt, values in options
-                for tok in ((["!"] if negated else []) + [opt] + [_save_quote(v) for v in values])]
+                for tok in ((["!"] if negated else []) + [opt]
+                            + [_save_quote(kernel_comment(v)) for v in values])]
     normalised = [_normalise_option(name, opt) for opt in options]
     if name == "recent":
         present = {opt[1] for opt in normalised}
@@ -408,6 +438,21 @@ def _mark_target(option: Option) -> Option:
     if name == "--set-xmark":
         return negated, "--set-xmark", (f"{number:#x}/{mask:#x}",)
     return option
+
+
+def kernel_comment(text: str) -> str:
+    """A comment as the kernel keeps it: its first 255 bytes.
+
+    Compared in this form, a rule with a longer comment matches what the kernel holds, so a
+    full sync does not rewrite its chain (and report drift) every period.
+    """
+    if len(text) <= MAX_COMMENT_BYTES // 4:  # short enough in any encoding
+        return text
+    raw = text.encode()
+    # A cut inside a multi-byte character leaves bytes no save output decodes; names are
+    # ASCII (the model checks them), so only a hand-made ruleset could get there.
+    return text if len(raw) <= MAX_COMMENT_BYTES else raw[:MAX_COMMENT_BYTES].decode(
+        errors="ignore")
 
 
 def mark_value(text: str) -> tuple[int, int]:

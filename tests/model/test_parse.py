@@ -277,6 +277,90 @@ def test_problem_str_names_kind_object_and_field() -> None:
     assert expected == str(parsed.problems[0])
 
 
+# --- names, as the API server checks them -------------------------------------------------
+
+INJECTION = "web\n-A KUBE-SERVICES -d 192.0.2.99/32 -j DNAT --to-destination 10.0.9.9:80"
+BAD_LABELS = [INJECTION, "web app", 'we"b', "Web", "-web", "web-", "web.app", "x" * 64, "",
+              "we\rb", "we\x00b", "w\u00e9b"]
+
+
+@pytest.mark.parametrize("bad", [b for b in BAD_LABELS if b])
+def test_service_name_must_be_a_dns_label(bad: str) -> None:
+    """A Service name the API server would refuse rejects the Service, naming metadata.name."""
+    parsed = parse_object(service(metadata={"name": bad, "namespace": "ns1"}))
+    assert ["metadata.name"] == [p.field for p in parsed.problems]
+    assert parsed.value is None
+
+
+@pytest.mark.parametrize("bad", [b for b in BAD_LABELS if b])
+def test_namespace_must_be_a_dns_label(bad: str) -> None:
+    """A namespace that is not a DNS-1123 label rejects Services and EndpointSlices."""
+    meta = {"name": "web", "namespace": bad}
+    slice_meta = {**meta, "labels": {SERVICE_NAME_LABEL: "web"}}
+    for parsed in (parse_object(service(metadata=meta)),
+                   parse_object(endpoint_slice(metadata=slice_meta))):
+        assert ["metadata.namespace"] == [p.field for p in parsed.problems]
+        assert parsed.value is None
+
+
+@pytest.mark.parametrize("bad", [b for b in BAD_LABELS if b])
+def test_port_names_must_be_dns_labels(bad: str) -> None:
+    """A Service or EndpointSlice port name that is not a DNS-1123 label rejects the object."""
+    svc = service({"ports": [{"name": "http", "port": 80}, {"name": bad, "port": 81}]})
+    assert ["spec.ports[1].name"] == [p.field for p in parse_object(svc).problems]
+    sl = endpoint_slice(ports=[{"name": bad, "port": 8080}])
+    assert ["ports[0].name"] == [p.field for p in parse_object(sl).problems]
+
+
+@pytest.mark.parametrize("good", ["1web", "a", "x" * 63, "web-1--b"])
+def test_dns_label_names_are_accepted(good: str) -> None:
+    """Names any API server accepts (a leading digit since RelaxedServiceNameValidation) parse."""
+    manifest = service({"ports": [{"name": good, "port": 80}]},
+                       metadata={"name": good, "namespace": good})
+    assert ServicePortName(good, good, good) == service_info(manifest).ports[0].name
+
+
+@pytest.mark.parametrize(("bad", "good"), [
+    (INJECTION, "web.app-1.x"), ("web..app", "a" * 63 + "." + "b" * 63),
+    ("Web.app", "1.2.3"), ("a" * 254, "a" * 63 + ".b"),
+])
+def test_slice_and_node_names_must_be_dns_subdomains(bad: str, good: str) -> None:
+    """EndpointSlice and Node names are DNS-1123 subdomains: at most 253, dotted labels."""
+    slice_meta = {"namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "web"}}
+    assert ["metadata.name"] == [p.field for p in parse_object(
+        endpoint_slice(metadata={**slice_meta, "name": bad})).problems]
+    assert ["metadata.name"] == [p.field for p in parse_object(
+        node(metadata={"name": bad})).problems]
+    assert () == parse_object(endpoint_slice(metadata={**slice_meta, "name": good})).problems
+    assert () == parse_object(node(metadata={"name": good})).problems
+
+
+@pytest.mark.parametrize("bad", [INJECTION, "web app", "-web", "x" * 64, "web/app"])
+def test_service_name_label_must_be_a_label_value(bad: str) -> None:
+    """The kubernetes.io/service-name label is checked as a label value."""
+    meta = {"name": "web-abc", "namespace": "ns1", "labels": {SERVICE_NAME_LABEL: bad}}
+    parsed = parse_object(endpoint_slice(metadata=meta))
+    assert [f"metadata.labels[{SERVICE_NAME_LABEL}]"] == [p.field for p in parsed.problems]
+    assert parsed.value is None
+
+
+def test_warning_for_a_hostile_name_is_one_escaped_line() -> None:
+    """A newline in a name is escaped in the warning, which names the object and field."""
+    parsed = parse_object(service(metadata={"name": INJECTION, "namespace": "ns1"}))
+    text = str(parsed.problems[0])
+    assert "\n" not in text
+    assert text.startswith("skipping Service ns1/web\\n-A KUBE-SERVICES -d 192.0.2.99/32 -j ")
+    assert ": metadata.name: 'web\\n-A KUBE-SERVICES" in text
+
+
+def test_overlong_name_is_cut_in_the_warning() -> None:
+    """A 10,000-character name is reported with its length, not printed in full."""
+    parsed = parse_object(service(metadata={"name": "x" * 10000, "namespace": "ns1"}))
+    assert ["metadata.name"] == [p.field for p in parsed.problems]
+    assert "...(10000 characters)" in parsed.problems[0].ref
+    assert len(str(parsed.problems[0])) < 400
+
+
 # --- invalid EndpointSlice fields ---------------------------------------------------------
 
 BAD_SLICES: list[Any] = [
@@ -350,7 +434,8 @@ def test_ipv4_address_in_ipv6_slice_is_dropped() -> None:
     manifest = endpoint_slice(addressType="IPv6", endpoints=[
         {"addresses": ["fd00::1"]}, {"addresses": ["10.0.1.1"]}, {"addresses": ["fd00::2"]}])
     parsed = parse_object(manifest)
-    assert [("EndpointSlice", "ns1/web-abc", "endpoints[1].addresses[0]")] == \
+    assert [("EndpointSlice", "ns1/web-abc", "addressType"),
+            ("EndpointSlice", "ns1/web-abc", "endpoints[1].addresses[0]")] == \
         problem_fields(parsed)
     assert isinstance(parsed.value, EndpointSliceInfo)
     expected = [ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")]
@@ -450,17 +535,35 @@ def test_explicit_endpoint_conditions_are_kept() -> None:
     assert (expected,) == sl.endpoints
 
 
-def test_slice_port_without_number_is_ignored() -> None:
-    """A slice port with no port number is skipped, as kube-proxy does."""
-    sl = slice_info(endpoint_slice(ports=[{"name": "none"}, {"name": "http", "port": 8080}]))
-    assert (SlicePort("http", Protocol.TCP, 8080),) == sl.ports
+def test_slice_port_without_number_is_ignored_with_a_warning() -> None:
+    """A slice port with no port number is skipped, as kube-proxy does, and reported."""
+    parsed = parse_object(endpoint_slice(ports=[{"name": "none"},
+                                                {"name": "http", "port": 8080}]))
+    assert [("EndpointSlice", "ns1/web-abc", "ports[0].port")] == problem_fields(parsed)
+    assert "EndpointSlice ns1/web-abc: dropping port 0: ports[0].port: no port number (all " \
+        "ports) is not programmed" == str(parsed.problems[0])
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    assert (SlicePort("http", Protocol.TCP, 8080),) == parsed.value.ports
 
 
 def test_fqdn_slice_has_no_family_and_no_endpoints() -> None:
-    """FQDN slices are accepted but carry no endpoints (kube-proxy ignores them)."""
-    sl = slice_info(endpoint_slice(addressType="FQDN",
-                                   endpoints=[{"addresses": ["db.example.com"]}]))
-    assert (None, ()) == (sl.family, sl.endpoints)
+    """FQDN slices are kept but carry no endpoints (kube-proxy ignores them), with a note."""
+    parsed = parse_object(endpoint_slice(addressType="FQDN",
+                                         endpoints=[{"addresses": ["db.example.com"]}]))
+    assert "skipping EndpointSlice ns1/web-abc: addressType: FQDN endpoints are never " \
+        "programmed (kube-proxy ignores them)" == "; ".join(map(str, parsed.problems))
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    assert (None, ()) == (parsed.value.family, parsed.value.endpoints)
+
+
+def test_ipv6_slice_is_kept_but_reported_as_not_programmed() -> None:
+    """An IPv6 slice parses (its endpoints kept) with a warning naming addressType."""
+    parsed = parse_object(endpoint_slice(addressType="IPv6",
+                                         endpoints=[{"addresses": ["fd00::1"]}]))
+    assert "skipping EndpointSlice ns1/web-abc: addressType: IPv6 is not programmed yet " \
+        "(IPv4 only)" == "; ".join(map(str, parsed.problems))
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    assert [ipaddress.ip_address("fd00::1")] == [ep.ip for ep in parsed.value.endpoints]
 
 
 def test_trigger_time_annotation_is_parsed() -> None:
@@ -505,15 +608,65 @@ def test_session_affinity_none_has_no_timeout() -> None:
                  "ExternalName services get no rules", id="external-name"),
     pytest.param({"type": "ExternalName", "clusterIP": "garbage", "ports": "junk"},
                  "ExternalName services get no rules", id="external-name-unchecked"),
-    pytest.param({"clusterIP": "fd00::10", "ports": [{"port": 80}]},
-                 "IPv6 services are not supported yet", id="ipv6"),
 ])
 def test_service_without_rules_has_no_ports_and_a_reason(spec: Manifest, reason: str) -> None:
-    """Headless, ExternalName and IPv6 services parse to no ports and say why."""
+    """Headless and ExternalName services parse to no ports and say why."""
     manifest = service()
     manifest["spec"] = spec
     info = service_info(manifest)
     assert ((), reason) == (info.ports, info.skipped_reason)
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param({"clusterIP": "fd00::10", "ports": [{"port": 80}]}, id="cluster-ip"),
+    pytest.param({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ipFamilies": ["IPv6"],
+                  "ports": [{"port": 80}]}, id="single-stack"),
+])
+def test_ipv6_service_is_skipped_with_a_warning(spec: Manifest) -> None:
+    """An IPv6 Service parses to no ports and a warning naming spec.clusterIP."""
+    manifest = service()
+    manifest["spec"] = spec
+    parsed = parse_object(manifest)
+    assert ["skipping Service ns1/web: spec.clusterIP: IPv6 is not programmed yet (IPv4 only)"] \
+        == [str(p) for p in parsed.problems]
+    assert isinstance(parsed.value, ServiceInfo)
+    assert ((), "IPv6 services are not programmed yet") == (parsed.value.ports,
+                                                            parsed.value.skipped_reason)
+
+
+def test_ipv6_primary_dual_stack_service_programs_its_ipv4_cluster_ip() -> None:
+    """With ipFamilies [IPv6, IPv4] the IPv4 cluster IP (listed second) is programmed."""
+    parsed = parse_object(service({"clusterIP": "fd00::10",
+                                   "clusterIPs": ["fd00::10", "10.96.0.10"],
+                                   "ipFamilies": ["IPv6", "IPv4"]}))
+    assert ["Service ns1/web: dropping IPv6 address: spec.clusterIP: fd00::10: IPv6 is not "
+            "programmed yet (IPv4 only)"] == [str(p) for p in parsed.problems]
+    assert isinstance(parsed.value, ServiceInfo)
+    assert [ipaddress.ip_address("10.96.0.10")] * 2 == [p.cluster_ip
+                                                        for p in parsed.value.ports]
+
+
+def test_dual_stack_service_keeps_ipv4_and_reports_each_ipv6_address() -> None:
+    """The IPv6 half of a dual-stack Service is named field by field; the IPv4 half is kept."""
+    parsed = parse_object(service({
+        "type": "LoadBalancer", "clusterIPs": ["10.96.0.10", "fd00::10"],
+        "ipFamilies": ["IPv4", "IPv6"], "externalIPs": ["192.0.2.1", "2001:db8::1"],
+        "loadBalancerSourceRanges": ["2001:db8::/32"]},
+        status={"loadBalancer": {"ingress": [{"ip": "2001:db8::5"}, {"ip": "198.51.100.1"}]}}))
+    assert [
+        "Service ns1/web: dropping IPv6 address: spec.clusterIPs[1]: fd00::10: IPv6 is not "
+        "programmed yet (IPv4 only)",
+        "Service ns1/web: dropping IPv6 address: spec.externalIPs[1]: 2001:db8::1: IPv6 is not "
+        "programmed yet (IPv4 only)",
+        "Service ns1/web: dropping IPv6 address: status.loadBalancer.ingress[0].ip: "
+        "2001:db8::5: IPv6 is not programmed yet (IPv4 only)",
+        "Service ns1/web: dropping IPv6 range: spec.loadBalancerSourceRanges[0]: 2001:db8::/32: "
+        "IPv6 is not programmed yet (IPv4 only)",
+    ] == [str(p) for p in parsed.problems]
+    assert isinstance(parsed.value, ServiceInfo)
+    port = parsed.value.ports[0]
+    assert ((ipaddress.ip_address("192.0.2.1"),), (ipaddress.ip_address("198.51.100.1"),)) == \
+        (port.external_ips, port.load_balancer_ips)
 
 
 def test_valid_service_has_no_skipped_reason() -> None:
@@ -523,24 +676,29 @@ def test_valid_service_has_no_skipped_reason() -> None:
 
 # --- external addresses and policies ------------------------------------------------------
 
-def test_external_ips_of_other_family_are_ignored() -> None:
-    """IPv6 external IPs of an IPv4 service are dropped, IPv4 ones kept in order."""
-    info = service_info(service({"externalIPs": ["192.0.2.2", "2001:db8::1", "192.0.2.1"]}))
+def test_external_ips_of_other_family_are_dropped_and_reported() -> None:
+    """IPv6 external IPs of an IPv4 service are dropped with a warning, IPv4 ones kept."""
+    parsed = parse_object(service({"externalIPs": ["192.0.2.2", "2001:db8::1", "192.0.2.1"]}))
+    assert [("Service", "ns1/web", "spec.externalIPs[1]")] == problem_fields(parsed)
+    assert isinstance(parsed.value, ServiceInfo)
     expected = (ipaddress.ip_address("192.0.2.2"), ipaddress.ip_address("192.0.2.1"))
-    assert expected == info.ports[0].external_ips
+    assert expected == parsed.value.ports[0].external_ips
 
 
 def test_load_balancer_ingress_skips_proxy_mode_and_hostnames() -> None:
     """Ingress with ipMode Proxy, hostname-only and other-family ingress are not captured."""
-    info = service_info(service({"type": "LoadBalancer"}, status={"loadBalancer": {"ingress": [
+    parsed = parse_object(service({"type": "LoadBalancer"}, status={"loadBalancer": {"ingress": [
         {"ip": "198.51.100.1"},
         {"hostname": "lb.example.com"},
         {"ip": "198.51.100.2", "ipMode": "Proxy"},
         {"ip": "198.51.100.3", "ipMode": "VIP"},
         {"ip": "2001:db8::5"},
     ]}}))
+    assert [("Service", "ns1/web", "status.loadBalancer.ingress[4].ip")] == \
+        problem_fields(parsed)
+    assert isinstance(parsed.value, ServiceInfo)
     expected = (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.3"))
-    assert expected == info.ports[0].load_balancer_ips
+    assert expected == parsed.value.ports[0].load_balancer_ips
 
 
 def test_load_balancer_ingress_is_ignored_for_other_types() -> None:
@@ -552,7 +710,7 @@ def test_load_balancer_ingress_is_ignored_for_other_types() -> None:
 def test_source_ranges_are_parsed_and_masked() -> None:
     """Source ranges tolerate blanks and host bits, as kube-proxy does."""
     info = service_info(service({"type": "LoadBalancer", "loadBalancerSourceRanges": [
-        " 203.0.113.7/24 ", "10.0.0.0/8", "2001:db8::/32"]}))
+        " 203.0.113.7/24 ", "10.0.0.0/8"]}))
     expected = (ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("10.0.0.0/8"))
     assert expected == info.ports[0].load_balancer_source_ranges
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 from functools import cache
-from pathlib import Path
 
 import pytest
+from render.golden import SCENARIOS, expected_warnings
 
 from iptsync.desired import desired_from_objects
 from iptsync.model import IPAddress
@@ -19,7 +19,6 @@ from iptsync.render import Settings
 from iptsync.sources.files import load_objects
 from iptsync.trace import Tables, TraceResult, from_ruleset, make_packet, trace
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "render" / "scenarios"
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))
 NODE = "10.100.0.2"
@@ -32,7 +31,7 @@ def rules(scenario: str) -> tuple[Tables, tuple[IPAddress, ...]]:
     """The scenario's rendered rules for node1, and node1's addresses."""
     loaded = load_objects([SCENARIOS / f"{scenario}.yaml"])
     desired = desired_from_objects(loaded.objects, SETTINGS)
-    assert [] == loaded.problems + desired.problems
+    assert expected_warnings(scenario) == [str(p) for p in loaded.problems + desired.problems]
     return from_ruleset(desired.ruleset), desired.settings.node_ips
 
 

@@ -1,0 +1,60 @@
+"""What iptsync does not program is said on stderr, object by object: IPv6 Services, the IPv6
+half of dual-stack ones, and IPv6 or FQDN EndpointSlices (``iptsync dump``, no root needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def slice_of(service: str, name: str, address_type: str, address: str) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": name,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": address_type, "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [address]}]}
+
+
+def service(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": name},
+            "spec": {"ports": [{"name": "http", "port": 80}], **spec}}
+
+
+def test_every_unprogrammed_ipv6_or_fqdn_part_is_named(tmp_path: Path) -> None:
+    """Each skipped Service, address and slice gets one warning; IPv4 rules are still dumped."""
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        service("v6", clusterIP="fd00::10", clusterIPs=["fd00::10"], ipFamilies=["IPv6"]),
+        service("dual", clusterIP="10.96.0.20", clusterIPs=["10.96.0.20", "fd00::20"],
+                ipFamilies=["IPv4", "IPv6"]),
+        slice_of("dual", "dual-v4", "IPv4", "10.0.1.20"),
+        slice_of("dual", "dual-v6", "IPv6", "fd00:1::20"),
+        service("only-v6-slices", clusterIP="10.96.0.30"),
+        slice_of("only-v6-slices", "only-v6", "IPv6", "fd00:1::30"),
+        slice_of("only-v6-slices", "only-fqdn", "FQDN", "db.example.com"),
+    ]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "iptsync.cli", "dump", "--objects", str(objects),
+         "--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14"],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert 0 == result.returncode, result.stderr
+    warnings = sorted(line.split("iptsync: ", 1)[1] for line in result.stderr.splitlines()
+                      if "WARNING" in line)
+    assert sorted([
+        "skipping Service default/v6: spec.clusterIP: IPv6 is not programmed yet (IPv4 only)",
+        "Service default/dual: dropping IPv6 address: spec.clusterIPs[1]: fd00::20: IPv6 is "
+        "not programmed yet (IPv4 only)",
+        "skipping EndpointSlice default/dual-v6: addressType: IPv6 is not programmed yet "
+        "(IPv4 only)",
+        "skipping EndpointSlice default/only-v6: addressType: IPv6 is not programmed yet "
+        "(IPv4 only)",
+        "skipping EndpointSlice default/only-fqdn: addressType: FQDN endpoints are never "
+        "programmed (kube-proxy ignores them)",
+    ]) == warnings
+    assert '"default/dual:http cluster IP"' in result.stdout
+    assert '"default/only-v6-slices:http has no endpoints"' in result.stdout
+    assert "fd00" not in result.stdout

@@ -1,0 +1,120 @@
+"""Text that must never reach iptables-restore as written, and comments the kernel shortens.
+
+The restore writer is the last line of defence behind the model's name checks: whatever a
+buggy or hostile source gets past them, no argument or chain name may end a restore line
+early (newline, carriage return) or cut it (NUL). And a comment longer than the kernel keeps
+(255 bytes) must compare equal to its stored form, or every full sync rewrites its chain.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from iptsync.model import (
+    Endpoint,
+    EndpointSliceInfo,
+    IPFamily,
+    Protocol,
+    ServiceInfo,
+    ServicePort,
+    ServicePortName,
+    SlicePort,
+)
+from iptsync.netfilter import Netfilter
+from iptsync.plan import make_plan
+from iptsync.render import Settings, render
+from iptsync.ruleset import (
+    MAX_COMMENT_BYTES,
+    Rule,
+    Ruleset,
+    UnsafeRestoreText,
+    canonical,
+    chain_line,
+    join_args,
+    kernel_comment,
+)
+from iptsync.state import ClusterState
+from iptsync.sync import apply_plan
+
+SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
+                    node_ips=(ipaddress.ip_address("10.100.0.2"),))
+INJECTED = "x\n-A KUBE-SERVICES -d 192.0.2.99/32 -j DNAT --to-destination 10.0.9.9:80"
+UNSAFE = [INJECTED, "x\r-A KUBE-SERVICES -j ACCEPT", "x\x00", "\n", "a b\nc"]
+
+
+@pytest.mark.parametrize("bad", UNSAFE)
+@pytest.mark.parametrize("args", [
+    pytest.param(lambda bad: ("-m", "comment", "--comment", bad, "-j", "RETURN"), id="comment"),
+    pytest.param(lambda bad: ("-j", bad), id="target"),
+    pytest.param(lambda bad: ("-m", "comment", "--comment", "a b", "-j", bad), id="after-comment"),
+    pytest.param(lambda bad: ("", bad), id="with-empty"),
+])
+def test_join_args_refuses_line_breaking_characters(bad: str, args: object) -> None:
+    """A newline, carriage return or NUL in any argument raises instead of being written."""
+    assert callable(args)
+    with pytest.raises(UnsafeRestoreText, match="newline, carriage return or NUL"):
+        join_args(args(bad))
+    with pytest.raises(UnsafeRestoreText):
+        Rule("KUBE-SERVICES", args(bad)).restore_line()
+
+
+@pytest.mark.parametrize("bad", [*UNSAFE, "KUBE SVC", ""])
+def test_chain_names_that_break_a_line_are_refused(bad: str) -> None:
+    """A chain declaration (and so its -A, -F and -X lines) never holds a bad chain name."""
+    with pytest.raises(UnsafeRestoreText, match="chain name"):
+        chain_line(bad)
+    ruleset = Ruleset()
+    ruleset.add("nat", bad, "-j", "RETURN")
+    with pytest.raises(UnsafeRestoreText):
+        ruleset.restore_text()
+
+
+def test_ordinary_arguments_are_still_written() -> None:
+    """Blanks, quotes and backslashes are quoted as before, not refused."""
+    assert '-m comment --comment "a \\"b\\" c\\\\" -j KUBE-SVC-X' == join_args(
+        ("-m", "comment", "--comment", 'a "b" c\\', "-j", "KUBE-SVC-X"))
+
+
+def test_canonical_comment_is_what_the_kernel_keeps() -> None:
+    """A comment over 255 bytes compares as its first 255 bytes, as iptables-save prints it."""
+    long = "a" * 200 + " " + "b" * 100
+    assert MAX_COMMENT_BYTES == len(kernel_comment(long).encode())
+    assert canonical(("-m", "comment", "--comment", long[:255], "-j", "X")) == canonical(
+        ("-m", "comment", "--comment", long, "-j", "X"))
+    assert "short one" == kernel_comment("short one")
+    assert "é" * 127 == kernel_comment("é" * 200)  # never half a character
+
+
+def long_named_state() -> tuple[ClusterState, str]:
+    """A service whose names are far longer than the model admits (as a buggy source might
+    build them), so its comments pass 255 bytes."""
+    namespace, name, port_name = "n" * 120, "s" * 120, "p" * 15
+    spn = ServicePortName(namespace, name, port_name)
+    state = ClusterState("node1")
+    state.upsert(ServiceInfo(namespace, name, (ServicePort(
+        spn, Protocol.TCP, IPFamily.IPV4, ipaddress.ip_address("10.96.0.10"), 80,
+        node_port=30080),)))
+    state.upsert(EndpointSliceInfo(namespace, "slice", name, IPFamily.IPV4,
+                                   (SlicePort(port_name, Protocol.TCP, 8080),),
+                                   (Endpoint(ipaddress.ip_address("10.0.1.1"), 0),
+                                    Endpoint(ipaddress.ip_address("10.0.1.2"), 0))))
+    return state, str(spn)
+
+
+@pytest.mark.netns
+def test_long_comments_do_not_make_every_full_sync_rewrite(netfilter: Netfilter) -> None:
+    """After a sync of rules with comments over 255 bytes, the next full plan is empty."""
+    state, spn = long_named_state()
+    desired = render(state, SETTINGS)
+    assert any(len(arg.encode()) > MAX_COMMENT_BYTES for rules in desired.tables["nat"].values()
+               for rule in rules for arg in rule.args)
+    apply_plan(netfilter, make_plan(desired, netfilter.save()))
+    live = netfilter.save()
+    stored = [rule for rules in live["nat"].chains.values() for rule in rules if spn[:100] in rule]
+    assert [] != stored
+    plan = make_plan(desired, live)
+    assert ([], []) == ([t.written for t in plan.tables if t.written],
+                        [t.deleted for t in plan.tables if t.deleted])
+    assert plan.empty
