@@ -8,6 +8,7 @@ with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failur
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -38,6 +39,17 @@ def netns_available() -> None:
 def _netns_gate(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("netns") is not None:
         request.getfixturevalue("netns_available")
+
+
+@pytest.fixture(autouse=True)
+def _logging_levels() -> Iterator[None]:
+    """Put back the levels a command run in-process sets (``setup_logging`` raises or lowers
+    the ``iptsync`` logger): otherwise a later test's caplog misses INFO lines."""
+    ours, root = logging.getLogger("iptsync"), logging.getLogger()
+    saved = ours.level, root.level
+    yield
+    ours.setLevel(saved[0])
+    root.setLevel(saved[1])
 
 
 @pytest.fixture
