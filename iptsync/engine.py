@@ -178,12 +178,15 @@ class EngineReport:
     stale_flows: int = 0
 
     def line(self) -> str:
-        timings = " ".join(f"{name}={secs * 1000:.1f}ms" for name, secs in self.phases.items())
         kind = "full" if self.full else "partial"
+        return f"{kind} sync: {self.services_rendered} services rendered; {self.outcome()}"
+
+    def outcome(self, unchanged: str = "no changes") -> str:
+        """What the sync changed (``unchanged`` when nothing), drift, flows and timings."""
+        timings = " ".join(f"{name}={secs * 1000:.1f}ms" for name, secs in self.phases.items())
         drift = f"; drift repaired in {len(self.drifted)} chains" if self.drifted else ""
-        return (f"{kind} sync: {self.services_rendered} services rendered; "
-                f"{self.plan.summary()}{drift}; stale flows cleared: {self.stale_flows}; "
-                f"{timings}")
+        return (f"{unchanged if self.plan.empty else self.plan.summary()}{drift}; "
+                f"stale flows cleared: {self.stale_flows}; {timings}")
 
 
 class Engine:
