@@ -87,7 +87,9 @@ class Netfilter:
     @staticmethod
     def _raise(argv: Sequence[str], stderr: str, returncode: int) -> NoReturn:
         message = stderr.strip() or f"exit status {returncode}"
-        if any(text in message for text in _LOCK_MESSAGES):
+        # A failure at a line came after the lock was taken (and maybe after a table
+        # committed): a rejected batch to undo, never a lock wait to retry as it is.
+        if any(text in message for text in _LOCK_MESSAGES) and _failed_line(message) is None:
             raise XtablesLockError(message)
         raise NetfilterError(f"{_tool(argv)}: {message}")
 
