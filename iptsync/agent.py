@@ -92,7 +92,7 @@ class Agent:
     def run(self, iterations: int | None = None) -> None:
         """Start the sources and loop until stopped (or ``iterations`` loop turns, in tests)."""
         for source in self.sources:
-            source.start(self.queue.put)
+            source.start(self._receive)
         try:
             turns = 0
             while not self._stop.is_set() and (iterations is None or turns < iterations):
@@ -164,6 +164,13 @@ class Agent:
                 return
 
     # --- input ---------------------------------------------------------------------------
+
+    def _receive(self, message: Message) -> None:
+        """A source's message, in the source's thread. The update it may need is owed from
+        now (as kube-proxy's event handlers say), not from when the loop reads it: a loop
+        stuck in a sync then turns /healthz 503 instead of hiding behind an unread queue."""
+        self.health.queued()
+        self.queue.put(message)
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Snapshot):

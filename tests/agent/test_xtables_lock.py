@@ -19,8 +19,9 @@ from lockholder import HoldLock
 from iptsync import names
 from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
+from iptsync.health import HealthState
 from iptsync.netfilter import Backend, Netfilter, XtablesLockError
-from iptsync.sources.base import Change, Snapshot
+from iptsync.sources.base import Change, Sink, Snapshot, SourceStatus
 
 from .test_run_command import SETTINGS, ListOnly, endpoint_slice, service
 from .waiting import eventually
@@ -89,3 +90,51 @@ def test_agent_keeps_going_while_the_lock_is_held_and_converges_after(
     assert logging.ERROR == record.levelno
     assert "xtables lock" in record.getMessage()
     assert 0 == agent.metrics.registry.get_sample_value("iptsync_canary_missing_total")
+
+
+class Feed:
+    """A source that lists every kind at start and hands its sink to the test."""
+
+    def __init__(self, *snapshots: Snapshot) -> None:
+        self.snapshots = snapshots
+        self.status = SourceStatus(connected=True)
+        self.sink: Sink | None = None
+
+    def start(self, sink: Sink) -> None:
+        self.sink = sink
+        for snapshot in self.snapshots:
+            sink(snapshot)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_healthz_turns_unhealthy_while_the_loop_is_stuck(
+        netns: str, xtables_lock: HoldLock) -> None:
+    """A change that arrives while the loop is stuck in a sync (here: waiting up to 10 s for
+    the xtables lock) turns /healthz unhealthy after its timeout, and healthy again once the
+    change is synced (it used to stay healthy: the loop had not read the change yet)."""
+    netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=10)
+    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    source = Feed(Snapshot("Service", (service("web", "10.96.0.50"),)),
+                  Snapshot("EndpointSlice", (endpoint_slice("web", "10.0.1.10"),)),
+                  Snapshot("Node", ()))
+    agent = Agent(engine, [source], timing=Timing(min_sync_period=0.2, sync_period=600,
+                                                  canary_interval=0.3),
+                  health=HealthState(timeout=1.0))
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        eventually(lambda: engine.synced_once and agent.health.healthy())
+        with xtables_lock(HELD):
+            time.sleep(0.5)  # the canary check is waiting for the lock by now
+            assert source.sink is not None
+            source.sink(Change("Service", "upsert", service("api", "10.96.0.60")))
+            source.sink(Change("EndpointSlice", "upsert", endpoint_slice("api", "10.0.1.11")))
+            eventually(lambda: not agent.health.healthy(), timeout=2.0)
+        eventually(agent.health.healthy, timeout=10)
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+    assert names.svc_chain("default/api:http", "tcp") in netfilter.save(["nat"])["nat"].chains
+    assert not thread.is_alive()
