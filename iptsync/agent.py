@@ -92,7 +92,7 @@ class Agent:
     def run(self, iterations: int | None = None) -> None:
         """Start the sources and loop until stopped (or ``iterations`` loop turns, in tests)."""
         for source in self.sources:
-            source.start(self.queue.put)
+            source.start(self._receive)
         try:
             turns = 0
             while not self._stop.is_set() and (iterations is None or turns < iterations):
@@ -114,8 +114,15 @@ class Agent:
         full = self._failed or now - self._last_full >= self.timing.sync_period
         if now - self._last_canary >= self.timing.canary_interval:
             self._last_canary = now
-            if self.engine.synced_once and not self._canary_present():
-                full = True
+            try:
+                if self.engine.synced_once and not self._canary_present():
+                    full = True
+            except NetfilterError as err:
+                # Another program holds the xtables lock (or iptables failed): the rules
+                # cannot be checked now, nor written; a failed sync, retried in full.
+                self._last_sync = now
+                self._failed_sync("full", err, "the canary check failed")
+                return
         due = self._changed_since is not None and (
             now - self._last_sync >= self.timing.min_sync_period)
         if self._failed and now - self._last_sync < self.timing.retry_after:
@@ -157,6 +164,13 @@ class Agent:
                 return
 
     # --- input ---------------------------------------------------------------------------
+
+    def _receive(self, message: Message) -> None:
+        """A source's message, in the source's thread. The update it may need is owed from
+        now (as kube-proxy's event handlers say), not from when the loop reads it: a loop
+        stuck in a sync then turns /healthz 503 instead of hiding behind an unread queue."""
+        self.health.queued()
+        self.queue.put(message)
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Snapshot):
@@ -220,17 +234,9 @@ class Agent:
         try:
             report = self.engine.sync(full=full)
         except (SyncError, NetfilterError) as err:
-            self._failed = True
             (self.metrics.restore_failures if kind == "full"
              else self.metrics.partial_restore_failures).inc()
-            self.metrics.syncs.labels(kind, "failure").inc()
-            undo_failed = err.undo_failed if isinstance(err, SyncError) else ()
-            for table in undo_failed:
-                self.metrics.undo_failures.labels(table).inc()
-            state = (f"the {', '.join(undo_failed)} table keeps part of the failed batch"
-                     if undo_failed else "the previous rules are in place")
-            log.error("%s sync failed, %s; retrying in full in %.1fs: %s", kind, state,
-                      self.timing.retry_after, err)
+            self._failed_sync(kind, err, f"{kind} sync failed")
             return
         self._failed = False
         self._changed_since = None
@@ -241,6 +247,21 @@ class Agent:
         if self.service_health is not None:
             self.service_health.update(health_check_ports(self.engine.state,
                                                           self.engine.settings.node_name))
+
+    def _failed_sync(self, kind: str, err: SyncError | NetfilterError, what: str) -> None:
+        """Count and log a sync that did not happen; the next one, in full, is due after
+        ``retry_after``. A failing sync owes an update: /healthz turns 503 when the
+        failures last longer than its timeout."""
+        self._failed = True
+        self.health.queued()
+        self.metrics.syncs.labels(kind, "failure").inc()
+        undo_failed = err.undo_failed if isinstance(err, SyncError) else ()
+        for table in undo_failed:
+            self.metrics.undo_failures.labels(table).inc()
+        state = (f"the {', '.join(undo_failed)} table keeps part of the failed batch"
+                 if undo_failed else "the previous rules are in place")
+        log.error("%s, %s; retrying in full in %.1fs: %s", what, state,
+                  self.timing.retry_after, err)
 
     def _record(self, report: EngineReport, *, first: bool = False) -> None:
         m = self.metrics
@@ -264,16 +285,16 @@ class Agent:
             m.drift.labels(table).inc()
             log.warning("drift: %s was changed outside iptsync; repaired", chain)
         if first:
-            # Said also when the node already held every rule (a restart): the operator
-            # waiting for the agent to come up learns that it has.
+            # One line, said also when the node already held every rule (a restart): the
+            # operator waiting for the agent to come up learns that it has.
             counts = self.engine.rule_counts()
-            log.info("first full sync done in %.2fs: %d services, %s rules; %s", total,
-                     len(self.engine.state.services),
+            log.info("first full sync done in %.2fs: %d services (%d rendered), %s rules; %s",
+                     total, len(self.engine.state.services), report.services_rendered,
                      ", ".join(f"{table} {counts[table]}" for table in sorted(counts)),
-                     "nothing needed changing" if report.plan.empty
-                     else report.plan.summary())
-        level = logging.INFO if not report.plan.empty or report.drifted else logging.DEBUG
-        log.log(level, "%s", report.line())
+                     report.outcome("nothing needed changing"))
+        else:
+            level = logging.INFO if not report.plan.empty or report.drifted else logging.DEBUG
+            log.log(level, "%s", report.line())
         self.reports = [*self.reports[-9:], report]
 
 

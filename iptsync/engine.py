@@ -178,12 +178,15 @@ class EngineReport:
     stale_flows: int = 0
 
     def line(self) -> str:
-        timings = " ".join(f"{name}={secs * 1000:.1f}ms" for name, secs in self.phases.items())
         kind = "full" if self.full else "partial"
+        return f"{kind} sync: {self.services_rendered} services rendered; {self.outcome()}"
+
+    def outcome(self, unchanged: str = "no changes") -> str:
+        """What the sync changed (``unchanged`` when nothing), drift, flows and timings."""
+        timings = " ".join(f"{name}={secs * 1000:.1f}ms" for name, secs in self.phases.items())
         drift = f"; drift repaired in {len(self.drifted)} chains" if self.drifted else ""
-        return (f"{kind} sync: {self.services_rendered} services rendered; "
-                f"{self.plan.summary()}{drift}; stale flows cleared: {self.stale_flows}; "
-                f"{timings}")
+        return (f"{unchanged if self.plan.empty else self.plan.summary()}{drift}; "
+                f"stale flows cleared: {self.stale_flows}; {timings}")
 
 
 class Engine:
@@ -496,18 +499,24 @@ class Engine:
                             if chain not in SERVICE_RULE_CHAINS["nat"]})
             dirty = self._take_dirty()
             keys = sorted(dirty | self._rendered.keys())
-            for index, key in enumerate(keys):
-                progress.report("full sync in progress: %d of %d services sent to "
-                                "iptables-restore, %d chains written", index, len(keys),
-                                len(nat.plan.written))
-                if key in dirty:
-                    mark = self.clock()
-                    changes.append(self._render_one(key))
-                    rendering += self.clock() - mark
-                rendered = self._rendered.get(key)
-                if rendered is not None:
-                    nat.add_chains(rendered.chains)
-            self._apply_to_top(changes)
+            try:
+                for index, key in enumerate(keys):
+                    progress.report("full sync in progress: %d of %d services sent to "
+                                    "iptables-restore, %d chains written", index, len(keys),
+                                    len(nat.plan.written))
+                    if key in dirty:
+                        mark = self.clock()
+                        changes.append(self._render_one(key))
+                        rendering += self.clock() - mark
+                    rendered = self._rendered.get(key)
+                    if rendered is not None:
+                        nat.add_chains(rendered.chains)
+            finally:
+                # Also when writing fails half way (the xtables lock, a dead iptables-restore):
+                # the top-level chains take the services rendered so far, or their old rules
+                # would stay in the cache for good, and the others stay due for rendering.
+                self._apply_to_top(changes)
+                self._dirty |= dirty - {key for key, _old, _new in changes}
             top = self._top_chains("nat")
             nat.add_chains({chain: top[chain] for chain in SERVICE_RULE_CHAINS["nat"]
                             if chain in top})

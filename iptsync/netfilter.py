@@ -16,6 +16,7 @@ import contextlib
 import enum
 import fcntl
 import logging
+import math
 import os
 import re
 import subprocess
@@ -86,7 +87,9 @@ class Netfilter:
     @staticmethod
     def _raise(argv: Sequence[str], stderr: str, returncode: int) -> NoReturn:
         message = stderr.strip() or f"exit status {returncode}"
-        if any(text in message for text in _LOCK_MESSAGES):
+        # A failure at a line came after the lock was taken (and maybe after a table
+        # committed): a rejected batch to undo, never a lock wait to retry as it is.
+        if any(text in message for text in _LOCK_MESSAGES) and _failed_line(message) is None:
             raise XtablesLockError(message)
         raise NetfilterError(f"{_tool(argv)}: {message}")
 
@@ -163,14 +166,27 @@ class Netfilter:
                 log.debug("python-iptables unavailable, using iptables: %s", err)
         try:
             self.run("-t", table, "-S", chain)
+        except XtablesLockError:
+            raise  # the chain may well be there: the caller must not act as if it were gone
         except NetfilterError:
             return False
         return True
 
     def run(self, *args: str) -> str:
-        """Run the backend's plain ``iptables`` command (used by tests and cleanup)."""
+        """Run the backend's plain ``iptables`` command (the canary check, reading one chain).
+
+        On legacy, iptables 1.8.9 without ``-w`` waits for a held xtables lock without limit,
+        which would stall the agent's loop for as long as another program holds it. So the
+        lock is waited for here (timed, logged, :class:`XtablesLockError` after
+        ``lock_wait_seconds``) and ``-w`` bounds a wait for a program that grabs the lock in
+        between by what is left of that time. nft takes no xtables lock.
+        """
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        return self._run([*prefix, f"iptables-{self.backend.value}", *args])
+        wait: list[str] = []
+        if self.backend is Backend.LEGACY:
+            left = self.lock_wait_seconds - wait_for_xtables_lock(self.lock_wait_seconds)
+            wait = ["-w", str(max(1, math.ceil(left)))]
+        return self._run([*prefix, f"iptables-{self.backend.value}", *wait, *args])
 
 
 class RestoreStream:

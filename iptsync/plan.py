@@ -19,6 +19,7 @@ atomic batch rewrites the existing chains that make them reachable.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -185,6 +186,33 @@ class TablePlan:
         return _table_lines(self.table, self.undo_chain_lines, self.undo_rule_lines,
                             self.undo_tail_lines)
 
+    def committed_in(self, live: SavedTable, *, staged: bool) -> bool | None:
+        """Whether the kernel's ``live`` table shows this plan committed; None: cannot tell.
+
+        For a failed restore whose error names no line. A table commits atomically, so the
+        first change that tells the two states apart decides: a deleted chain gone, a new
+        chain there (unless staged: then it is there either way), a deleted rule gone, an
+        inserted rule or jump there, a rewritten chain holding its new rules, not its old.
+        """
+        chains = live.chains
+        if self.deleted:
+            return self.deleted[0] not in chains
+        created = [] if staged else self.created
+        if created:
+            return created[0] in chains
+        for line in (*self.rule_lines, *self.tail_lines):
+            change = _single_rule(line)
+            if change is not None:
+                op, chain, rule = change
+                return (rule in chains.get(chain, ())) == (op == "-I")
+        before, after = _chain_rules(self.undo_rule_lines), _chain_rules(self.rule_lines)
+        for chain in self.written:
+            if chain not in self.created and sorted(before[chain]) != sorted(after[chain]):
+                held = sorted(chains.get(chain, ()))
+                if held in (sorted(before[chain]), sorted(after[chain])):
+                    return held == sorted(after[chain])
+        return None
+
     def discard_lines(self, chains: Sequence[str]) -> list[str]:
         """One batch that removes new ``chains`` loaded by a stage whose final batch never
         committed: nothing references them yet. Declaring a chain creates it when its stage
@@ -253,10 +281,8 @@ class Plan:
                 batches.append(_table_lines(table.table, [], batch, []))
         return batches
 
-    def committed_before(self, line: int | None) -> list[TablePlan]:
-        """Tables whose COMMIT precedes payload line ``line`` (all of them when unknown)."""
-        if line is None:
-            return list(self.tables)
+    def committed_before(self, line: int) -> list[TablePlan]:
+        """Tables whose COMMIT precedes payload line ``line``."""
         done, end = [], 0
         for table in self.tables:
             end += (table.streamed_lines if table.streamed_lines is not None
@@ -276,6 +302,25 @@ class Plan:
 
     def summary(self) -> str:
         return "; ".join(t.summary() for t in self.tables) or "no changes"
+
+
+def _single_rule(line: str) -> tuple[str, str, str] | None:
+    """``(op, chain, canonical rule)`` of a ``-I CHAIN [N] rule`` or ``-D CHAIN rule`` line."""
+    args = split_args(line)
+    if len(args) < 3 or args[0] not in ("-I", "-D"):
+        return None
+    rule = args[3:] if args[0] == "-I" and args[2].isdigit() else args[2:]
+    return args[0], args[1], canonical(rule)
+
+
+def _chain_rules(lines: Iterable[str]) -> defaultdict[str, list[str]]:
+    """The canonical rules of the ``-A`` lines, per chain."""
+    rules: defaultdict[str, list[str]] = defaultdict(list)
+    for line in lines:
+        args = split_args(line)
+        if len(args) >= 2 and args[0] == "-A":
+            rules[args[1]].append(canonical(args[2:]))
+    return rules
 
 
 def _table_lines(table: str, chains: list[str], rules: list[str], tail: list[str]) -> list[str]:

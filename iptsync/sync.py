@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from iptsync.netfilter import Backend, Netfilter, NetfilterError, RestoreError
-from iptsync.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan
+from iptsync.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan, TablePlan
 from iptsync.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,24 @@ def failed_restore(netfilter: Netfilter, plan: Plan, err: RestoreError) -> SyncE
     already showed). Each table's undo is one atomic batch: it either puts the whole table
     back or changes nothing, and then the table keeps the failed batch's changes until the
     next sync, which is a full one.
+
+    When the error names no line (iptables-restore killed, or a message without one), the
+    tables are read back to tell which committed (:meth:`TablePlan.committed_in`): undoing a
+    table that never committed would fail, or put back a rule that was never removed. A
+    table whose state cannot be told is left as it is and reported like a failed undo.
     """
-    committed = plan.committed_before(err.line)
-    undone: list[str] = []
     failed: list[str] = []
+    if err.line is not None:
+        committed = plan.committed_before(err.line)
+    else:
+        committed, unknown = committed_in_kernel(netfilter, plan)
+        for table in unknown:
+            failed.append(table.table)
+            log.error("UNDO FAILED for table %s after a failed restore whose error names no "
+                      "line: cannot tell whether the %s table committed, so it is left as it "
+                      "is, maybe with the failed batch's changes (%s), until the next sync, "
+                      "which is a full one", table.table, table.table, table.summary())
+    undone: list[str] = []
     for table in reversed(committed):
         try:
             netfilter.restore(table.undo_lines())
@@ -93,6 +107,19 @@ def failed_restore(netfilter: Netfilter, plan: Plan, err: RestoreError) -> SyncE
     undo = f"; UNDO FAILED for {', '.join(failed)} (kept the batch's changes)" if failed else ""
     return SyncError(f"iptables-restore failed: {err}; tables undone: "
                      f"{', '.join(undone) or 'none'}{undo}{detail}", tuple(failed))
+
+
+def committed_in_kernel(netfilter: Netfilter,
+                        plan: Plan) -> tuple[list[TablePlan], list[TablePlan]]:
+    """The tables of ``plan`` the kernel shows committed, and those it cannot tell about."""
+    try:
+        live = netfilter.save([t.table for t in plan.tables])
+    except NetfilterError as read_err:
+        log.error("cannot read the tables back after a failed restore: %s", read_err)
+        return [], list(plan.tables)
+    states = {t.table: t.committed_in(live[t.table], staged=plan.staged) for t in plan.tables}
+    return ([t for t in plan.tables if states[t.table]],
+            [t for t in plan.tables if states[t.table] is None])
 
 
 def discard_staged(netfilter: Netfilter, plan: Plan, committed: list[str] | tuple[()]) -> None:

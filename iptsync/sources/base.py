@@ -81,5 +81,7 @@ class Source(Protocol):
 
 def object_key(obj: Manifest) -> tuple[str, str]:
     """``(namespace, name)`` of a manifest; cluster-scoped objects have namespace ``""``."""
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):  # a typo (``metadata: web``): the model reports it
+        meta = {}
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))

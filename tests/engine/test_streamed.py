@@ -84,3 +84,25 @@ def test_failure_after_a_streamed_nat_undoes_nat() -> None:
     plan = Plan([nat, filt])
     assert [] == plan.committed_before(99)
     assert ["nat"] == [t.table for t in plan.committed_before(101)]
+
+
+def test_streamed_sync_failing_mid_render_keeps_the_cache_whole(
+        netns: str, xtables_lock: HoldLock) -> None:
+    """A streamed full sync that fails while it still renders (its first 4,000-line chunk
+    meets a held xtables lock) keeps the rendered services and the top-level chains in step:
+    the next sync converges (s0, rendered before the failure, had lost its endpoints; its old
+    KUBE-SERVICES rule used to stay in the cache and fail every later sync)."""
+    netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=1)
+    world = World()
+    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=True)
+    count = 200
+    cluster(world, engine, count)
+    engine.sync()
+    world.apply(engine, endpoint_slice(0, []))
+    for index in range(1, count):  # every service changes: enough lines for a chunk
+        world.apply(engine, endpoint_slice(index, [(ip, True, ip % 2 == 0)
+                                                   for ip in range(2, 8)]))
+    with xtables_lock(3), pytest.raises(XtablesLockError):
+        engine.sync(full=True)
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), netfilter)

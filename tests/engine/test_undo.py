@@ -333,3 +333,74 @@ def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
     agent.run(iterations=3)
     assert not agent.reports[-1].plan.empty
     assert_holds_full_sync(objects, racing)
+
+
+@dataclass
+class DiesAfterCommits(Netfilter):
+    """The real netfilter, except that the next batch of several tables commits only its
+    first ``commits`` tables and then fails with an error that names no line (as when
+    iptables-restore is killed)."""
+
+    commits: int | None = None
+
+    def restore(self, payload: str | Sequence[str], *, noflush: bool = True) -> None:
+        lines = payload.splitlines() if isinstance(payload, str) else list(payload)
+        ends = [index for index, line in enumerate(lines) if line == "COMMIT"]
+        if self.commits is None or len(ends) < 2:
+            super().restore(lines, noflush=noflush)
+            return
+        commits, self.commits = self.commits, None
+        if commits:
+            super().restore(lines[:ends[commits - 1] + 1], noflush=noflush)
+        raise RestoreError("iptables-restore: killed by signal 9", None, "")
+
+
+UNDONE = {0: "none", 1: "filter", 2: "nat, filter"}
+
+
+@pytest.mark.parametrize("commits", [0, 1, 2])
+def test_full_sync_failing_without_a_line_undoes_only_the_committed_tables(
+        netfilter: Netfilter, commits: int) -> None:
+    """A batch (filter then nat, both inserting jumps) that fails with no line named after
+    committing 0, 1 or 2 tables: only the committed ones are undone, the kernel is as before
+    (undoing a table that never committed used to fail on its jumps)."""
+    dying = DiesAfterCommits(netfilter.backend, netfilter.netns)
+    dying.restore(FOREIGN)
+    world = World()
+    engine = Engine(dying, SETTINGS, clear_flows=False, stream_full=False)
+    cluster(world, engine)
+    engine.sync()
+    filter_jumps_removed(world, engine, dying)
+    nat_jumps_removed(world, engine, dying)
+    before = snapshot(dying)
+    dying.commits = commits
+    with pytest.raises(SyncError) as failure:
+        engine.sync(full=True)
+    assert before == snapshot(dying), str(failure.value)
+    assert f"tables undone: {UNDONE[commits]}\n" in f"{failure.value}\n"
+    assert () == failure.value.undo_failed
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), dying)
+
+
+@pytest.mark.parametrize("commits", [0, 1, 2])
+def test_partial_sync_failing_without_a_line_undoes_only_the_committed_tables(
+        netfilter: Netfilter, commits: int) -> None:
+    """A partial sync (filter: a REJECT deleted; nat: chains created, rules inserted) that
+    fails with no line named after committing 0, 1 or 2 tables leaves the kernel as before:
+    no REJECT put back twice, no undo of a rule never inserted."""
+    dying = DiesAfterCommits(netfilter.backend, netfilter.netns)
+    dying.restore(FOREIGN)
+    world = World()
+    engine = Engine(dying, SETTINGS, clear_flows=False)
+    cluster(world, engine)
+    engine.sync()
+    endpoints_found(world, engine, dying)
+    before = snapshot(dying)
+    dying.commits = commits
+    with pytest.raises(SyncError) as failure:
+        engine.sync()
+    assert before == snapshot(dying), str(failure.value)
+    assert f"tables undone: {UNDONE[commits]}\n" in f"{failure.value}\n"
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), dying)

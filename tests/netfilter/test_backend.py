@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from lockholder import HoldLock
 
-from iptsync.netfilter import Backend, Netfilter, RestoreError, choose_backend, detect_backend
+from iptsync.netfilter import (
+    Backend,
+    Netfilter,
+    RestoreError,
+    RestoreStream,
+    choose_backend,
+    detect_backend,
+)
 
 SCENARIOS = Path(__file__).parents[1] / "render" / "scenarios"
 HINT = ":KUBE-IPTABLES-HINT - [0:0]\n"
@@ -217,3 +224,16 @@ def test_stream_that_fails_early_reports_the_line_while_more_was_being_written(
         stream.close()
     assert 3 == failure.value.line
     assert "IPTSYNC-V" not in netfilter.save(["filter"])["filter"].chains
+
+
+def test_a_failure_at_a_line_is_a_rejected_batch_even_when_it_says_eagain() -> None:
+    """An iptables-restore that fails at a line with "Resource temporarily unavailable"
+    (what nft may say; it takes no xtables lock) raises RestoreError naming the line, so the
+    tables committed before it are undone, not a lock error retried as it is."""
+    script = ("cat >/dev/null; echo 'iptables-restore: line 2 failed: Resource temporarily "
+              "unavailable' >&2; exit 1")
+    stream = RestoreStream(["sh", "-c", script, "iptables-nft-restore"])
+    stream.write(["*filter", ":KUBE-SERVICES - [0:0]", "COMMIT"])
+    with pytest.raises(RestoreError) as failure:
+        stream.close()
+    assert 2 == failure.value.line

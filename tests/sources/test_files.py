@@ -364,3 +364,18 @@ def test_duplicates_across_paths_follow_the_command_line_order(tmp_path: Path) -
              f"({second}:1) is used")] == [(p.kind, p.ref, p.dropped, p.message)
                                            for p in loaded.problems]
     assert [81] == [o["spec"]["ports"][0]["port"] for o in load_objects([tmp_path]).objects]
+
+
+def test_metadata_that_is_not_a_mapping_does_not_stop_the_source(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource]) -> None:
+    """An object whose metadata is a string (``metadata: web``) is passed on for the model to
+    reject by name; the source keeps polling: a later edit still arrives (it used to end the
+    polling thread with an AttributeError, silently)."""
+    start_source(manifests)
+    round_of_snapshots(recorder, 1)
+    (manifests / "typo.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: web\n")
+    wait_for_state(recorder, {"Service": ["web", "db", ""], "EndpointSlice": ["web-1"],
+                              "Node": ["node-a"]})
+    (manifests / "node.yaml").write_text(NODE.replace("node-a", "node-bb"))
+    wait_for_state(recorder, {"Service": ["web", "db", ""], "EndpointSlice": ["web-1"],
+                              "Node": ["node-bb"]})
