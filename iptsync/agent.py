@@ -30,6 +30,7 @@ from iptsync.health import HealthState, ServiceHealth, ServiceHealthServers
 from iptsync.metrics import Metrics
 from iptsync.model import trigger_time
 from iptsync.netfilter import NetfilterError
+from iptsync.ruleset import RulesetError
 from iptsync.sources.base import KINDS, Change, Message, Snapshot, Source
 from iptsync.state import ClusterState, is_local
 from iptsync.sync import SyncError
@@ -233,7 +234,9 @@ class Agent:
         first = not self.engine.synced_once
         try:
             report = self.engine.sync(full=full)
-        except (SyncError, NetfilterError) as err:
+        except (SyncError, NetfilterError, RulesetError) as err:
+            # RulesetError: a live table that cannot be read, or a rule the writer refuses
+            # to write; like a rejected batch, it must not end the agent.
             (self.metrics.restore_failures if kind == "full"
              else self.metrics.partial_restore_failures).inc()
             self._failed_sync(kind, err, f"{kind} sync failed")
@@ -248,7 +251,8 @@ class Agent:
             self.service_health.update(health_check_ports(self.engine.state,
                                                           self.engine.settings.node_name))
 
-    def _failed_sync(self, kind: str, err: SyncError | NetfilterError, what: str) -> None:
+    def _failed_sync(self, kind: str, err: SyncError | NetfilterError | RulesetError,
+                     what: str) -> None:
         """Count and log a sync that did not happen; the next one, in full, is due after
         ``retry_after``. A failing sync owes an update: /healthz turns 503 when the
         failures last longer than its timeout."""

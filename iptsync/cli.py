@@ -42,6 +42,7 @@ from iptsync.options import (
 )
 from iptsync.plan import cleanup_plan
 from iptsync.render import Settings
+from iptsync.ruleset import RulesetError
 from iptsync.sources.base import Source
 from iptsync.sources.files import LoadedObjects, load_objects
 from iptsync.sync import STAGE_LINES, SyncError, apply_plan
@@ -293,7 +294,7 @@ def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
     del loaded  # the manifests (90 MB at 10k services) are not needed for the sync
     try:
         result = engine.sync(full=True)
-    except (SyncError, NetfilterError) as err:
+    except (SyncError, NetfilterError, RulesetError) as err:
         logging.getLogger("iptsync").error("%s", err)
         return 1
     logging.getLogger("iptsync").info("%s", result.line())
@@ -372,7 +373,7 @@ def cleanup(backend: str, verbose: int) -> None:
         try:
             plan = cleanup_plan(netfilter.save())
             apply_plan(netfilter, plan)
-        except (SyncError, NetfilterError, FileNotFoundError) as err:
+        except (SyncError, NetfilterError, RulesetError, FileNotFoundError) as err:
             logging.getLogger("iptsync").error("cleanup (%s): %s", chosen.value, err)
             failed = True
             continue
@@ -476,7 +477,7 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
     change, 1 when something would, 2 on error (like diff)."""
     from iptsync import diffview  # noqa: PLC0415  (keeps this command's imports local)
     from iptsync.plan import make_plan  # noqa: PLC0415
-    from iptsync.ruleset import RulesetError, parse_save  # noqa: PLC0415
+    from iptsync.ruleset import parse_save  # noqa: PLC0415
 
     setup_logging(params.pop("verbose"))
     if live == (saved is not None):

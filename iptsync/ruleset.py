@@ -192,8 +192,7 @@ def parse_save(text: str | Iterable[str], *, verbatim: bool = False) -> dict[str
     tables: dict[str, SavedTable] = {}
     current: SavedTable | None = None
     lines = text.splitlines() if isinstance(text, str) else text
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
+    for number, line in _logical_lines(lines):
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -222,6 +221,51 @@ def parse_save(text: str | Iterable[str], *, verbatim: bool = False) -> dict[str
     if current is not None:
         raise RulesetError(f"table {current.name} has no COMMIT")
     return tables
+
+
+def _logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """The stripped lines of a save, numbered, with a rule that spans lines joined again.
+
+    The kernel keeps whatever bytes a comment was given, newlines included, and iptables-save
+    prints them as they are: another program's ``--comment $'a\\nb'`` arrives as two lines, the
+    first with an open quote. Read as two rules it would stop every sync from reading the
+    table, so the lines are joined back (with the newline) while a quote is open. Such a rule
+    is never written back: the restore writer refuses a newline.
+    """
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(lines, 1):
+        if pending:
+            pending.append(raw.rstrip("\n"))
+            joined = "\n".join(pending)
+            if _quote_open(joined):
+                continue
+            pending = []
+            yield start, joined.strip()
+            continue
+        line = raw.strip()
+        if line.startswith("-A ") and _quote_open(line):
+            pending, start = [line], number
+            continue
+        yield number, line
+    if pending:
+        raise RulesetError(f"line {start}: a quote opened in {pending[0]!r} is never closed")
+
+
+def _quote_open(line: str) -> bool:
+    """Whether ``line`` ends inside a double-quoted value (iptables-save escapes a quote or a
+    backslash in a value with a backslash)."""
+    if line.count('"') % 2 == 0 and "\\" not in line:
+        return False  # the common case, decided without a scan
+    inside = escaped = False
+    for char in line:
+        if escaped:
+            escaped = False
+        elif char == "\\" and inside:
+            escaped = True
+        elif char == '"':
+            inside = not inside
+    return inside
 
 
 def _parse_rule_line(line: str, number: int) -> tuple[str, list[str]]:

@@ -83,3 +83,23 @@ def test_hostile_service_name_is_skipped_and_the_rest_synced(
     second = run_once(netfilter, objects)
     assert 0 == second.returncode, second.stderr
     assert "chains written" not in second.stderr
+
+
+def test_foreign_rule_with_a_newline_in_its_comment_does_not_stop_syncs(
+        netfilter: Netfilter, tmp_path: Path) -> None:
+    """Another program's rule whose comment holds a newline (iptables-save prints it on two
+    lines) is read past: the sync succeeds, the rule stays, and a second sync changes nothing."""
+    netfilter.run("-t", "nat", "-A", "PREROUTING", "-s", "192.0.2.7/32", "-m", "comment",
+                  "--comment", "line one\nline two", "-j", "ACCEPT")
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        service("web", "10.96.0.50"), endpoint_slice("web", "web-1", "10.0.1.10")]}))
+    first = run_once(netfilter, objects)
+    assert 0 == first.returncode, first.stderr
+    assert "Traceback" not in first.stderr
+    foreign = [rule for rule in netfilter.save()["nat"].chains["PREROUTING"] if "192.0.2.7" in rule]
+    assert ['-s 192.0.2.7/32 -m comment --comment "line one\nline two" -j ACCEPT'] == foreign
+    assert names.svc_chain("default/web:http", "tcp") in netfilter.save()["nat"].chains
+    second = run_once(netfilter, objects)
+    assert 0 == second.returncode, second.stderr
+    assert "chains written" not in second.stderr

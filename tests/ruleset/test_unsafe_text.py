@@ -29,11 +29,13 @@ from iptsync.ruleset import (
     MAX_COMMENT_BYTES,
     Rule,
     Ruleset,
+    RulesetError,
     UnsafeRestoreText,
     canonical,
     chain_line,
     join_args,
     kernel_comment,
+    parse_save,
 )
 from iptsync.state import ClusterState
 from iptsync.sync import apply_plan
@@ -118,3 +120,22 @@ def test_long_comments_do_not_make_every_full_sync_rewrite(netfilter: Netfilter)
     assert ([], []) == ([t.written for t in plan.tables if t.written],
                         [t.deleted for t in plan.tables if t.deleted])
     assert plan.empty
+
+
+def test_a_rule_printed_over_two_lines_is_read_as_one() -> None:
+    """A comment holding a newline (iptables-save prints it raw) continues the rule on the
+    next line; an escaped quote does not open one."""
+    text = ('*nat\n:PREROUTING ACCEPT [0:0]\n'
+            '-A PREROUTING -m comment --comment "a\nb" -j ACCEPT\n'
+            '-A PREROUTING -m comment --comment "say \\"hi\\"" -j ACCEPT\n'
+            'COMMIT\n')
+    for verbatim in (False, True):
+        assert ['-m comment --comment "a\nb" -j ACCEPT',
+                '-m comment --comment "say \\"hi\\"" -j ACCEPT'] == parse_save(
+                    text, verbatim=verbatim)["nat"].chains["PREROUTING"]
+
+
+def test_a_quote_never_closed_is_an_error_naming_its_line() -> None:
+    """A save whose quote never closes is refused with the line it opened on."""
+    with pytest.raises(RulesetError, match="line 3: a quote opened"):
+        parse_save('*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m comment --comment "a\n')
