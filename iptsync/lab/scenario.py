@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import iptsync
 from iptsync.lab.topology import ClusterSpec, LabError, NodeSpec, PodSpec
@@ -144,6 +144,7 @@ def manifests_dir() -> Path:
 
 # ----------------------------------------------------------------------------- reading fields
 
+_T = TypeVar("_T")
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
@@ -183,11 +184,14 @@ class _Fields:
     def optional_text(self, path: str) -> str | None:
         return None if self.get(path, required=False) is None else self.text(path)
 
-    def number(self, path: str, required: bool = True) -> int | None:
-        value = self.get(path, required)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    def number(self, path: str) -> int:
+        value = self.get(path)
+        if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(path, f"must be a number, not {value!r}")
         return value
+
+    def optional_number(self, path: str) -> int | None:
+        return None if self.get(path, required=False) is None else self.number(path)
 
     def ip(self, path: str) -> str:
         try:
@@ -235,6 +239,7 @@ def _service(fields: _Fields) -> LabService:
     if kind not in SERVICE_TYPES:
         raise fields.error("spec.type", f"unknown service type {kind!r}")
     external = kind == "ExternalName"
+    headless = fields.get("spec.clusterIP", required=False) == "None"  # no address to probe
     has_port = fields.count("spec.ports") > 0
     target = fields.get("spec.ports[0].targetPort", required=False)
     return LabService(
@@ -242,10 +247,10 @@ def _service(fields: _Fields) -> LabService:
         name=fields.text("metadata.name"),
         kind=kind,
         selector=fields.labels("spec.selector"),
-        cluster_ip=None if external else fields.ip("spec.clusterIP"),
+        cluster_ip=None if external or headless else fields.ip("spec.clusterIP"),
         port=fields.number("spec.ports[0].port") if has_port else None,
         target_port=target if isinstance(target, int | str) else None,
-        node_port=fields.number("spec.ports[0].nodePort", required=False),
+        node_port=fields.optional_number("spec.ports[0].nodePort"),
         lb_ip=(fields.ip("status.loadBalancer.ingress[0].ip")
                if fields.count("status.loadBalancer.ingress") else None),
         external_name=fields.text("spec.externalName") if external else None,
@@ -258,9 +263,7 @@ def _container_ports(fields: _Fields, protocol: str) -> tuple[int, ...]:
         for p in range(fields.count(f"spec.containers[{c}].ports")):
             path = f"spec.containers[{c}].ports[{p}]"
             if (fields.optional_text(f"{path}.protocol") or "TCP") == protocol:
-                port = fields.number(f"{path}.containerPort")
-                assert port is not None
-                ports.append(port)
+                ports.append(fields.number(f"{path}.containerPort"))
     return tuple(ports)
 
 
@@ -291,7 +294,7 @@ def _node_name(fields: _Fields, path: str, nodes: Sequence[NodeSpec]) -> str:
     return name
 
 
-def _one(found: Sequence[Any], what: str, where: Path) -> Any:
+def _one(found: Sequence[_T], what: str, where: Path) -> _T:
     if len(found) != 1:
         raise LabError(f"{where}: the lab needs exactly one {what}, found {len(found)}")
     return found[0]
