@@ -1,8 +1,8 @@
 """The ``iptsync lab`` demo: real traffic through the rules, its report, and its teardown.
 
 The namespace tests run the command as a user would (a subprocess, as root) and read its JSON
-or text output; the others check the pure parts (the dump excerpt, the manifests matching the
-lab's pods, the root check) and run anywhere.
+or text output; the others check the pure parts (the dump excerpt, the EndpointSlices matching
+the lab's pods, the root check) and run anywhere. The scenario itself: test_scenario.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from iptsync.lab import demo, netns
+from iptsync.lab.readback import dump_service
+from iptsync.lab.scenario import load_scenario, manifests_dir
 from iptsync.sources.files import load_objects
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +124,7 @@ def test_sigterm_while_kept_up_tears_the_lab_down() -> None:
 
 def test_dump_excerpt_holds_only_the_chains_of_one_service() -> None:
     """The dump excerpt of deploy-svc: its entry rules and its SVC, EXT and three SEP chains."""
-    excerpt = demo.dump_service(demo.manifests_dir(), "node1", "deploy-svc")
+    excerpt = dump_service(manifests_dir(), "node1", "default/deploy-svc", "10.0.0.0/14")
     kinds = [re.sub(r"[A-Z2-7]{16}$", "", chain) for chain in excerpt.chains]
     assert ["KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-SVC-", "KUBE-EXT-", "KUBE-SEP-",
             "KUBE-SEP-", "KUBE-SEP-"] == kinds
@@ -132,8 +134,8 @@ def test_dump_excerpt_holds_only_the_chains_of_one_service() -> None:
 
 
 def test_bundled_manifests_match_the_lab_pods() -> None:
-    """examples/lab's EndpointSlices list exactly the lab's pods, IPs and nodes, on port 8080."""
-    objects = load_objects([demo.manifests_dir()]).objects
+    """examples/lab's EndpointSlices list exactly its Pods (by selector), IPs and nodes, on 8080."""
+    objects = load_objects([manifests_dir()]).objects
     endpoints = set()
     for obj in objects:
         if obj["kind"] == "EndpointSlice":
@@ -141,7 +143,8 @@ def test_bundled_manifests_match_the_lab_pods() -> None:
             assert [8080] == [port["port"] for port in obj["ports"]]
             endpoints |= {(e["targetRef"]["name"], e["nodeName"], e["addresses"][0], service)
                           for e in obj["endpoints"]}
-    expected = {(p.name, p.node, p.ip, p.service) for p in demo.PODS if p.service}
+    pods = load_scenario(manifests_dir()).pods
+    expected = {(p.name, p.node, p.ip, p.service) for p in pods if p.service}
     assert expected == endpoints
 
 
