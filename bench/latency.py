@@ -28,7 +28,7 @@ from bench.scale import namespace
 from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
 from iptsync.netfilter import Backend, Netfilter
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.sources.api import ApiSource
 from iptsync.sync import STAGE_LINES
 

@@ -55,7 +55,8 @@ from iptsync.engine import Engine, EngineReport, bulk, render_service
 from iptsync.netfilter import Backend, Netfilter
 from iptsync.options import build_settings
 from iptsync.plan import comparable
-from iptsync.render import Settings, jump_rules
+from iptsync.policy import Settings
+from iptsync.render import jump_rules
 from iptsync.ruleset import chain_line
 from iptsync.state import ServiceKey
 from iptsync.sync import STAGE_LINES

@@ -41,7 +41,7 @@ from iptsync.options import (
     read_config,
 )
 from iptsync.plan import cleanup_plan
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.ruleset import RulesetError
 from iptsync.sources.base import Source
 from iptsync.sources.files import LoadedObjects, load_objects

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from iptsync.model import Protocol, ServicePort
-from iptsync.render import Settings, categorize_endpoints
+from iptsync.policy import Settings, categorize_endpoints
 from iptsync.state import ClusterState, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def flow_targets(state: ClusterState, settings: Settings,
 
     With ``services``, only those services' destinations (what a partial sync changed).
     """
-    zone = state.node.zone if state.node else None
+    zone = state.node_zone
     node_addresses = [str(ip) for ip in settings.node_ips if ip.version == 4]
     if settings.nodeports_on_localhost:
         node_addresses.append("127.0.0.1")

@@ -12,7 +12,8 @@ from typing import Any
 
 from iptsync.model import Problem, parse_all
 from iptsync.options import with_node
-from iptsync.render import Settings, render
+from iptsync.policy import Settings
+from iptsync.render import render
 from iptsync.ruleset import Ruleset
 from iptsync.state import ClusterState
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from iptsync.conntrack import clear_stale_flows, flow_targets
-from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, parse_object
+from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, object_key, parse_object
 from iptsync.names import SERVICE_RULE_CHAINS
 from iptsync.netfilter import Netfilter, RestoreError
 from iptsync.options import with_node
@@ -51,10 +51,10 @@ from iptsync.plan import (
     make_plan,
     plan_table,
 )
+from iptsync.policy import Settings
 from iptsync.progress import PROGRESS_INTERVAL, Progress
 from iptsync.render import (
     PortRules,
-    Settings,
     base_ruleset,
     chain_tails,
     render_service_port,
@@ -107,7 +107,7 @@ class RenderedService:
 
 def render_service(service: ServiceInfo, state: ClusterState, settings: Settings,
                    large_cluster: bool) -> RenderedService:
-    zone = state.node.zone if state.node else None
+    zone = state.node_zone
     chains: dict[str, ChainContent] = {}
     top: list[TopRule] = []
     endpoints = 0
@@ -231,7 +231,7 @@ class Engine:
     def upsert(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
         """Add or replace one object. An invalid update keeps the last valid version."""
         parsed = parse_object(manifest)
-        ident = _identity(manifest)
+        ident = (str(manifest.get("kind") or ""), *object_key(manifest))
         self._note_problems(ident, parsed.problems)
         value = parsed.value
         if value is None:
@@ -243,7 +243,8 @@ class Engine:
         return dirty
 
     def delete(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
-        kind, namespace, name = _identity(manifest)
+        kind = str(manifest.get("kind") or "")
+        namespace, name = object_key(manifest)
         self.problems.pop((kind, namespace, name), None)
         dirty: set[ServiceKey] = set()
         if kind == "Service":
@@ -262,7 +263,7 @@ class Engine:
             return self._replace_kind(kind, list(manifests))
 
     def _replace_kind(self, kind: str, manifests: list[Mapping[str, Any]]) -> set[ServiceKey]:
-        keep = {_identity(m)[1:] for m in manifests}
+        keep = {object_key(m) for m in manifests}
         if kind == "Service":
             current = set(self.state.services)
         elif kind == "EndpointSlice":
@@ -680,11 +681,3 @@ def _touched(changes: Iterable[ServiceChange]) -> set[tuple[str, str]]:
                 touched.update(("nat", chain) for chain in rendered.chains)
                 touched.update((rule.table, rule.chain) for rule in rendered.top)
     return touched
-
-
-def _identity(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
-    meta = manifest.get("metadata")
-    meta = meta if isinstance(meta, Mapping) else {}
-    kind = str(manifest.get("kind") or "")
-    namespace = "" if kind == "Node" else str(meta.get("namespace") or "default")
-    return (kind, namespace, str(meta.get("name") or ""))

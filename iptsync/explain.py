@@ -10,10 +10,10 @@ rejected or dropped, and for every endpoint left out, why: not ready, terminatin
 whether the terminating fallback applies), on another node under a Local traffic policy,
 hinted for another zone, or the client is outside ``loadBalancerSourceRanges``.
 
-The decisions come from the renderer itself: :func:`iptsync.render.categorize_endpoints`
-picks the endpoints of each pool and :func:`iptsync.render.port_targets` says where each
-entry point leads, as they do for the rules. What this module adds is the reading of the
-per-client rules that follow (the EXT and FW chains, the masquerade rules), and the reasons.
+The decisions are not derived here: :func:`iptsync.policy.entry_decisions` makes them, from
+the same endpoint categorisation and entry-point targets the renderer turns into rules. What
+this module adds is the set of node roles to ask about, the grouping of nodes and clients
+that fare alike, the notes, and the text and JSON forms.
 ``tests/explain`` checks every answer for this node against the tracer run on the rendered
 rules, so the two cannot drift apart.
 
@@ -25,24 +25,19 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network, IPv6Network
-from typing import Any, Literal
+from typing import Any
 
-from iptsync import names
-from iptsync.model import Endpoint, IPAddress, IPNetwork, ServicePort
-from iptsync.render import (
-    EndpointSets,
-    PortTargets,
+from iptsync.model import Endpoint, ServicePort
+from iptsync.policy import (
+    Decision,
+    Entry,
+    Excluded,
     Settings,
-    categorize_endpoints,
-    port_targets,
-    serving_terminating,
+    entry_decisions,
 )
 from iptsync.state import ClusterState, is_local
 
-Source = Literal["pod", "node", "external"]
-SOURCES: tuple[Source, ...] = ("pod", "node", "external")
-SOURCE_LABELS = {"pod": "pods", "node": "the node", "external": "outside"}
+ORIGIN_LABELS = {"pod": "pods", "node": "the node", "external": "outside"}
 ENTRY_LABELS = {"cluster-ip": "cluster IP", "external-ip": "external IP",
                 "load-balancer-ip": "load-balancer IP", "node-port": "NodePort"}
 _REF = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)/([a-z0-9]([-a-z0-9.]*[a-z0-9])?)"
@@ -70,44 +65,6 @@ def parse_service_ref(text: str) -> ServiceRef:
 
 
 # --- the explanation -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Excluded:
-    """An endpoint that gets none of this traffic, and why."""
-
-    endpoint: str  # ip:port
-    node: str | None
-    reason: str  # not-ready | terminating | not-serving | not-local | other-zone
-    detail: str
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happens to new connections from one kind of client to one entry point."""
-
-    source: Source
-    verdict: str  # DNAT, REJECT, DROP, or ACCEPT (not handled by service rules)
-    reason: str
-    sources: str = ""  # which addresses of that kind, when it matters (source ranges)
-    endpoints: tuple[str, ...] = ()  # each gets 1/n of the connections
-    chain: str | None = None  # the chain that picks the endpoint (KUBE-SVC-/KUBE-SVL-)
-    masquerade: bool = False
-    fallback: bool = False  # the endpoints are terminating ones: none is ready
-    excluded: tuple[Excluded, ...] = ()
-
-    @property
-    def probabilities(self) -> dict[str, float]:
-        return {endpoint: 1.0 / len(self.endpoints) for endpoint in self.endpoints}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """An entry point of the service port and the outcome for each kind of client."""
-
-    kind: str  # cluster-ip | external-ip | load-balancer-ip | node-port
-    address: str  # ip:port, or :nodePort on the node's addresses
-    outcomes: tuple[Outcome, ...]
-
 
 @dataclass(frozen=True)
 class NodeRole:
@@ -154,10 +111,9 @@ def explain(state: ClusterState, settings: Settings, ref: ServiceRef) -> Service
         known = ", ".join(repr(p.name.port) for p in service.ports) or "none"
         raise ExplainError(f"Service {ref.namespace}/{ref.name} has no port named "
                            f"{ref.port!r} (ports: {known})")
-    zone = state.node.zone if state.node else None
     return ServiceExplanation(
         ref.namespace, ref.name, settings.node_name,
-        tuple(explain_port(p, state.endpoints(p), settings, zone) for p in ports),
+        tuple(explain_port(p, state.endpoints(p), settings, state.node_zone) for p in ports),
         service.skipped_reason)
 
 
@@ -169,7 +125,7 @@ def explain_port(port: ServicePort, endpoints: Sequence[Endpoint], settings: Set
         # Other nodes' addresses are not known here: their FW chains admit no node address.
         role_settings = settings if role.this_node else replace(
             settings, node_name=role.name or "", node_ips=())
-        entries = _Port(port, endpoints, role_settings, role).entries()
+        entries = entry_decisions(port, endpoints, role_settings, role.zone)
         same = next((i for i, view in enumerate(views) if view.entries == entries), None)
         if same is None:
             views.append(NodeView((role,), entries))
@@ -218,202 +174,6 @@ def _notes(port: ServicePort, endpoints: Sequence[Endpoint], settings: Settings,
         notes.append(f"endpoints carry topology hints, but node {settings.node_name} has no "
                      "zone label (topology.kubernetes.io/zone): the hints are not used there")
     return tuple(notes)
-
-
-@dataclass(frozen=True)
-class _Pool:
-    """The endpoints one chain (SVC: cluster-wide, SVL: this node's) spreads traffic over."""
-
-    chain: str
-    endpoints: tuple[Endpoint, ...]
-    local: bool
-    policy: str  # the traffic policy field, for the not-local reason
-
-
-class _Port:
-    """One service port on one node role: the entries and their outcomes."""
-
-    def __init__(self, port: ServicePort, endpoints: Sequence[Endpoint], settings: Settings,
-                 role: NodeRole) -> None:
-        self.port = port
-        self.endpoints = endpoints
-        self.settings = settings
-        self.role = role
-        self.sets: EndpointSets = categorize_endpoints(port, endpoints, role.name or "",
-                                                       role.zone)
-        self.targets: PortTargets = port_targets(port, self.sets, settings)
-        spn, proto = str(port.name), port.protocol.lower
-        self.svc = names.svc_chain(spn, proto)
-        self.svl = names.svl_chain(spn, proto)
-        self.fw = names.fw_chain(spn, proto)
-
-    def entries(self) -> tuple[Entry, ...]:
-        port = self.port
-        entries = [Entry("cluster-ip", f"{port.cluster_ip}:{port.port}", self._cluster_ip())]
-        entries += [Entry("external-ip", f"{ip}:{port.port}", self._external(ip, fw=False))
-                    for ip in port.external_ips]
-        entries += [Entry("load-balancer-ip", f"{ip}:{port.port}",
-                          self._external(ip, fw=self.targets.uses_fw))
-                    for ip in port.load_balancer_ips]
-        if port.node_port:
-            node_port = self._external(None, fw=False)
-            entries.append(Entry("node-port", f":{port.node_port}", node_port))
-        return tuple(entries)
-
-    # --- pools and outcomes --------------------------------------------------------------
-
-    def _cluster_pool(self) -> _Pool:
-        return _Pool(self.svc, self.sets.cluster, False, "")
-
-    def _local_pool(self, policy: str) -> _Pool:
-        return _Pool(self.svl, self.sets.local, True, policy)
-
-    def _dnat(self, source: Source, pool: _Pool, masquerade: tuple[bool, str], *,
-              why: str = "", sources: str = "") -> Outcome:
-        fallback = any(not ep.ready for ep in pool.endpoints)
-        if fallback:
-            picked = ("serving terminating endpoints " + ("on this node" if pool.local else
-                      "cluster-wide") + " (terminating fallback: none is ready)")
-        elif pool.local:
-            picked = "the ready endpoints on this node"
-        elif self.sets.topology:
-            picked = f"the ready endpoints hinted for zone {self.role.zone} (topology hints)"
-        else:
-            picked = "every ready endpoint in the cluster"
-        if pool.local:
-            picked += f" ({pool.policy}=Local)"
-        reason = f"{why}: {picked}" if why else picked
-        return Outcome(source, "DNAT", f"{reason}; {masquerade[1]}", sources,
-                       tuple(ep.key for ep in pool.endpoints), pool.chain, masquerade[0],
-                       fallback, self._excluded(pool))
-
-    def _excluded(self, pool: _Pool | None) -> tuple[Excluded, ...]:
-        used = {ep.key for ep in pool.endpoints} if pool else set()
-        return tuple(self._why_excluded(ep, pool) for ep in self.endpoints
-                     if ep.key not in used)
-
-    def _why_excluded(self, ep: Endpoint, pool: _Pool | None) -> Excluded:
-        if pool is not None and pool.local and not is_local(ep, self.role.name or ""):
-            where = f"runs on {ep.node_name}" if ep.node_name else "has no nodeName"
-            return Excluded(ep.key, ep.node_name, "not-local",
-                            f"{where}, not on this node ({pool.policy}=Local)")
-        if not ep.ready:
-            if serving_terminating(ep):
-                ready = "this node has ready endpoints" if pool and pool.local else (
-                    "ready endpoints exist")
-                return Excluded(ep.key, ep.node_name, "terminating",
-                                f"terminating; no fallback to it: {ready}")
-            if ep.terminating:
-                return Excluded(ep.key, ep.node_name, "not-serving",
-                                "terminating and no longer serving")
-            return Excluded(ep.key, ep.node_name, "not-ready", "not ready")
-        # categorize_endpoints leaves a ready endpoint out of a pool only for topology.
-        hints = ", ".join(sorted(ep.zone_hints))
-        return Excluded(ep.key, ep.node_name, "other-zone",
-                        f"topology hints for zone {hints}, this node is in zone "
-                        f"{self.role.zone}")
-
-    def _reject(self, source: Source) -> Outcome:
-        return Outcome(source, "REJECT", "no endpoint is ready or terminating-and-serving: "
-                       "REJECT (connection refused)", excluded=self._excluded(None))
-
-    def _drop_no_local(self, source: Source, policy: str, sources: str = "") -> Outcome:
-        return Outcome(source, "DROP", f"{policy}=Local and no endpoint on this node: DROP "
-                       "(the client times out)", sources,
-                       excluded=self._excluded(self._local_pool(policy)))
-
-    # --- entry points ----------------------------------------------------------------------
-
-    def _cluster_ip(self) -> tuple[Outcome, ...]:
-        if not self.targets.has_endpoints:
-            return tuple(self._reject(source) for source in SOURCES)
-        if not self.targets.has_internal:
-            return tuple(self._drop_no_local(source, "internalTrafficPolicy")
-                         for source in SOURCES)
-        local = self.port.internal_policy_local
-        pool = self._local_pool("internalTrafficPolicy") if local else self._cluster_pool()
-        return tuple(self._dnat(source, pool, self._cluster_ip_masquerade(source))
-                     for source in SOURCES)
-
-    def _cluster_ip_masquerade(self, source: Source) -> tuple[bool, str]:
-        # The internal chain's first rule: everything with --masquerade-all, otherwise
-        # whatever comes from outside the cluster CIDR (the node's own address included).
-        if self.settings.masquerade_all:
-            return True, "masqueraded (--masquerade-all)"
-        if self.settings.local_cidr is None:
-            return False, "source kept (no --cluster-cidr: nothing is masqueraded)"
-        if source == "pod":
-            return False, "source kept (a pod address, inside --cluster-cidr)"
-        return True, "masqueraded (the source is outside --cluster-cidr)"
-
-    def _external(self, ip: IPAddress | None, *, fw: bool) -> tuple[Outcome, ...]:
-        if not self.targets.has_endpoints:
-            return tuple(self._reject_external(source, ip) for source in SOURCES)
-        if not fw:
-            return tuple(self._ext_chain(source) for source in SOURCES)
-        return tuple(outcome for source in SOURCES for outcome in self._firewall(source))
-
-    def _reject_external(self, source: Source, ip: IPAddress | None) -> Outcome:
-        # The REJECT rules for external destinations sit in filter KUBE-EXTERNAL-SERVICES,
-        # which INPUT and FORWARD jump to but OUTPUT does not: the node's own connection to
-        # an external or load-balancer IP that is not its own leaves untouched.
-        if source == "node" and ip is not None and ip not in self.settings.node_ips:
-            return Outcome(source, "ACCEPT", "the service has no endpoints; the node's own "
-                           "traffic to this address is not handled and leaves unchanged",
-                           excluded=self._excluded(None))
-        return self._reject(source)
-
-    def _ext_chain(self, source: Source, sources: str = "") -> Outcome:
-        port, cidr = self.port, self.settings.local_cidr
-        if not port.external_policy_local:
-            return self._dnat(source, self._cluster_pool(), (
-                True, "masqueraded (externalTrafficPolicy=Cluster masquerades external "
-                "destinations)"), sources=sources)
-        if source == "pod" and cidr is not None:
-            return self._dnat(source, self._cluster_pool(), (False, "source kept"),
-                              sources=sources, why="pods are exempt from externalTrafficPolicy")
-        if source == "node":
-            return self._dnat(source, self._cluster_pool(), (
-                True, "masqueraded (the node's own traffic)"), sources=sources,
-                why="the node itself is exempt from externalTrafficPolicy")
-        if self.targets.has_external:
-            return self._dnat(source, self._local_pool("externalTrafficPolicy"), (
-                False, "source kept (the point of externalTrafficPolicy=Local)"),
-                sources=sources)
-        return self._drop_no_local(source, "externalTrafficPolicy", sources)
-
-    def _firewall(self, source: Source) -> tuple[Outcome, ...]:
-        ranges = self.port.load_balancer_source_ranges
-        listed = ", ".join(map(str, ranges))
-        cidr = self.settings.local_cidr
-        if source == "external":
-            return (self._ext_chain(source, listed),
-                    self._fw_drop(source, "the source is outside", "other addresses"))
-        if source == "pod":
-            if cidr is not None and any(_inside(cidr, r) for r in ranges):
-                return (self._ext_chain(source),)
-            return (self._fw_drop(source, "pod addresses (--cluster-cidr) are not inside"),)
-        if self.targets.fw_admits_node:
-            return (self._ext_chain(source),)
-        if self.settings.node_ips:
-            return (self._fw_drop(source, f"the node's address {self.settings.node_ips[0]} "
-                                  "is outside"),)
-        return (self._fw_drop(source, "the node's address is not known here; if it is "
-                              "outside"),)
-
-    def _fw_drop(self, source: Source, why: str, sources: str = "") -> Outcome:
-        ranges = ", ".join(map(str, self.port.load_balancer_source_ranges))
-        return Outcome(source, "DROP", f"{why} loadBalancerSourceRanges ({ranges}): "
-                       f"{self.fw} lets it through un-DNATed and KUBE-PROXY-FIREWALL drops it",
-                       sources)
-
-
-def _inside(inner: IPNetwork, outer: IPNetwork) -> bool:
-    if isinstance(inner, IPv4Network) and isinstance(outer, IPv4Network):
-        return inner.subnet_of(outer)
-    if isinstance(inner, IPv6Network) and isinstance(outer, IPv6Network):
-        return inner.subnet_of(outer)
-    return False
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -477,38 +237,38 @@ def _role_label(role: NodeRole) -> str:
 
 
 def _entry_lines(entry: Entry) -> list[str]:
-    """Clients with the same outcome share a line; shared exclusions are listed once."""
-    groups: list[tuple[list[str], Outcome]] = []
-    for outcome in entry.outcomes:
-        label = SOURCE_LABELS[outcome.source] + (f" ({outcome.sources})" if outcome.sources
-                                                 else "")
-        key = replace(outcome, source="pod", sources="")
+    """Clients with the same decision share a line; shared exclusions are listed once."""
+    groups: list[tuple[list[str], Decision]] = []
+    for decision in entry.decisions:
+        label = ORIGIN_LABELS[decision.origin] + (f" ({decision.sources})"
+                                                  if decision.sources else "")
+        key = replace(decision, origin="pod", sources="")
         for labels, seen in groups:
-            if replace(seen, source="pod", sources="") == key:
+            if replace(seen, origin="pod", sources="") == key:
                 labels.append(label)
                 break
         else:
-            groups.append(([label], outcome))
+            groups.append(([label], decision))
     excluded = {group[1].excluded for group in groups if group[1].excluded}
     shared = len(excluded) == 1 and all(group[1].excluded for group in groups)
     lines = []
-    for labels, outcome in groups:
-        lines.append(f"    from {', '.join(labels)}: {_summary(outcome)}")
-        lines.append(f"        {outcome.reason}")
+    for labels, decision in groups:
+        lines.append(f"    from {', '.join(labels)}: {_summary(decision)}")
+        lines.append(f"        {decision.reason}")
         if not shared:
-            lines.extend(_excluded_lines(outcome.excluded, "        "))
+            lines.extend(_excluded_lines(decision.excluded, "        "))
     if shared:
         lines.extend(_excluded_lines(groups[0][1].excluded, "    "))
     return lines
 
 
-def _summary(outcome: Outcome) -> str:
-    if outcome.verdict != "DNAT":
-        return outcome.verdict
-    n = len(outcome.endpoints)
+def _summary(decision: Decision) -> str:
+    if decision.verdict != "DNAT":
+        return decision.verdict
+    n = len(decision.endpoints)
     share = "" if n == 1 else f" 1/{n} each"
-    masq = "masqueraded" if outcome.masquerade else "source kept"
-    return f"DNAT{share} to {', '.join(outcome.endpoints)} via {outcome.chain}, {masq}"
+    masq = "masqueraded" if decision.masquerade else "source kept"
+    return f"DNAT{share} to {', '.join(decision.endpoints)} via {decision.chain}, {masq}"
 
 
 def _excluded_lines(excluded: tuple[Excluded, ...], indent: str) -> list[str]:
@@ -551,11 +311,11 @@ def _port_json(explanation: PortExplanation) -> dict[str, Any]:
 
 def _entry_json(entry: Entry) -> dict[str, Any]:
     return {"kind": entry.kind, "address": entry.address,
-            "outcomes": [{"from": o.source, "sources": o.sources or None,
-                          "verdict": o.verdict, "endpoints": o.probabilities,
-                          "chain": o.chain, "masquerade": o.masquerade,
-                          "terminating_fallback": o.fallback, "reason": o.reason,
-                          "excluded": [{"endpoint": x.endpoint, "node": x.node,
-                                        "reason": x.reason, "detail": x.detail}
-                                       for x in o.excluded]}
-                         for o in entry.outcomes]}
+            "outcomes": [{"from": o.origin, "sources": o.sources or None,
+                         "verdict": o.verdict, "endpoints": o.probabilities,
+                         "chain": o.chain, "masquerade": o.masquerade,
+                         "terminating_fallback": o.fallback, "reason": o.reason,
+                         "excluded": [{"endpoint": x.endpoint, "node": x.node,
+                                       "reason": x.reason, "detail": x.detail}
+                                      for x in o.excluded]}
+                        for o in entry.decisions]}

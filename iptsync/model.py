@@ -242,16 +242,26 @@ def _from_client_model(value: Any) -> Any:
     return value
 
 
+def object_key(manifest: Mapping[str, Any]) -> tuple[str, str]:
+    """``(namespace, name)`` of a manifest as the model keys it, tolerant of missing metadata.
+
+    A namespaced object without a namespace is in ``default`` (as the API server puts it);
+    a Node is cluster-scoped: its namespace is ``""``. A missing name is ``""``.
+    """
+    meta = manifest.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    namespace = "" if manifest.get("kind") == "Node" else str(meta.get("namespace") or "default")
+    return (namespace, str(meta.get("name") or ""))
+
+
 def object_ref(manifest: Mapping[str, Any]) -> str:
-    """``namespace/name`` of a manifest, tolerant of missing metadata, safe to log.
+    """``namespace/name`` of a manifest, safe to log (a Node reads ``default/name``).
 
     A hostile name must not forge log lines either: control characters are escaped and
     overlong names cut (the name is invalid then, and the message says why).
     """
-    meta = manifest.get("metadata")
-    meta = meta if isinstance(meta, Mapping) else {}
-    namespace = meta.get("namespace") or "default"
-    return f"{printable(namespace)}/{printable(meta.get('name') or '<unnamed>')}"
+    namespace, name = object_key(manifest)
+    return f"{printable(namespace or 'default')}/{printable(name or '<unnamed>')}"
 
 
 def printable(value: object, limit: int = 100) -> str:

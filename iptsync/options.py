@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from iptsync.model import IPAddress, IPNetwork, NodeInfo
-from iptsync.render import Settings
+from iptsync.policy import Settings
 
 
 class OptionError(ValueError):

@@ -4,6 +4,8 @@ Pure. Every rule has kube-proxy's shape, argument order and comment, so a node m
 kube-proxy (iptables mode) sees the same chains. :func:`render_service_port` builds what one
 service port contributes (its own chains plus its rules in the top-level chains), so callers
 can cache it per service; :func:`render` assembles the whole ruleset around those pieces.
+What the rules decide (which endpoints, REJECT or DROP, what is masqueraded) comes from
+:mod:`iptsync.policy`; this module says it in kube-proxy's rules.
 """
 
 from __future__ import annotations
@@ -13,57 +15,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from iptsync import names
-from iptsync.model import Endpoint, IPAddress, IPNetwork, ServicePort
+from iptsync.model import Endpoint, ServicePort
+from iptsync.policy import (
+    Settings,
+    categorize_endpoints,
+    internal_masquerade,
+    is_large_cluster,
+    port_targets,
+)
 from iptsync.ruleset import Jump, Rule, Ruleset
-from iptsync.state import ClusterState, is_local
+from iptsync.state import ClusterState
 
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The node and the flags that shape the rules (kube-proxy's names in comments)."""
-
-    node_name: str  # --hostname-override
-    cluster_cidrs: tuple[IPNetwork, ...] = ()  # --cluster-cidr; empty: no local detection
-    masquerade_all: bool = False  # --masquerade-all
-    masquerade_bit: int = 14  # --iptables-masquerade-bit
-    nodeport_addresses: tuple[IPNetwork, ...] = ()  # --nodeport-addresses; empty: all
-    node_ips: tuple[IPAddress, ...] = ()  # this node's addresses (first = primary node IP)
-    localhost_nodeports: bool = True  # --iptables-localhost-nodeports
-    random_fully: bool = True  # MASQUERADE --random-fully (iptables >= 1.6.2)
-    conntrack_tcp_be_liberal: bool = False  # nf_conntrack_tcp_be_liberal: no INVALID drop
-    large_cluster_endpoints: int = 1000  # above this many endpoints, drop per-endpoint comments
-
-    @property
-    def masquerade_mark(self) -> str:
-        return f"{1 << self.masquerade_bit:#x}"
-
-    @property
-    def local_cidr(self) -> IPNetwork | None:
-        """The IPv4 cluster CIDR used to tell pod traffic from off-cluster traffic."""
-        return next((c for c in self.cluster_cidrs if c.version == 4), None)
-
-    @property
-    def nodeports_on_localhost(self) -> bool:
-        """kube-proxy turns localhost NodePorts off when --nodeport-addresses excludes 127/8."""
-        if not self.localhost_nodeports:
-            return False
-        loopback = ipaddress.ip_address("127.0.0.1")
-        return not self.nodeport_addresses or any(
-            loopback in cidr for cidr in self.nodeport_addresses)
-
-
-@dataclass(frozen=True)
-class EndpointSets:
-    """kube-proxy's categorisation of a service port's endpoints for this node."""
-
-    cluster: tuple[Endpoint, ...]  # used with Cluster traffic policy
-    local: tuple[Endpoint, ...]  # used with Local traffic policy
-    reachable: tuple[Endpoint, ...]  # every endpoint that gets a SEP chain
-    has_any: bool  # usable endpoints exist anywhere in the cluster
-    topology: bool  # cluster endpoints were narrowed by zone hints
 
 
 @dataclass
@@ -80,93 +44,6 @@ class PortRules:
 
     def add(self, chain: str, *args: str) -> None:
         self.chains.setdefault(chain, []).append(Rule(chain, tuple(args)))
-
-
-def categorize_endpoints(port: ServicePort, endpoints: Sequence[Endpoint], node_name: str,
-                         zone: str | None) -> EndpointSets:
-    """Pick cluster, local and reachable endpoints as kube-proxy does.
-
-    Ready endpoints are used; when none are, serving-and-terminating ones are (separately for
-    cluster and local). Zone hints narrow the cluster endpoints only when every ready endpoint
-    has hints and one of them names this node's zone.
-    """
-    cluster: tuple[Endpoint, ...] = ()
-    has_any = False
-    topology = False
-    if port.uses_cluster_endpoints:
-        topology = _can_use_topology(endpoints, zone)
-        cluster = tuple(ep for ep in endpoints
-                        if ep.ready and (not topology or (zone in ep.zone_hints)))
-        if not cluster:
-            # Best effort to keep connections alive: topology is ignored here.
-            cluster = tuple(ep for ep in endpoints if serving_terminating(ep))
-        has_any = bool(cluster)
-    if not port.uses_local_endpoints:
-        return EndpointSets(cluster, (), cluster, has_any, topology)
-
-    local_ready = any(ep.ready and is_local(ep, node_name) for ep in endpoints)
-    local_terminating = any(
-        not ep.ready and serving_terminating(ep) and is_local(ep, node_name)
-        for ep in endpoints)
-    has_any = has_any or any(ep.ready or serving_terminating(ep) for ep in endpoints)
-    local: tuple[Endpoint, ...] = ()
-    if local_ready:
-        local = tuple(ep for ep in endpoints if ep.ready and is_local(ep, node_name))
-    elif local_terminating:
-        local = tuple(ep for ep in endpoints
-                      if serving_terminating(ep) and is_local(ep, node_name))
-    if not port.uses_cluster_endpoints:
-        return EndpointSets((), local, local, has_any, topology)
-    if not topology and not (local and not local_ready):
-        # cluster holds every ready endpoint, a superset of the ready local ones.
-        return EndpointSets(cluster, local, cluster, has_any, topology)
-    merged = {ep.key: ep for ep in cluster} | {ep.key: ep for ep in local}
-    return EndpointSets(cluster, local, tuple(merged[k] for k in sorted(merged)), has_any,
-                        topology)
-
-
-def _can_use_topology(endpoints: Sequence[Endpoint], zone: str | None) -> bool:
-    if not zone:
-        return False
-    ready = [ep for ep in endpoints if ep.ready]
-    return bool(ready) and all(ep.zone_hints for ep in ready) and any(
-        zone in ep.zone_hints for ep in ready)
-
-
-def serving_terminating(ep: Endpoint) -> bool:
-    """The terminating fallback: such an endpoint is used only when none is ready."""
-    return ep.serving and ep.terminating
-
-
-@dataclass(frozen=True)
-class PortTargets:
-    """Where one service port's traffic can go on this node: kube-proxy's per-port decisions.
-
-    Shared by :func:`render_service_port` and ``iptsync explain``, so an explanation cannot
-    disagree with the rules.
-    """
-
-    has_endpoints: bool  # false: every entry point REJECTs
-    has_internal: bool  # false: cluster IP traffic is REJECTed or (ITP=Local) DROPped
-    has_external: bool  # false: external traffic is REJECTed or (ETP=Local) DROPped
-    uses_ext: bool  # NodePort, external and load-balancer IPs lead to the EXT chain
-    uses_fw: bool  # load-balancer IPs lead to the FW chain (loadBalancerSourceRanges)
-    fw_admits_node: bool  # the node's primary IP is inside loadBalancerSourceRanges
-
-
-def port_targets(port: ServicePort, sets: EndpointSets, settings: Settings) -> PortTargets:
-    has_endpoints = sets.has_any
-    node_ip = settings.node_ips[0] if settings.node_ips else None
-    return PortTargets(
-        has_endpoints=has_endpoints,
-        has_internal=has_endpoints and (not port.internal_policy_local or bool(sets.local)),
-        has_external=has_endpoints and (not port.external_policy_local or bool(sets.local)),
-        uses_ext=has_endpoints and port.externally_accessible,
-        uses_fw=has_endpoints and bool(port.load_balancer_ips) and bool(
-            port.load_balancer_source_ranges),
-        fw_admits_node=node_ip is not None and any(
-            node_ip in cidr for cidr in port.load_balancer_source_ranges),
-    )
 
 
 def probability(n: int) -> str:
@@ -191,18 +68,12 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
     external_policy_chain = svl if port.external_policy_local else svc
     lb_chain = fw if uses_fw else ext
 
-    internal_target = external_target = ""
-    internal_comment = external_comment = ""
-    if not has_endpoints:
-        internal_target = external_target = "REJECT"
-        internal_comment = external_comment = f"{spn} has no endpoints"
-    else:
-        if not has_internal:
-            internal_target, internal_comment = "DROP", f"{spn} has no local endpoints"
-            out.no_local_internal = True
-        if not has_external:
-            external_target, external_comment = "DROP", f"{spn} has no local endpoints"
-            out.no_local_external = True
+    internal_target = targets.internal_block or ""
+    external_target = targets.external_block or ""
+    internal_comment = _blocked_comment(spn, internal_target)
+    external_comment = _blocked_comment(spn, external_target)
+    out.no_local_internal = internal_target == "DROP"
+    out.no_local_external = external_target == "DROP"
 
     match = ("-m", proto, "-p", proto)
     cluster_ip_match = (*match, "-d", str(port.cluster_ip), "--dport", str(port.port))
@@ -260,9 +131,10 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
     local_cidr = settings.local_cidr
     if has_internal:
         masq_args = ("-m", "comment", "--comment", f"{spn} cluster IP", *cluster_ip_match)
-        if settings.masquerade_all:
+        masquerade = internal_masquerade(settings)
+        if masquerade == "all":
             out.add(internal_chain, *masq_args, "-j", mark_masq)
-        elif local_cidr is not None:
+        elif masquerade == "off-cluster":
             # Off-cluster traffic to the service IP (e.g. via a static route to a node) may
             # bounce to another node, so it is masqueraded.
             out.add(internal_chain, *masq_args, "!", "-s", str(local_cidr), "-j", mark_masq)
@@ -310,6 +182,12 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
         _endpoint_dispatch(out, port, svl, sets.local, seps, large_cluster=large_cluster)
     _endpoint_chains(out, port, sets.reachable, seps, large_cluster)
     return out
+
+
+def _blocked_comment(spn: str, verdict: str) -> str:
+    if not verdict:
+        return ""
+    return f"{spn} has no endpoints" if verdict == "REJECT" else f"{spn} has no local endpoints"
 
 
 def _comment(text: str, large_cluster: bool) -> tuple[str, ...]:
@@ -451,11 +329,6 @@ def forward_rules(settings: Settings) -> list[Rule]:
     return rules
 
 
-def is_large_cluster(state: ClusterState, settings: Settings) -> bool:
-    total = sum(len(state.endpoints(port)) for port in state.service_ports())
-    return total > settings.large_cluster_endpoints
-
-
 def chain_tails(settings: Settings) -> dict[tuple[str, str], list[Rule]]:
     """Rules that end a top-level chain, after every service's: (table, chain) -> rules."""
     return {("nat", names.KUBE_SERVICES): nodeports_jumps(settings),
@@ -482,7 +355,7 @@ def assemble(settings: Settings, pieces: Iterable[PortRules]) -> Ruleset:
 
 def render(state: ClusterState, settings: Settings) -> Ruleset:
     """The full desired ruleset for this node."""
-    zone = state.node.zone if state.node else None
+    zone = state.node_zone
     large = is_large_cluster(state, settings)
     return assemble(settings, (
         render_service_port(port, state.endpoints(port), settings, zone, large_cluster=large)

@@ -67,7 +67,7 @@ class ClusterState:
             return dirty | {service}
         if obj.name != self.node_name or obj == self.node:
             return set()
-        old_zone = self.node.zone if self.node else None
+        old_zone = self.node_zone
         self.node = obj
         # Topology hints depend on this node's zone: every service may change.
         return set(self._services) if obj.zone != old_zone else set()
@@ -88,6 +88,11 @@ class ClusterState:
         return {service}
 
     # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def node_zone(self) -> str | None:
+        """This node's zone (its ``topology.kubernetes.io/zone`` label), for topology hints."""
+        return self.node.zone if self.node else None
 
     @property
     def services(self) -> dict[ServiceKey, ServiceInfo]:

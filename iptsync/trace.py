@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from iptsync.policy import ORIGINS, Origin, Verdict
 from iptsync.ruleset import (
     Option,
     Ruleset,
@@ -44,8 +45,6 @@ from iptsync.ruleset import (
     split_args,
 )
 
-Origin = Literal["pod", "external", "node"]
-ORIGINS: tuple[Origin, ...] = ("pod", "external", "node")
 PROTOCOLS = ("tcp", "udp", "sctp")
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -239,9 +238,6 @@ class Step:
     index: int | None  # 1-based rule number in the chain; None for a policy or routing
     rule: str  # the canonical rule, "-P CHAIN POLICY", or the routing decision
     comment: str | None = None
-
-
-Verdict = Literal["DNAT", "ACCEPT", "DROP", "REJECT"]
 
 
 @dataclass(frozen=True)

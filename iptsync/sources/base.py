@@ -78,10 +78,3 @@ class Source(Protocol):
 
     def stop(self) -> None: ...
 
-
-def object_key(obj: Manifest) -> tuple[str, str]:
-    """``(namespace, name)`` of a manifest; cluster-scoped objects have namespace ``""``."""
-    meta = obj.get("metadata")
-    if not isinstance(meta, Mapping):  # a typo (``metadata: web``): the model reports it
-        meta = {}
-    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))

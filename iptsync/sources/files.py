@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from iptsync.model import Problem
-from iptsync.sources.base import KINDS, Sink, Snapshot, SourceStatus, object_key
+from iptsync.model import Problem, object_key
+from iptsync.sources.base import KINDS, Sink, Snapshot, SourceStatus
 
 logger = logging.getLogger(__name__)
 

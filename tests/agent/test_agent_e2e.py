@@ -29,7 +29,7 @@ from iptsync.health import HealthServer, HealthState, MetricsServer, ServiceHeal
 from iptsync.lab.topology import Cluster, ClusterSpec, PodSpec, cleanup_stale
 from iptsync.metrics import Metrics
 from iptsync.netfilter import Backend, Netfilter
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.sources.api import ApiSettings, ApiSource
 
 from .waiting import eventually

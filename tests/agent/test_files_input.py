@@ -23,7 +23,7 @@ from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
 from iptsync.metrics import Metrics
 from iptsync.netfilter import Netfilter
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.sources.files import FilesSource
 
 from .waiting import eventually

@@ -34,7 +34,7 @@ from iptsync.engine import Engine
 from iptsync.lab.netns import add_netns, add_veth, delete_netns, ip, thread_in_netns
 from iptsync.metrics import Metrics
 from iptsync.netfilter import Backend, Netfilter
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.sources.api import ApiSettings, ApiSource
 
 from .waiting import eventually

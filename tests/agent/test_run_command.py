@@ -24,7 +24,7 @@ from iptsync import names
 from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
 from iptsync.netfilter import Netfilter
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.sources.base import Sink, Snapshot, SourceStatus
 
 from .waiting import eventually

@@ -20,7 +20,7 @@ from iptsync.cli import main
 from iptsync.desired import Desired, desired_from_objects
 from iptsync.diffview import DiffReport, diff_report, render_text, report_json
 from iptsync.plan import make_plan
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.ruleset import Ruleset, ordered_tables, parse_save
 from iptsync.sources.files import load_objects
 

@@ -14,7 +14,7 @@ from iptsync.desired import desired_from_objects
 from iptsync.engine import Engine
 from iptsync.netfilter import Netfilter
 from iptsync.plan import comparable
-from iptsync.render import Settings
+from iptsync.policy import Settings
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))

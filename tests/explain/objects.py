@@ -13,7 +13,7 @@ from typing import Any
 
 from iptsync.desired import desired_from_objects
 from iptsync.explain import ServiceExplanation, ServiceRef, explain
-from iptsync.render import Settings
+from iptsync.policy import Settings
 
 CLUSTER_CIDR = "10.0.0.0/14"
 SETTINGS = Settings(node_name="node1",

@@ -13,7 +13,8 @@ import ipaddress
 import pytest
 
 from iptsync.desired import desired_from_objects
-from iptsync.explain import Outcome, ServiceRef, explain
+from iptsync.explain import ServiceRef, explain
+from iptsync.policy import Decision
 from iptsync.trace import from_ruleset, make_packet, trace
 
 from .objects import CASES, NODES, SETTINGS
@@ -23,11 +24,11 @@ POD_IP = "10.3.255.250"  # inside the cluster CIDR, not an endpoint (no hairpin)
 OUTSIDE_IP = "10.100.0.100"
 
 
-def source_ip(outcome: Outcome) -> str:
+def source_ip(outcome: Decision) -> str:
     """An address of the kind of client the outcome is about."""
-    if outcome.source == "pod":
+    if outcome.origin == "pod":
         return POD_IP
-    if outcome.source == "node":
+    if outcome.origin == "node":
         return NODE_IP
     if outcome.sources and outcome.sources[0].isdigit():  # inside a source range
         return str(next(ipaddress.ip_network(outcome.sources.split(",")[0]).hosts()))
@@ -44,11 +45,11 @@ def test_explain_agrees_with_the_tracer_on_this_node(case: str) -> None:
     checked = 0
     for entry in view.entries:
         dst = f"{NODE_IP}{entry.address}" if entry.kind == "node-port" else entry.address
-        for outcome in entry.outcomes:
+        for outcome in entry.decisions:
             packet = make_packet(source_ip(outcome), dst)
-            result = trace(tables, packet, origin=outcome.source,
+            result = trace(tables, packet, origin=outcome.origin,
                            node_ips=desired.settings.node_ips)
-            where = f"{entry.kind} from {outcome.source} {outcome.sources}"
+            where = f"{entry.kind} from {outcome.origin} {outcome.sources}"
             assert outcome.verdict == result.verdict, where
             assert ({k: round(p, 6) for k, p in outcome.probabilities.items()}
                     == {k: round(p, 6) for k, p in result.endpoints.items()}), where

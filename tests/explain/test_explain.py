@@ -16,15 +16,14 @@ from click.testing import CliRunner
 from iptsync import names
 from iptsync.cli import main
 from iptsync.explain import (
-    Excluded,
     ExplainError,
-    Outcome,
     ServiceExplanation,
     ServiceRef,
     explanation_json,
     parse_service_ref,
     render_text,
 )
+from iptsync.policy import Decision, Excluded
 
 from .objects import CASES, SETTINGS, endpoint_slice, explain_objects, service
 
@@ -36,14 +35,14 @@ def explain_case(case: str) -> ServiceExplanation:
 
 
 def outcomes(explanation: ServiceExplanation, kind: str,
-             node: str | None = "node1") -> dict[str, Outcome]:
+             node: str | None = "node1") -> dict[str, Decision]:
     """The outcomes at one entry point on one node, keyed by client ("external 1.2.3.0/24")."""
     view = next(v for v in explanation.ports[0].views if node in [r.name for r in v.roles])
     entry = next(e for e in view.entries if e.kind == kind)
-    return {" ".join(filter(None, (o.source, o.sources))): o for o in entry.outcomes}
+    return {" ".join(filter(None, (o.origin, o.sources))): o for o in entry.decisions}
 
 
-def shares(outcome: Outcome) -> dict[str, float]:
+def shares(outcome: Decision) -> dict[str, float]:
     return {endpoint: round(p, 6) for endpoint, p in outcome.probabilities.items()}
 
 

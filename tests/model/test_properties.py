@@ -28,7 +28,7 @@ from iptsync.model import (
     ServiceInfo,
     parse_object,
 )
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.ruleset import Ruleset, canonical
 
 Manifest = dict[str, Any]

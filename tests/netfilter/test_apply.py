@@ -19,7 +19,7 @@ from iptsync import names
 from iptsync.desired import Desired, desired_from_objects
 from iptsync.netfilter import Netfilter
 from iptsync.plan import Plan, cleanup_plan, make_plan
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.ruleset import Ruleset
 from iptsync.sources.files import load_objects
 from iptsync.sync import STAGE_LINES, SyncError, apply_plan

@@ -17,7 +17,8 @@ import pytest
 
 from iptsync import names
 from iptsync.desired import desired_from_objects
-from iptsync.render import NODEPORTS_COMMENT, Settings
+from iptsync.policy import Settings
+from iptsync.render import NODEPORTS_COMMENT
 from iptsync.ruleset import split_args
 from iptsync.sources.files import load_objects
 

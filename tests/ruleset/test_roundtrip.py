@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from render.golden import SCENARIO_NAMES, SCENARIOS, expected_warnings
 
 from iptsync.desired import desired_from_objects
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.ruleset import (
     Jump,
     Rule,

@@ -24,7 +24,8 @@ from iptsync.model import (
 )
 from iptsync.netfilter import Netfilter
 from iptsync.plan import make_plan
-from iptsync.render import Settings, render
+from iptsync.policy import Settings
+from iptsync.render import render
 from iptsync.ruleset import (
     MAX_COMMENT_BYTES,
     Rule,

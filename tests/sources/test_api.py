@@ -19,14 +19,14 @@ import kubernetes.client
 import pytest
 from apiserver import FakeApiServer, RecordedRequest, manifest
 
-from iptsync.model import parse_object
+from iptsync.model import object_key, parse_object
 from iptsync.sources.api import (
     ApiConfigError,
     ApiSettings,
     ApiSource,
     keepalive_socket_options,
 )
-from iptsync.sources.base import KINDS, Kind, Snapshot, object_key
+from iptsync.sources.base import KINDS, Kind, Snapshot
 
 from .conftest import Recorder, names, wait_until
 

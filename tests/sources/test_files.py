@@ -340,6 +340,19 @@ def test_load_errors_name_the_path_and_why(tmp_path: Path) -> None:
              "characters are not allowed"], []) == problems_of(control)
 
 
+def test_a_service_without_namespace_is_the_same_object_as_in_default(tmp_path: Path) -> None:
+    """No namespace means ``default``, as the agent keys it: the two are one object defined
+    twice, the last definition wins and the duplicate is named."""
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(service_yaml("web").replace(", namespace: default", ""))
+    second.write_text(service_yaml("web").replace("80", "82"))
+    loaded = load_objects([tmp_path])
+    assert ([82], [("Service", "default/web", f"defined more than once: {first}:1, then "
+                    f"{second}:1; the last definition ({second}:1) is used")]) == (
+        [o["spec"]["ports"][0]["port"] for o in loaded.objects],
+        [(p.kind, p.ref, p.message) for p in loaded.problems])
+
+
 def test_documents_that_are_not_objects_are_skipped_with_a_warning(tmp_path: Path) -> None:
     """A document or List item without a kind is named and skipped; the rest loads."""
     path = tmp_path / "mixed.yaml"

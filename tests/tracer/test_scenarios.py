@@ -15,7 +15,7 @@ from render.golden import SCENARIOS, expected_warnings
 from iptsync.desired import desired_from_objects
 from iptsync.model import IPAddress
 from iptsync.names import is_service_chain
-from iptsync.render import Settings
+from iptsync.policy import Settings
 from iptsync.sources.files import load_objects
 from iptsync.trace import Tables, TraceResult, from_ruleset, make_packet, trace
 
