@@ -114,10 +114,6 @@ class Svc:
     name: str
     chain: str
 
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
 
 def service_ports(objects: Sequence[Manifest]) -> list[Svc]:
     """The SVC chain of every port of every Service in ``objects``."""
@@ -330,6 +326,7 @@ def write_objects(path: Path, objects: Sequence[Manifest]) -> Path:
 
 
 def baseline_objects(services: int, endpoints: int) -> list[Manifest]:
+    """The generated cluster's Services and EndpointSlices."""
     items: list[Manifest] = cluster(services, endpoints)["items"]
     return items
 
