@@ -75,7 +75,6 @@ class Options:
     storm: float = 10.0
     lock: float = 8.0
     kill_services: int = 2000
-    kill_fractions: tuple[float, ...] = (0.7, 0.9)
 
 
 @dataclass
@@ -476,31 +475,47 @@ def storm_410(opts: Options, backend: Backend, row: Row) -> None:
 
 
 def kill_9(opts: Options, backend: Backend, row: Row) -> None:
-    """``kill -9`` of the agent during a large first sync (at several points of it); then a
-    restart, timed until every service is programmed, and ``diff --live`` must be clean."""
+    """``kill -9`` of the agent during a large first sync, at three moments: while its first
+    ``iptables-restore`` runs, as its first chains reach the kernel, and (from a reference
+    run) half way from there to every service programmed. Then a restart, timed until every
+    service is programmed, and ``diff --live`` must be clean."""
     with tempfile.TemporaryDirectory(prefix="iptsync-faults-") as tmp:
         workdir = Path(tmp)
         objects = baseline_objects(opts.kill_services, opts.endpoints)
         path = write_objects(workdir / "cluster.json", objects)
         services = service_ports(objects)
-        with namespace(f"once-{backend.value}") as netns:
-            started = time.monotonic()
-            subprocess.run(["ip", "netns", "exec", netns, *iptsync_command(), "run", "--once",
-                            "--objects", str(path), "--hostname-override", NODE,
-                            "--cluster-cidr", CLUSTER_CIDR, "--iptables-backend",
-                            backend.value], capture_output=True, check=True)
-            first = time.monotonic() - started
-        row.notes.append(f"{opts.kill_services} services; `run --once` took {first:.1f} s")
+        with namespace(f"ref-{backend.value}") as netns:
+            agent = Agent(netns, backend, ["--objects", str(path)], opts, workdir / "ref.log")
+            node = Node(netns, backend, agent, workdir, services)
+            agent.start()
+            try:
+                started = time.monotonic()
+                appear = first_chains(node, started, opts.timeout)
+                done = node.wait(Expect(services), started, opts.timeout)
+            finally:
+                agent.stop()
+        if appear is None or done is None:
+            raise FaultSetupError(f"the reference first sync did not finish within "
+                                  f"{opts.timeout:.0f} s")
+        row.notes.append(f"{opts.kill_services} services; reference run from the agent's "
+                         f"start: first chains {appear:.1f} s, all programmed {done:.1f} s")
+        moments: dict[str, Callable[[Node, float], object]] = {
+            "while its first iptables-restore ran": lambda node, _: restore_running(
+                node, opts.timeout),
+            "as the first chains appeared": lambda node, started: first_chains(
+                node, started, opts.timeout),
+            "half way to done": lambda _, started: time.sleep(
+                max(0.0, (appear + done) / 2 - (time.monotonic() - started))),
+        }
         worst: float | None = 0.0
-        moments: list[float | None] = [None, *opts.kill_fractions]
-        for index, fraction in enumerate(moments):
+        for index, (when, wait) in enumerate(moments.items()):
             with namespace(f"kill{index}-{backend.value}") as netns:
                 agent = Agent(netns, backend, ["--objects", str(path)], opts,
                               workdir / f"agent-{index}.log")
                 node = Node(netns, backend, agent, workdir, services)
                 agent.start()
                 try:
-                    when = kill_when(node, fraction, first)
+                    wait(node, time.monotonic())
                     agent.kill9()
                     time.sleep(0.5)  # an iptables-restore left behind sees EOF and exits
                     view = node.view()
@@ -520,18 +535,29 @@ def kill_9(opts: Options, backend: Backend, row: Row) -> None:
         row.converge = worst
 
 
-def kill_when(node: Node, fraction: float | None, first: float) -> str:
-    """Wait for the moment to kill the agent: ``fraction`` of a first sync's duration after
-    its start, or (None) as soon as its first service chain is in the kernel."""
-    if fraction is not None:
-        time.sleep(fraction * first)
-        return f"at {fraction:.0%} of `run --once`"
-    end = time.monotonic() + 3 * first
+def restore_running(node: Node, timeout: float) -> bool:
+    """Wait until the agent has an ``iptables-*-restore`` child (False: not in time)."""
+    assert node.agent.proc is not None
+    parent = str(node.agent.proc.pid)
+    end = time.monotonic() + timeout
     while time.monotonic() < end:
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                # stat: pid (comm) state ppid ...; no spaces in the comm of these commands.
+                if (proc / "stat").read_text().split()[3] == parent and "-restore" in (
+                        proc / "cmdline").read_text():
+                    return True
+        time.sleep(0.005)
+    return False
+
+
+def first_chains(node: Node, since: float, timeout: float) -> float | None:
+    """Seconds from ``since`` until a service chain is in the kernel (None: not in time)."""
+    while time.monotonic() - since < timeout:
         if any(names.is_service_chain(c) for c in node.view().rules):
-            break
+            return time.monotonic() - since
         time.sleep(0.02)
-    return "as the first chains appeared"
+    return None
 
 
 def flush_nat(opts: Options, backend: Backend, row: Row) -> None:
