@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,7 @@ class Options:
     storm: float = 10.0
     lock: float = 8.0
     kill_services: int = 2000
+    logs: Path | None = None  # keep the agents' logs here
 
 
 @dataclass
@@ -319,6 +321,20 @@ class FaultSetupError(RuntimeError):
     """The fault could not be set up (the baseline never synced): reported, not raised."""
 
 
+@contextlib.contextmanager
+def scratch(opts: Options, tag: str) -> Iterator[Path]:
+    """A temporary directory for one fault's files; with ``opts.logs``, the agents' logs are
+    copied there (as ``TAG-NAME.log``) before it goes."""
+    with tempfile.TemporaryDirectory(prefix="iptsync-faults-") as tmp:
+        try:
+            yield Path(tmp)
+        finally:
+            if opts.logs is not None:
+                opts.logs.mkdir(parents=True, exist_ok=True)
+                for log_file in Path(tmp).glob("*.log"):
+                    shutil.copyfile(log_file, opts.logs / f"{tag}-{log_file.name}")
+
+
 def write_objects(path: Path, objects: Sequence[Manifest]) -> Path:
     path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
     return path
@@ -342,8 +358,7 @@ def api_node(opts: Options, backend: Backend, tag: str,
     """A namespace, the fake API server listening in it, the agent watching it (baseline
     synced)."""
     with namespace(f"{tag}-{backend.value}") as netns, \
-            tempfile.TemporaryDirectory(prefix="iptsync-faults-") as tmp:
-        workdir = Path(tmp)
+            scratch(opts, f"{tag}-{backend.value}") as workdir:
         server = FakeApiServer(bookmark_interval=5.0)
         in_netns(netns, server.start)
         try:
@@ -375,8 +390,7 @@ def files_node(opts: Options, backend: Backend, tag: str, files: dict[str, list[
                ) -> Iterator[Node]:
     """A namespace and the agent watching a directory of manifest files (baseline synced)."""
     with namespace(f"{tag}-{backend.value}") as netns, \
-            tempfile.TemporaryDirectory(prefix="iptsync-faults-") as tmp:
-        workdir = Path(tmp)
+            scratch(opts, f"{tag}-{backend.value}") as workdir:
         manifests = workdir / "manifests"
         manifests.mkdir()
         for name, objects in files.items():
@@ -398,7 +412,7 @@ def files_node(opts: Options, backend: Backend, tag: str, files: dict[str, list[
 def outage_rst(opts: Options, backend: Backend, row: Row) -> None:
     """The API server goes away (connections reset, new ones refused); a Service is created
     meanwhile; the server comes back. Timed from the restart."""
-    with api_node(opts, backend, "rst") as (node, server):
+    with api_node(opts, backend, "outage-rst") as (node, server):
         new = extra_service(0, opts.endpoints)
         server.stop()
         for obj in new:
@@ -415,7 +429,7 @@ def partition(opts: Options, backend: Backend, row: Row) -> None:
     """No reset: the path to the API server drops every packet, and the server's side of each
     connection vanishes (its resets dropped too), as when its host or a load balancer dies.
     A Service is created meanwhile; the path heals. Timed from the healing."""
-    with api_node(opts, backend, "part") as (node, server):
+    with api_node(opts, backend, "partition") as (node, server):
         port = str(server.port)
         drops = [["-t", "raw", "PREROUTING", "-i", "lo", "-p", "tcp", side, port, "-j", "DROP"]
                  for side in ("--dport", "--sport")]
@@ -443,7 +457,7 @@ def storm_410(opts: Options, backend: Backend, row: Row) -> None:
     """For ``storm`` seconds, every 0.5 s: history compacted and every watch closed, so each
     re-watch gets 410 Gone and relists. A Service is created as the storm starts; timed from
     that change."""
-    with api_node(opts, backend, "410") as (node, server):
+    with api_node(opts, backend, "410-storm") as (node, server):
         new = extra_service(0, opts.endpoints)
         expect = Expect(node.services, service_ports(new))
         server.clear_requests()
@@ -479,8 +493,7 @@ def kill_9(opts: Options, backend: Backend, row: Row) -> None:
     ``iptables-restore`` runs, as its first chains reach the kernel, and (from a reference
     run) half way from there to every service programmed. Then a restart, timed until every
     service is programmed, and ``diff --live`` must be clean."""
-    with tempfile.TemporaryDirectory(prefix="iptsync-faults-") as tmp:
-        workdir = Path(tmp)
+    with scratch(opts, f"kill-9-{backend.value}") as workdir:
         objects = baseline_objects(opts.kill_services, opts.endpoints)
         path = write_objects(workdir / "cluster.json", objects)
         services = service_ports(objects)
@@ -562,7 +575,7 @@ def first_chains(node: Node, since: float, timeout: float) -> float | None:
 
 def flush_nat(opts: Options, backend: Backend, row: Row) -> None:
     """``iptables -t nat -F`` by another program; timed until repaired."""
-    with api_node(opts, backend, "fnat") as (node, server):
+    with api_node(opts, backend, "flush-nat") as (node, server):
         node.netfilter.run("-t", "nat", "-F")
         expect = Expect(node.services)
         row.converge = node.wait(expect, time.monotonic(), opts.timeout)
@@ -572,7 +585,7 @@ def flush_nat(opts: Options, backend: Backend, row: Row) -> None:
 
 def flush_chain(opts: Options, backend: Backend, row: Row) -> None:
     """One service's KUBE-SVC chain flushed by another program; timed until repaired."""
-    with api_node(opts, backend, "fsvc") as (node, server):
+    with api_node(opts, backend, "flush-chain") as (node, server):
         node.netfilter.run("-t", "nat", "-F", node.services[1].chain)
         expect = Expect(node.services)
         row.converge = node.wait(expect, time.monotonic(), opts.timeout)
@@ -583,11 +596,11 @@ def flush_chain(opts: Options, backend: Backend, row: Row) -> None:
 def xtables_lock(opts: Options, backend: Backend, row: Row) -> None:
     """Another program holds the xtables lock (a private lock file, ``XTABLES_LOCKFILE``) for
     ``lock`` seconds; a Service is created meanwhile. Timed from that change."""
-    with tempfile.TemporaryDirectory(prefix="iptsync-faults-") as tmp:
-        lock = Path(tmp) / "xtables.lock"
+    with scratch(opts, f"xtables-lock-file-{backend.value}") as tmp:
+        lock = tmp / "xtables.lock"
         lock.touch()
         env = {**os.environ, "XTABLES_LOCKFILE": str(lock)}
-        with api_node(opts, backend, "lock", env) as (node, server):
+        with api_node(opts, backend, "xtables-lock", env) as (node, server):
             new = extra_service(0, opts.endpoints)
             expect = Expect(node.services, service_ports(new))
             with holding(lock, opts.lock):
@@ -617,7 +630,7 @@ def failing_restore(opts: Options, backend: Backend, row: Row) -> None:
     created and another one without endpoints (a REJECT rule: the filter table changes
     too). The previous rules must stay as they were in both tables; once the foreign rule is
     gone, timed until the changes are programmed."""
-    with api_node(opts, backend, "fail") as (node, server):
+    with api_node(opts, backend, "failing-restore") as (node, server):
         victim = node.services[1]
         before = owned_rules(node.netfilter)
         node.netfilter.restore(f"*nat\n:{FOREIGN_CHAIN} - [0:0]\n"
@@ -690,7 +703,7 @@ def hostile(opts: Options, backend: Backend, row: Row, name: str) -> None:
     ordinary Service beside it: the ordinary one must be programmed, every other service
     kept, and no rule of the name's making may reach the kernel."""
     objects = baseline_objects(opts.services, opts.endpoints)
-    with files_node(opts, backend, "host", {"cluster.yaml": objects}) as node:
+    with files_node(opts, backend, row.fault, {"cluster.yaml": objects}) as node:
         new = extra_service(0, opts.endpoints)
         manifests = node.workdir / "manifests"
         (manifests / "new.yaml").write_text(yaml.safe_dump_all(new))
@@ -724,7 +737,7 @@ def yaml_typo(opts: Options, backend: Backend, row: Row) -> None:
     quarter = len(objects) // 8 * 2  # whole (Service, EndpointSlice) pairs
     files = {f"part-{i}.yaml": objects[i * quarter:(i + 1) * quarter if i < 3 else None]
              for i in range(4)}
-    with files_node(opts, backend, "yaml", files) as node:
+    with files_node(opts, backend, "yaml-typo", files) as node:
         new = extra_service(0, opts.endpoints)
         manifests = node.workdir / "manifests"
         broken = manifests / "part-1.yaml"
@@ -816,6 +829,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lock-seconds", type=float, default=defaults.lock)
     parser.add_argument("--kill-services", type=int, default=defaults.kill_services,
                         help="services of the first sync that kill-9 interrupts")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="copy every agent's log into this directory")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     parser.add_argument("--out", type=Path, default=None, help="write the table here")
     args = parser.parse_args(argv)
@@ -842,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    sync_period=args.sync_period, timeout=args.timeout,
                    outage=args.outage_seconds, partition=args.partition_seconds,
                    storm=args.storm_seconds, lock=args.lock_seconds,
-                   kill_services=args.kill_services)
+                   kill_services=args.kill_services, logs=args.logs)
     backends = [Backend.NFT, Backend.LEGACY] if args.backend == "both" else [
         Backend(args.backend)]
     command = "python -m bench.faults " + " ".join(sys.argv[1:] if argv is None else argv)
