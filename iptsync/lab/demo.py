@@ -38,6 +38,7 @@ from typing import Any, Self, TextIO
 
 import iptsync
 from iptsync.desired import desired_from_objects
+from iptsync.kernel import Backend, NetfilterError
 from iptsync.lab import netns
 from iptsync.lab.topology import (
     CLIENT_IP,
@@ -50,7 +51,7 @@ from iptsync.lab.topology import (
     default_nodes,
 )
 from iptsync.names import SVC_PREFIX, is_service_chain
-from iptsync.netfilter import Backend, Netfilter, NetfilterError
+from iptsync.netfilter import Netfilter
 from iptsync.options import build_settings
 from iptsync.ruleset import Rule, RulesetError, SavedTable, chain_line, parse_save, split_args
 from iptsync.sources.files import load_objects

@@ -115,7 +115,7 @@ def test_no_rule_is_written_before_every_kind_is_listed(netfilter: Netfilter) ->
     """With Services listed but EndpointSlices not yet, the agent leaves the kernel alone."""
     source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
                       Snapshot("Node", ()))
-    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    engine = Engine(netfilter, SETTINGS)
     agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=0.2,
                                                   canary_interval=0.1))
     agent.run(iterations=10)
@@ -149,7 +149,7 @@ def test_first_full_sync_is_logged_also_when_nothing_needed_changing(
         source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
                           Snapshot("EndpointSlice", (endpoint_slice("web", "10.0.1.10"),)),
                           Snapshot("Node", ()))
-        engine = Engine(netfilter, SETTINGS, clear_flows=False)
+        engine = Engine(netfilter, SETTINGS)
         agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=60))
         agent.run(iterations=3)
         said += [r for r in caplog.records if r.getMessage().startswith("first full sync")]

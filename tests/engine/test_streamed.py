@@ -37,7 +37,7 @@ def test_streamed_full_syncs_write_what_a_planned_one_does(netfilter: Netfilter)
     """A first sync, a full resync after changes (a service gone: its chains deleted) and a
     no-op resync, all streamed, leave the kernel as a full render says."""
     world = World()
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=True)
+    engine = Engine(netfilter, SETTINGS, stream_full=True)
     cluster(world, engine, 4)
     first = engine.sync()
     assert first.full
@@ -63,7 +63,7 @@ def test_streamed_sync_that_cannot_take_the_lock_changes_nothing(
     held) commits nothing; the next sync is full and converges."""
     netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=1)
     world = World()
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=True)
+    engine = Engine(netfilter, SETTINGS, stream_full=True)
     cluster(world, engine, 2)
     engine.sync()
     before = owned(netfilter)
