@@ -31,9 +31,10 @@ from engine.world import (
     service,
 )
 from iptsync import names
+from iptsync.conntrack import Flow
 from iptsync.engine import Engine
 from iptsync.kernel import NetfilterPort
-from iptsync.testing import FakeNetfilter
+from iptsync.testing import FakeConntrack, FakeNetfilter
 
 # Examples of the property per kernel: the fake takes milliseconds per example, the real
 # kernel a second or so.
@@ -163,3 +164,70 @@ def test_new_service_rules_go_to_the_head_and_the_nodeport_jump_stays_last(
     assert "default/s4:p0 cluster IP" in live[0]
     assert live[-1].endswith(f"-j {names.KUBE_NODEPORTS}")
     assert engine.sync(full=True).plan.empty
+
+
+STALE_SVC, STALE_SEP, PINNED_SEP = ("KUBE-SVC-STALESTALESTALE1", "KUBE-SEP-STALESTALESTALE2",
+                                    "KUBE-SEP-PINNEDPINNEDPINN3")
+
+
+def test_stale_service_chains_are_deleted_unless_a_foreign_rule_jumps_there(
+        kernel: NetfilterPort) -> None:
+    """A deleted service's chains go with the partial sync that deletes it; service chains
+    left by someone else (a previous proxier) go with the next full sync, except one that a
+    foreign rule still jumps to, which stays until that rule is gone."""
+    world = World()
+    engine = Engine(kernel, SETTINGS)
+    for index in range(2):
+        world.apply(engine, service(index, "ClusterIP", False, 1))
+        world.apply(engine, endpoint_slice(index, [(0, True, False)]))
+    engine.sync()
+    kernel.restore([
+        "*nat", f":{STALE_SVC} - [0:0]", f":{STALE_SEP} - [0:0]", f":{PINNED_SEP} - [0:0]",
+        ":MY-NAT - [0:0]", f"-A {STALE_SVC} -j {STALE_SEP}",
+        f"-A {STALE_SEP} -p tcp -j DNAT --to-destination 10.0.9.9:80",
+        f"-A MY-NAT -j {PINNED_SEP}", "COMMIT"])
+    gone = names.svc_chain("default/s1:p0", "tcp")
+    world.apply(engine, ("Service", 1))
+    partial = engine.sync()
+    [nat] = partial.plan.tables
+    assert [gone] == [c for c in nat.deleted if c.startswith("KUBE-SVC-")]
+    assert gone not in owned(kernel)["nat"]
+    full = engine.sync(full=True)
+    [nat] = full.plan.tables
+    assert {STALE_SVC, STALE_SEP} == set(nat.deleted)
+    chains = kernel.save()["nat"].chains
+    assert (False, False, True) == (STALE_SVC in chains, STALE_SEP in chains,
+                                    PINNED_SEP in chains)
+    kernel.run("-t", "nat", "-F", "MY-NAT")  # once nothing jumps there, it goes too
+    assert [PINNED_SEP] == engine.sync(full=True).plan.tables[0].deleted
+    assert_holds_full_sync(list(world.objects.values()), kernel)
+
+
+def test_stale_udp_flows_are_cleared_for_the_services_a_sync_changed(
+        kernel: NetfilterPort) -> None:
+    """After a partial sync, conntrack entries to a changed UDP service that no longer reach
+    one of its endpoints are deleted, and only that service's destinations are examined; a
+    full sync examines every service."""
+    udp, cluster_ip = 17, "10.96.0.10"  # s0's port p1: UDP 81 -> 8081
+    kept = Flow(udp, cluster_ip, 81, "10.0.0.2", 8081)
+    doomed = Flow(udp, cluster_ip, 81, "10.0.0.1", 8081)
+    elsewhere = Flow(udp, "10.96.0.11", 81, "10.0.1.1", 8081)  # s1, whose endpoints stay
+    flows = FakeConntrack([kept, doomed, elsewhere])
+    world = World()
+    engine = Engine(kernel, SETTINGS, flows=flows)
+    for index in range(2):
+        world.apply(engine, service(index, "ClusterIP", False, 2))
+    world.apply(engine, endpoint_slice(0, [(0, True, False), (1, True, False)]))
+    world.apply(engine, endpoint_slice(1, [(0, True, False)]))
+    first = engine.sync()
+    assert (0, 3) == (first.stale_flows, len(flows.flows))
+    world.apply(engine, endpoint_slice(0, [(1, True, False)]))
+    partial = engine.sync()
+    assert 1 == partial.stale_flows
+    assert [kept, elsewhere] == flows.flows
+    assert {(udp, cluster_ip, 81)} == set(flows.calls[-1])
+    assert frozenset({"10.0.0.2:8081"}) == flows.calls[-1][(udp, cluster_ip, 81)]
+    full = engine.sync(full=True)
+    assert (0, {cluster_ip, "10.96.0.11"}) == (
+        full.stale_flows, {address for _proto, address, _port in flows.calls[-1]})
+    assert [kept, elsewhere] == flows.flows

@@ -348,3 +348,68 @@ def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
     agent.run(iterations=3)
     assert not agent.reports[-1].plan.empty
     assert_holds_full_sync(objects, racing)
+
+
+# --- the fake kernel's failure injection: every table of every path --------------------------
+
+FIRST_COMMITTED = {"planned": "filter", "streamed": "nat", "partial": "filter"}
+
+
+@pytest.mark.parametrize("table", ["filter", "nat"])
+@pytest.mark.parametrize("path", ["planned", "streamed", "partial"])
+def test_batch_rejected_in_any_table_leaves_both_tables_as_they_were(path: str,
+                                                                      table: str) -> None:
+    """Whichever table of a batch the kernel rejects, on every path, both tables end as they
+    were: a table committed before the failing one is undone, and the next sync converges."""
+    kernel = FakeNetfilter()
+    kernel.restore(FOREIGN)
+    world = World()
+    engine = Engine(kernel, SETTINGS, stream_full=path == "streamed")
+    cluster(world, engine)
+    engine.sync()
+    endpoints_lost(world, engine, kernel)  # both tables change
+    endpoints_found(world, engine, kernel)
+    before = snapshot(kernel)
+    kernel.fail_restore(table=table)
+    with pytest.raises(SyncError) as failure:
+        engine.sync(full=path != "partial")
+    assert before == snapshot(kernel), str(failure.value)
+    undone = FIRST_COMMITTED[path] if table != FIRST_COMMITTED[path] else "none"
+    assert f"tables undone: {undone}" in str(failure.value)
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), kernel)
+
+
+def test_rejected_line_is_named_and_quoted_in_the_error() -> None:
+    """A batch rejected at line N fails the sync with an error that names line N and quotes
+    the payload around it, the failing line marked."""
+    kernel = FakeNetfilter()
+    world = World()
+    engine = Engine(kernel, SETTINGS)
+    cluster(world, engine)
+    kernel.fail_restore(line=3)
+    with pytest.raises(SyncError) as failure:
+        engine.sync()
+    message = str(failure.value)
+    assert "line 3 failed" in message
+    [batch] = kernel.batches  # nothing was committed, so nothing was undone
+    assert f">     3  {batch[2]}" in message
+    assert f"      4  {batch[3]}" in message
+
+
+def test_rejected_stage_removes_the_chains_staged_so_far() -> None:
+    """A first sync staged in batches whose nat stage the kernel rejects changes nothing: the
+    filter chains staged before it are removed again, and the error says no traffic was
+    affected."""
+    kernel = FakeNetfilter()
+    kernel.restore(FOREIGN)
+    before = snapshot(kernel)
+    world = World()
+    engine = Engine(kernel, SETTINGS, stream_full=False, stage_lines=1)
+    cluster(world, engine)
+    kernel.fail_restore(table="nat")
+    with pytest.raises(SyncError, match="while loading new chains \\(no traffic affected\\)"):
+        engine.sync()
+    assert before == snapshot(kernel)
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), kernel)
