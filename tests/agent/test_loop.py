@@ -13,6 +13,7 @@ needs. Times below are seconds after the agent started (:data:`START`).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -128,6 +129,25 @@ def test_first_sync_is_full_and_immediate(kernel: NetfilterPort) -> None:
     loop.run_until(50.0)
     assert [(0.0, "full", True)] == loop.engine.attempts
     loop.assert_converged()
+
+
+def test_first_full_sync_is_logged_also_when_nothing_needed_changing(
+        kernel: NetfilterPort, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent says at INFO when its first full sync is done, with counts and duration:
+    after writing the rules, and after a restart that found every rule in place."""
+    caplog.set_level(logging.INFO, logger="iptsync")
+    said = []
+    for _start in ("first", "restart"):
+        Loop(kernel).run_until(1.0)
+        said += [r for r in caplog.records if r.getMessage().startswith("first full sync")]
+        caplog.clear()
+    [first, restart] = said
+    assert {logging.INFO} == {first.levelno, restart.levelno}
+    pattern = r"first full sync done in [\d.]+s: 2 services, filter \d+, nat \d+ rules; (.*)"
+    [first_changes] = re.fullmatch(pattern, first.getMessage()).groups()  # type: ignore[union-attr]
+    assert "chains written" in first_changes
+    assert re.fullmatch(pattern, restart.getMessage())
+    assert restart.getMessage().endswith("; nothing needed changing")
 
 
 def test_a_change_after_quiet_is_synced_at_once_and_a_burst_is_coalesced(

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 import pytest
-from agent.test_run_command import ListOnly
+from agent.test_loop import ScriptedSource
 
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
 from iptsync import names
@@ -33,7 +33,6 @@ from iptsync.kernel import OWNED_TABLES, Backend, RestoreError, RuleStream
 from iptsync.netfilter import Netfilter
 from iptsync.plan import NO_STAGING, cleanup_plan
 from iptsync.ruleset import SavedTable
-from iptsync.sources.base import Snapshot
 from iptsync.sync import SyncError, apply_plan
 from iptsync.testing import FakeClock, FakeNetfilter
 
@@ -334,8 +333,7 @@ def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
     iptsync_undo_failures_total counts it, and the retry converges."""
     racing, world, engine = undo_will_fail(kernel)
     objects = list(world.objects.values())
-    source = ListOnly(*(Snapshot(kind, tuple(o for o in objects if o["kind"] == kind))
-                        for kind in ("Service", "EndpointSlice", "Node")))
+    source = ScriptedSource(objects)
     agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=60,
                                                   canary_interval=60), clock=FakeClock())
     agent.run(iterations=1)
