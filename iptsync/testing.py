@@ -15,7 +15,7 @@ where it matters to a proxier::
     kernel.fail_restore(table="nat")     # the next batch that writes nat is rejected there
 
 What it enforces, as the kernel does (checked against both real backends by
-``tests/testing/test_fake_kernel.py``):
+``tests/kernel/test_fake_agrees.py``):
 
 - each ``*table ... COMMIT`` block commits atomically, one table after the other: when a later
   table is rejected the earlier ones stay committed, and a block without COMMIT changes nothing;
@@ -30,6 +30,8 @@ What it enforces, as the kernel does (checked against both real backends by
 - a rejected batch raises :class:`iptsync.kernel.RestoreError` naming the failing line, with the
   lines around it, as the real one does.
 
+Where the two backends differ the fake takes the stricter side: a jump to a chain declared
+later in the same table is rejected at the rule (as legacy does; nft reports the COMMIT line).
 Rules are stored as ``iptables-save`` prints them (:func:`iptsync.ruleset.canonical`), so
 ``-D`` by spec matches whatever spelling the rule was added with, and :meth:`FakeNetfilter.save`
 reads like the real thing. Counters, packet matching and the xtables lock are not modelled.
