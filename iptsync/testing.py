@@ -30,8 +30,9 @@ What it enforces, as the kernel does (checked against both real backends by
 - a rejected batch raises :class:`iptsync.kernel.RestoreError` naming the failing line, with the
   lines around it, as the real one does.
 
-Where the two backends differ the fake takes the stricter side: a jump to a chain declared
-later in the same table is rejected at the rule (as legacy does; nft reports the COMMIT line).
+A jump to a chain not declared yet (even one declared further down the same table) is
+rejected by both backends; legacy names the rule's line, nft the table's COMMIT, the fake the
+rule's line.
 Rules are stored as ``iptables-save`` prints them (:func:`iptsync.ruleset.canonical`), so
 ``-D`` by spec matches whatever spelling the rule was added with, and :meth:`FakeNetfilter.save`
 reads like the real thing. Counters, packet matching and the xtables lock are not modelled.
