@@ -53,7 +53,7 @@ def _run(server: FakeApiServer, netfilter: Netfilter, slices: list[dict[str, Any
          changes: int) -> dict[str, Any]:
     client = server.api_client()
     client.configuration.retries = 0  # as ApiSource sets on clients it builds
-    engine = Engine(netfilter, SETTINGS, clear_flows=False,
+    engine = Engine(netfilter, SETTINGS,
                     stage_lines=STAGE_LINES[netfilter.backend])
     agent = Agent(engine, [ApiSource("node1", api_client=client)],
                   timing=Timing(min_sync_period=1.0, sync_period=3600.0, canary_interval=5.0))

@@ -515,7 +515,7 @@ def measure_backend(backend: Backend, work: Workload, *, repetitions: int,
 
     def first_sync(netfilter: Netfilter) -> Engine:
         log(f"{backend.value}: first full sync with the engine")
-        engine = Engine(netfilter, work.settings, clear_flows=False,
+        engine = Engine(netfilter, work.settings,
                         stage_lines=STAGE_LINES[backend])
         started = time.perf_counter()
         with bulk():  # as the agent's first lists (replace_kind) and run --once do
@@ -875,7 +875,7 @@ METHOD = [
     "- Every namespace is created for the run (`ip netns add`) and deleted afterwards; "
     "nothing runs in the host namespace.",
     "- *iptsync, end to end*: a new `Engine(Netfilter(backend, netns), settings, "
-    "clear_flows=False, stage_lines=STAGE_LINES[backend])`, every manifest upserted (with "
+    "stage_lines=STAGE_LINES[backend])`, every manifest upserted (with "
     "the cyclic collector paused, as the agent's first lists and `run --once` do), then "
     "`engine.sync()` into an empty namespace (nft: new chains staged in bounded batches, "
     "then one atomic batch; legacy: one batch streamed to iptables-restore while the "

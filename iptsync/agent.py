@@ -10,8 +10,11 @@ put messages on a queue; the loop drains it, and decides when to sync:
   ones at most every ``min_sync_period``, and only the changed services are written;
 - a failed sync is retried after ``min_sync_period`` (at least a second), in full.
 
-The loop takes an explicit ``iterations`` hook for tests instead of being patched. Stopping
-(SIGTERM) leaves the rules in place: nodes keep forwarding while the agent is replaced.
+The loop takes an explicit ``iterations`` hook for tests instead of being patched, and a
+:class:`Clock` through which it reads the time and waits for messages: with
+:class:`iptsync.testing.FakeClock`, tests run coalescing, periodic full syncs, canary checks
+and retries in simulated time, without sleeping. Stopping (SIGTERM) leaves the rules in place:
+nodes keep forwarding while the agent is replaced.
 """
 
 from __future__ import annotations
@@ -20,22 +23,54 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from iptsync import names
 from iptsync.engine import Engine, EngineReport
 from iptsync.health import HealthState, ServiceHealth, ServiceHealthServers
+from iptsync.kernel import NetfilterError
 from iptsync.metrics import Metrics
 from iptsync.model import trigger_time
-from iptsync.netfilter import NetfilterError
 from iptsync.ruleset import RulesetError
 from iptsync.sources.base import KINDS, Change, Message, Snapshot, Source
 from iptsync.state import ClusterState, is_local
 from iptsync.sync import SyncError
 
 log = logging.getLogger("iptsync.agent")
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    """Time as the agent's loop sees it."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps (deadlines, periods)."""
+
+    def time(self) -> float:
+        """Seconds since the epoch (the timestamps the metrics publish)."""
+
+    def wait(self, messages: queue.Queue[T], timeout: float) -> T | None:
+        """The next message, or None once ``timeout`` seconds passed without one."""
+
+
+class SystemClock:
+    """The real time; waiting blocks on the queue."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def wait(self, messages: queue.Queue[T], timeout: float) -> T | None:
+        try:
+            return messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 @dataclass(frozen=True)
@@ -57,23 +92,21 @@ class Agent:
     def __init__(self, engine: Engine, sources: Iterable[Source], *, timing: Timing,
                  metrics: Metrics | None = None, health: HealthState | None = None,
                  service_health: ServiceHealthServers | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 clock: Clock | None = None) -> None:
         self.engine = engine
         self.sources = list(sources)
         self.timing = timing
         self.metrics = metrics or Metrics()
         self.health = health or HealthState(2 * timing.sync_period)
         self.service_health = service_health
-        self.clock = clock
-        self.wall_clock = wall_clock
+        self.clock = clock or SystemClock()
         self.queue: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
         self._listed: set[str] = set()
         self._changed_since: float | None = None  # first change not yet synced
         self._last_sync = float("-inf")  # last sync attempt (monotonic)
         self._last_full = float("-inf")
-        self._last_canary = clock()
+        self._last_canary = self.clock.monotonic()
         self._failed = False
         self._read_errors = 0  # sources' read_errors already counted in the metrics
         self._pending = {"Service": 0, "EndpointSlice": 0}
@@ -107,11 +140,11 @@ class Agent:
             log.info("stopped; the rules stay in place")
 
     def _turn(self) -> None:
-        self._wait_for_messages(self._next_deadline() - self.clock())
+        self._wait_for_messages(self._next_deadline() - self.clock.monotonic())
         self._publish_source_status()
         if not self.ready:
             return
-        now = self.clock()
+        now = self.clock.monotonic()
         full = self._failed or now - self._last_full >= self.timing.sync_period
         if now - self._last_canary >= self.timing.canary_interval:
             self._last_canary = now
@@ -143,7 +176,11 @@ class Agent:
                 self.metrics.watch_staleness.labels(kind).set(seconds)
 
     def _next_deadline(self) -> float:
-        now = self.clock()
+        now = self.clock.monotonic()
+        if not self.ready:
+            # Nothing is due before every source has listed (the last full sync is still
+            # at minus infinity): wait for messages instead of spinning.
+            return now + 1.0
         deadlines = [self._last_canary + self.timing.canary_interval,
                      self._last_full + self.timing.sync_period]
         if self._failed:
@@ -153,9 +190,9 @@ class Agent:
         return max(now, min(deadlines))
 
     def _wait_for_messages(self, timeout: float) -> None:
-        try:
-            message = self.queue.get(timeout=max(0.0, min(timeout, 1.0)))
-        except queue.Empty:
+        # At most a second, so that stop() is noticed promptly.
+        message = self.clock.wait(self.queue, max(0.0, min(timeout, 1.0)))
+        if message is None:
             return
         self._handle(message)
         while True:  # drain what else is there: one sync for a burst of events
@@ -204,9 +241,9 @@ class Agent:
 
     def _queued(self) -> None:
         if self._changed_since is None:
-            self._changed_since = self.clock()
+            self._changed_since = self.clock.monotonic()
         self.health.queued()
-        self.metrics.last_queued.set(self.wall_clock())
+        self.metrics.last_queued.set(self.clock.time())
 
     def _update_pending_metrics(self) -> None:
         self.metrics.service_changes_pending.set(self._pending["Service"])
@@ -227,7 +264,7 @@ class Agent:
         return True
 
     def _sync(self, *, full: bool) -> None:
-        self._last_sync = self.clock()
+        self._last_sync = self.clock.monotonic()
         if full:
             self._last_full = self._last_sync
         kind = "full" if full or self.engine.needs_full else "partial"
@@ -274,13 +311,13 @@ class Agent:
         m.sync_duration.observe(total)
         (m.full_sync_duration if report.full else m.partial_sync_duration).observe(total)
         m.syncs.labels(kind, "success").inc()
-        m.last_sync.set(self.wall_clock())
+        m.last_sync.set(self.clock.time())
         for phase, seconds in report.phases.items():
             if phase != "total":
                 m.phase_duration.labels(phase).observe(seconds)
         for table, count in self.engine.rule_counts().items():
             m.rules.labels(table).set(count)
-        now = datetime.fromtimestamp(self.wall_clock(), UTC)
+        now = datetime.fromtimestamp(self.clock.time(), UTC)
         for stamp in self._triggers:
             m.network_programming.observe(max(0.0, (now - stamp).total_seconds()))
         self._triggers.clear()

@@ -17,6 +17,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from iptsync.agent import Agent, Timing
+from iptsync.conntrack import clear_stale_flows
 from iptsync.desired import Desired, desired_from_objects, report
 from iptsync.engine import Engine, bulk
 from iptsync.health import (
@@ -27,10 +28,11 @@ from iptsync.health import (
     ServiceHealthServers,
     parse_bind_address,
 )
+from iptsync.kernel import Backend, NetfilterError
 from iptsync.logs import setup_logging
 from iptsync.metrics import Metrics
 from iptsync.model import Problem
-from iptsync.netfilter import Backend, Netfilter, NetfilterError, detect_backend
+from iptsync.netfilter import Netfilter, detect_backend
 from iptsync.nodeinfo import interface_addresses
 from iptsync.options import (
     OptionError,
@@ -254,7 +256,7 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     except OptionError as err:
         raise click.UsageError(str(err)) from None
     engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
-                    clear_flows=not no_conntrack_cleanup,
+                    flows=None if no_conntrack_cleanup else clear_stale_flows,
                     stage_lines=STAGE_LINES[netfilter.backend],
                     progress_interval=progress_interval)
     if once:

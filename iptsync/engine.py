@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from iptsync.conntrack import clear_stale_flows, flow_targets
+from iptsync.conntrack import flow_targets
+from iptsync.kernel import FlowCleaner, NetfilterPort, RestoreError
 from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, object_key, parse_object
 from iptsync.names import SERVICE_RULE_CHAINS
-from iptsync.netfilter import Netfilter, RestoreError
 from iptsync.options import with_node
 from iptsync.plan import (
     DEFAULT_STAGE_LINES,
@@ -194,11 +194,13 @@ class Engine:
 
     Feed it manifests with :meth:`upsert`, :meth:`delete` and :meth:`replace_kind`; each
     marks the services whose rules may change. Not thread-safe: the agent calls it from one
-    thread.
+    thread. The kernel comes in through its ports (:mod:`iptsync.kernel`): ``netfilter``
+    (None: an engine that only renders) and ``flows``, which clears stale conntrack entries
+    after each sync (None: no cleanup).
     """
 
-    def __init__(self, netfilter: Netfilter | None, settings: Settings, *,
-                 interface_ips: Iterable[IPAddress] = (), clear_flows: bool = True,
+    def __init__(self, netfilter: NetfilterPort | None, settings: Settings, *,
+                 interface_ips: Iterable[IPAddress] = (), flows: FlowCleaner | None = None,
                  stage_lines: int = DEFAULT_STAGE_LINES, stream_full: bool | None = None,
                  progress_interval: float = PROGRESS_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -207,7 +209,7 @@ class Engine:
         self.interface_ips = tuple(interface_ips)
         self.settings = with_node(settings, None, self.interface_ips)
         self.state = ClusterState(settings.node_name)
-        self.clear_flows = clear_flows
+        self.flows = flows
         self.stage_lines = stage_lines
         # Full syncs streamed while rendering (see _stream_full): by default as suits the
         # backend (iptsync.sync.STREAM_FULL).
@@ -450,9 +452,9 @@ class Engine:
             raise
         self.needs_full = False
         self.synced_once = True
-        if self.clear_flows:
+        if self.flows is not None:
             mark = self.clock()
-            report.stale_flows = clear_stale_flows(
+            report.stale_flows = self.flows(
                 flow_targets(self.state, self.settings, None if full else dirty))
             phases["conntrack"] = self.clock() - mark
         phases["total"] = self.clock() - started

@@ -13,7 +13,6 @@ which is how the tests and the lab drive a node namespace from outside.
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import logging
 import math
@@ -29,11 +28,11 @@ from typing import IO, NoReturn
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from iptsync import names
+from iptsync.kernel import OWNED_TABLES, Backend, NetfilterError, RestoreError, excerpt
 from iptsync.ruleset import RulesetError, SavedTable, parse_save
 
 log = logging.getLogger(__name__)
 
-OWNED_TABLES = ("filter", "nat")
 HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _ERROR_LINE = re.compile(r"(?:Error occurred at line|line):? (\d+)", re.IGNORECASE)
 _CHUNK_LINES = 4_000  # small enough that iptables-restore starts on the first services
@@ -44,31 +43,14 @@ LOCK_WAIT_NOTICE = 0.1  # a shorter wait for the xtables lock is not worth a log
 RESTORE_SECONDS = 600  # longest an iptables-legacy-restore may run (see restore_stream)
 
 
-class Backend(enum.Enum):
-    NFT = "nft"
-    LEGACY = "legacy"
-
-
-class NetfilterError(RuntimeError):
-    """An iptables command failed."""
-
-
 class XtablesLockError(NetfilterError):
     """Another program held the xtables lock for longer than we waited; retried."""
 
 
-class RestoreError(NetfilterError):
-    """iptables-restore rejected a payload; ``line`` is the failing line when known."""
-
-    def __init__(self, message: str, line: int | None, context: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.context = context
-
-
 @dataclass
 class Netfilter:
-    """Runs one backend's iptables-save/-restore, optionally inside a named netns."""
+    """Runs one backend's iptables-save/-restore, optionally inside a named netns (the real
+    :class:`iptsync.kernel.NetfilterPort`)."""
 
     backend: Backend
     netns: str | None = None
@@ -325,16 +307,6 @@ def _tool(argv: Sequence[str]) -> str:
 def _failed_line(message: str) -> int | None:
     match = _ERROR_LINE.search(message)
     return int(match.group(1)) if match else None
-
-
-def excerpt(payload: str | Sequence[str], line: int | None, radius: int = 3) -> str:
-    """The lines around ``line`` (1-based) of a payload, numbered, the failing one marked."""
-    if line is None:
-        return ""
-    lines = payload.splitlines() if isinstance(payload, str) else payload
-    start, end = max(1, line - radius), min(len(lines), line + radius)
-    return "\n".join(f"{'>' if n == line else ' '}{n:6d}  {lines[n - 1]}"
-                     for n in range(start, end + 1))
 
 
 # --- backend detection -----------------------------------------------------------------------

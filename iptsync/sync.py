@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from iptsync.netfilter import Backend, Netfilter, NetfilterError, RestoreError
+from iptsync.kernel import Backend, NetfilterError, NetfilterPort, RestoreError
 from iptsync.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan, TablePlan
 from iptsync.progress import Progress
 
@@ -34,7 +34,7 @@ class SyncError(RuntimeError):
         self.undo_failed = undo_failed
 
 
-def apply_plan(netfilter: Netfilter, plan: Plan, progress: Progress | None = None) -> None:
+def apply_plan(netfilter: NetfilterPort, plan: Plan, progress: Progress | None = None) -> None:
     """Apply ``plan``: staged new chains first, then one atomic batch; undo on failure.
 
     A failure while staging changes no traffic (nothing references the new chains yet); the
@@ -62,7 +62,7 @@ def apply_plan(netfilter: Netfilter, plan: Plan, progress: Progress | None = Non
         raise failed_restore(netfilter, plan, err) from err
 
 
-def failed_restore(netfilter: Netfilter, plan: Plan, err: RestoreError) -> SyncError:
+def failed_restore(netfilter: NetfilterPort, plan: Plan, err: RestoreError) -> SyncError:
     """Undo the tables of ``plan`` that were committed before the failing line.
 
     The last committed table is undone first, so the kernel passes back through the states
@@ -109,7 +109,7 @@ def failed_restore(netfilter: Netfilter, plan: Plan, err: RestoreError) -> SyncE
                      f"{', '.join(undone) or 'none'}{undo}{detail}", tuple(failed))
 
 
-def committed_in_kernel(netfilter: Netfilter,
+def committed_in_kernel(netfilter: NetfilterPort,
                         plan: Plan) -> tuple[list[TablePlan], list[TablePlan]]:
     """The tables of ``plan`` the kernel shows committed, and those it cannot tell about."""
     try:
@@ -122,7 +122,7 @@ def committed_in_kernel(netfilter: Netfilter,
             [t for t in plan.tables if states[t.table] is None])
 
 
-def discard_staged(netfilter: Netfilter, plan: Plan, committed: list[str] | tuple[()]) -> None:
+def discard_staged(netfilter: NetfilterPort, plan: Plan, committed: list[str] | tuple[()]) -> None:
     """Remove the staged new chains of the tables that never committed (no traffic reaches
     them); a chain left behind is only logged: the next full sync reuses or deletes it."""
     for batch in plan.discards(committed):

@@ -2,7 +2,9 @@
 
 Tests that need root and network namespaces are marked ``netns``. They skip on a laptop, but
 with ``IPTSYNC_REQUIRE_NETNS=1`` (set by .ci/run) a skip is turned into a failure. The
-``netns`` and ``netfilter`` fixtures give a test a fresh, empty namespace of its own.
+``netns`` and ``netfilter`` fixtures give a test a fresh, empty namespace of its own; the
+``kernel`` fixture runs one test body against the fake kernel (no root) and against the real
+one on both backends (marked ``netns``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import pytest
 from apiserver import FakeApiServer
 from lockholder import HoldLock, holding
 
+from iptsync.kernel import Backend
 from iptsync.lab.netns import netns_required, netns_unavailable_reason
-from iptsync.netfilter import Backend, Netfilter
+from iptsync.netfilter import Netfilter
+from iptsync.testing import FakeNetfilter
 
 _counter = itertools.count()
 
@@ -69,6 +73,19 @@ def netns() -> Iterator[str]:
 def netfilter(request: pytest.FixtureRequest, netns: str) -> Netfilter:
     """Both kernel backends, each in its own fresh namespace."""
     return Netfilter(request.param, netns=netns)
+
+
+@pytest.fixture(params=[
+    pytest.param(None, id="fake"),
+    pytest.param(Backend.NFT, id="nft", marks=pytest.mark.netns),
+    pytest.param(Backend.LEGACY, id="legacy", marks=pytest.mark.netns),
+])
+def kernel(request: pytest.FixtureRequest) -> FakeNetfilter | Netfilter:
+    """The in-memory fake (iptsync.testing), then the real kernel on both backends, each in a
+    fresh namespace of its own: one test body, three kernels."""
+    if request.param is None:
+        return FakeNetfilter()
+    return Netfilter(request.param, netns=request.getfixturevalue("netns"))
 
 
 @pytest.fixture

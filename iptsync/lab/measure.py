@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from iptsync.kernel import NetfilterError
 from iptsync.lab.checks import Check, evaluate
 from iptsync.lab.readback import (
     DumpExcerpt,
@@ -26,7 +27,6 @@ from iptsync.lab.readback import (
 from iptsync.lab.scenario import Scenario, load_scenario, manifests_dir
 from iptsync.lab.topology import Cluster, LabError
 from iptsync.lab.traffic import NodeSync, Probe, probe_services, sync_node
-from iptsync.netfilter import NetfilterError
 
 DEFAULT_REQUESTS = 60
 

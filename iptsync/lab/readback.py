@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iptsync.desired import desired_from_objects
+from iptsync.kernel import Backend
 from iptsync.lab.scenario import LabService
 from iptsync.lab.topology import Cluster
 from iptsync.names import SVC_PREFIX, is_service_chain
-from iptsync.netfilter import Backend, Netfilter
+from iptsync.netfilter import Netfilter
 from iptsync.options import build_settings
 from iptsync.ruleset import Rule, RulesetError, SavedTable, chain_line, parse_save, split_args
 from iptsync.sources.files import load_objects

@@ -69,7 +69,7 @@ class RunningAgent:
         self.health = HealthState(2.0)
         self.health_server = HealthServer(("127.0.0.1", 0), self.health)
         self.metrics_server = MetricsServer(("127.0.0.1", 0), self.metrics.registry, self.health)
-        self.engine = Engine(self.netfilter, SETTINGS, clear_flows=False)
+        self.engine = Engine(self.netfilter, SETTINGS)
         self.agent = Agent(self.engine, [self.source],
                            timing=Timing(min_sync_period=0.2, sync_period=1.0,
                                          canary_interval=0.3),

@@ -81,7 +81,7 @@ class FilesAgent:
     def __init__(self, netfilter: Netfilter, *paths: Path) -> None:
         self.metrics = Metrics()
         self.source = FilesSource(paths, poll_interval=0.05)
-        self.agent = Agent(Engine(netfilter, SETTINGS, clear_flows=False), [self.source],
+        self.agent = Agent(Engine(netfilter, SETTINGS), [self.source],
                            timing=Timing(min_sync_period=0.05, sync_period=60.0,
                                          canary_interval=60.0), metrics=self.metrics)
         self.thread = threading.Thread(target=self.agent.run, daemon=True)

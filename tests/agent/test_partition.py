@@ -113,7 +113,7 @@ def test_silent_partition_is_noticed_and_a_change_made_meanwhile_is_programmed(
             "addresses": [{"type": "InternalIP", "address": NODE_IP}]}))
         source = ApiSource("node1", kubeconfig=server.write_kubeconfig(tmp_path / "kubeconfig"),
                            settings=API_SETTINGS)
-        agent = Agent(Engine(netfilter, SETTINGS, clear_flows=False), [source],
+        agent = Agent(Engine(netfilter, SETTINGS), [source],
                       timing=Timing(min_sync_period=0.2, sync_period=1.0, canary_interval=0.5),
                       metrics=metrics)
         with thread_in_netns(netfilter.netns or ""):

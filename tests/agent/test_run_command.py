@@ -1,5 +1,5 @@
-"""`iptsync run` as a process: --objects files watched for changes, SIGTERM leaves the rules,
-and the loop never touches the kernel before every kind has been listed.
+"""`iptsync run` as a process: --objects files watched for changes, SIGTERM leaves the rules.
+(The loop itself, in simulated time on every kernel: test_loop.py.)
 
 Everything runs inside a namespace the test creates: the agent process (``ip netns exec``),
 its rules and its /healthz and /metrics listeners.
@@ -7,32 +7,21 @@ its rules and its /healthz and /metrics listeners.
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import logging
-import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from iptsync import names
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine
 from iptsync.netfilter import Netfilter
-from iptsync.policy import Settings
-from iptsync.sources.base import Sink, Snapshot, SourceStatus
 
 from .waiting import eventually
 
 pytestmark = pytest.mark.netns
-
-SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
-                    node_ips=(ipaddress.ip_address("10.100.0.2"),))
 
 
 def service(name: str, ip: str) -> dict[str, Any]:
@@ -96,74 +85,11 @@ def test_run_follows_file_changes_and_leaves_rules_on_sigterm(netfilter: Netfilt
     assert any("the rules stay in place" in entry["msg"] for entry in logs)
 
 
-class ListOnly:
-    """A source that lists only the kinds it is given (as if the others were still loading)."""
-
-    def __init__(self, *snapshots: Snapshot) -> None:
-        self.snapshots = snapshots
-        self.status = SourceStatus(connected=True)
-
-    def start(self, sink: Sink) -> None:
-        for snapshot in self.snapshots:
-            sink(snapshot)
-
-    def stop(self) -> None:
-        pass
-
-
-def test_no_rule_is_written_before_every_kind_is_listed(netfilter: Netfilter) -> None:
-    """With Services listed but EndpointSlices not yet, the agent leaves the kernel alone."""
-    source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
-                      Snapshot("Node", ()))
-    engine = Engine(netfilter, SETTINGS, clear_flows=False)
-    agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=0.2,
-                                                  canary_interval=0.1))
-    agent.run(iterations=10)
-    assert not engine.synced_once
-    assert [] == [c for t in netfilter.save().values() for c in t.chains if "KUBE" in c]
-
-    source.snapshots = (*source.snapshots, Snapshot("EndpointSlice", ()))
-    agent = Agent(engine, [source], timing=agent.timing)
-    thread = threading.Thread(target=agent.run, kwargs={"iterations": 3})
-    thread.start()
-    thread.join(timeout=10)
-    assert engine.synced_once
-    assert names.svc_chain("default/web:http", "tcp") not in netfilter.save()["nat"].chains
-    assert names.KUBE_SERVICES in netfilter.save()["nat"].chains
-
-
 def run_command(netns: str, *args: str) -> list[str]:
     """``iptsync run`` inside ``netns``, as the tests here start it."""
     return ["ip", "netns", "exec", netns, sys.executable, "-m", "iptsync.cli", "run",
             "--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14",
             "--no-conntrack-cleanup", *args]
-
-
-def test_first_full_sync_is_logged_also_when_nothing_needed_changing(
-        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
-    """The agent says in one INFO line when its first full sync is done, with counts, what
-    changed and the timings: after writing the rules, and after a restart that found every
-    rule in place."""
-    caplog.set_level(logging.INFO, logger="iptsync")
-    said = []
-    for _start in ("first", "restart"):
-        source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
-                          Snapshot("EndpointSlice", (endpoint_slice("web", "10.0.1.10"),)),
-                          Snapshot("Node", ()))
-        engine = Engine(netfilter, SETTINGS, clear_flows=False)
-        agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=60))
-        agent.run(iterations=3)
-        said.append([r for r in caplog.records if r.name == "iptsync.agent"
-                     and "sync" in r.getMessage()])
-        caplog.clear()
-    [[first], [restart]] = said
-    assert {logging.INFO} == {first.levelno, restart.levelno}
-    pattern = (r"first full sync done in [\d.]+s: 1 services \(1 rendered\), filter \d+, "
-               r"nat \d+ rules; (.*); stale flows cleared: 0; .*total=[\d.]+ms")
-    [first_changes] = re.fullmatch(pattern, first.getMessage()).groups()  # type: ignore[union-attr]
-    [restart_changes] = re.fullmatch(pattern, restart.getMessage()).groups()  # type: ignore[union-attr]
-    assert "chains written" in first_changes
-    assert "nothing needed changing" == restart_changes
 
 
 def test_verbose_is_iptsync_debug_and_only_vv_adds_the_libraries(netns: str,

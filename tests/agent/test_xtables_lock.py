@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from engine.world import SETTINGS
 from lockholder import HoldLock
 
 from iptsync import names
@@ -23,7 +24,8 @@ from iptsync.health import HealthState
 from iptsync.netfilter import Backend, Netfilter, XtablesLockError
 from iptsync.sources.base import Change, Sink, Snapshot, SourceStatus
 
-from .test_run_command import SETTINGS, ListOnly, endpoint_slice, service
+from .test_loop import ScriptedSource
+from .test_run_command import endpoint_slice, service
 from .waiting import eventually
 
 pytestmark = pytest.mark.netns
@@ -56,10 +58,8 @@ def test_agent_keeps_going_while_the_lock_is_held_and_converges_after(
     bound as a failed sync (logged, counted), the loop keeps turning, and a service added
     meanwhile is programmed once the lock is free."""
     netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=BOUND)
-    engine = Engine(netfilter, SETTINGS, clear_flows=False)
-    source = ListOnly(Snapshot("Service", (service("web", "10.96.0.50"),)),
-                      Snapshot("EndpointSlice", (endpoint_slice("web", "10.0.1.10"),)),
-                      Snapshot("Node", ()))
+    engine = Engine(netfilter, SETTINGS)
+    source = ScriptedSource([service("web", "10.96.0.50"), endpoint_slice("web", "10.0.1.10")])
     agent = Agent(engine, [source], timing=Timing(min_sync_period=0.2, sync_period=600,
                                                   canary_interval=0.3))
     thread = threading.Thread(target=agent.run)
@@ -115,7 +115,7 @@ def test_healthz_turns_unhealthy_while_the_loop_is_stuck(
     the xtables lock) turns /healthz unhealthy after its timeout, and healthy again once the
     change is synced (it used to stay healthy: the loop had not read the change yet)."""
     netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=10)
-    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    engine = Engine(netfilter, SETTINGS)
     source = Feed(Snapshot("Service", (service("web", "10.96.0.50"),)),
                   Snapshot("EndpointSlice", (endpoint_slice("web", "10.0.1.10"),)),
                   Snapshot("Node", ()))

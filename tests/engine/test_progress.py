@@ -41,7 +41,7 @@ def test_long_full_sync_logs_its_progress(netfilter: Netfilter, stream_full: boo
     """A full sync longer than the interval logs at INFO how far it got, counts rising and
     lines at least an interval apart; the sync itself is unchanged."""
     caplog.set_level(logging.INFO, logger="iptsync")
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stage_lines=500,
+    engine = Engine(netfilter, SETTINGS, stage_lines=500,
                     stream_full=stream_full, progress_interval=INTERVAL)
     world = big_cluster(engine)
     report = engine.sync()
@@ -71,7 +71,7 @@ def test_quick_sync_logs_no_progress(netfilter: Netfilter,
                                      caplog: pytest.LogCaptureFixture) -> None:
     """A sync shorter than the interval (the default, 5 s) logs no progress line."""
     caplog.set_level(logging.INFO, logger="iptsync")
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stage_lines=500)
+    engine = Engine(netfilter, SETTINGS, stage_lines=500)
     big_cluster(engine)
     report = engine.sync()
     assert report.phases["total"] < 5

@@ -2,7 +2,7 @@
 
 Conventions as in test_incremental: node ``node1``, pods in 10.0.0.0/14, services from a pool
 of five. Both backends run both strategies, so the streamed batch is checked against the
-kernel on nft too.
+kernel on nft too, and so does the fake kernel.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from engine.world import (
 )
 from iptsync import names
 from iptsync.engine import Engine
-from iptsync.netfilter import Backend, Netfilter, XtablesLockError
+from iptsync.kernel import Backend, NetfilterPort
+from iptsync.netfilter import Netfilter, XtablesLockError
 from iptsync.plan import Plan, TablePlan
-
-pytestmark = pytest.mark.netns
 
 
 def cluster(world: World, engine: Engine, count: int) -> None:
@@ -33,18 +32,18 @@ def cluster(world: World, engine: Engine, count: int) -> None:
         world.apply(engine, endpoint_slice(index, [(0, True, True), (1, True, False)]))
 
 
-def test_streamed_full_syncs_write_what_a_planned_one_does(netfilter: Netfilter) -> None:
+def test_streamed_full_syncs_write_what_a_planned_one_does(kernel: NetfilterPort) -> None:
     """A first sync, a full resync after changes (a service gone: its chains deleted) and a
     no-op resync, all streamed, leave the kernel as a full render says."""
     world = World()
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=True)
+    engine = Engine(kernel, SETTINGS, stream_full=True)
     cluster(world, engine, 4)
     first = engine.sync()
     assert first.full
     assert 4 == first.services_rendered
-    assert_holds_full_sync(list(world.objects.values()), netfilter)
+    assert_holds_full_sync(list(world.objects.values()), kernel)
     gone = names.svc_chain("default/s1:p0", "tcp")
-    assert gone in owned(netfilter)["nat"]
+    assert gone in owned(kernel)["nat"]
     world.apply(engine, ("Service", 1))
     world.apply(engine, endpoint_slice(2, []))  # its REJECT rules go to filter
     again = engine.sync(full=True)
@@ -52,18 +51,19 @@ def test_streamed_full_syncs_write_what_a_planned_one_does(netfilter: Netfilter)
     assert ("nat", "filter") == (nat.table, filt.table)  # nat streams first
     assert gone in nat.deleted
     assert [] == again.drifted
-    assert_holds_full_sync(list(world.objects.values()), netfilter)
-    assert gone not in owned(netfilter)["nat"]
+    assert_holds_full_sync(list(world.objects.values()), kernel)
+    assert gone not in owned(kernel)["nat"]
     assert engine.sync(full=True).plan.empty
 
 
+@pytest.mark.netns
 def test_streamed_sync_that_cannot_take_the_lock_changes_nothing(
         netns: str, xtables_lock: HoldLock) -> None:
     """A streamed batch that fails (here: the xtables lock, which only legacy takes, stays
     held) commits nothing; the next sync is full and converges."""
     netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=1)
     world = World()
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=True)
+    engine = Engine(netfilter, SETTINGS, stream_full=True)
     cluster(world, engine, 2)
     engine.sync()
     before = owned(netfilter)
@@ -94,7 +94,7 @@ def test_streamed_sync_failing_mid_render_keeps_the_cache_whole(
     KUBE-SERVICES rule used to stay in the cache and fail every later sync)."""
     netfilter = Netfilter(Backend.LEGACY, netns, lock_wait_seconds=1)
     world = World()
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=True)
+    engine = Engine(netfilter, SETTINGS, stream_full=True)
     count = 200
     cluster(world, engine, count)
     engine.sync()

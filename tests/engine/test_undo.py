@@ -6,7 +6,10 @@ previous sync of several services next to foreign rules, makes one kind of chang
 foreign program make the later table fail for real (a chain the batch jumps to disappears, or a
 chain the batch deletes gets a foreign jump), so the kernel itself rejects the line. The
 ``iptables-save`` text of both tables right before the batch and after the failed sync must be
-identical (counters and header comments aside).
+identical (counters and header comments aside). Each runs on the fake kernel and on the real
+one on both backends (the ``kernel`` fixture): the fake rejects those lines as the kernel does.
+The fake's own failure injection (:meth:`iptsync.testing.FakeNetfilter.fail_restore`) then
+fails each table of each path in turn, without a foreign program.
 
 Paths: ``planned`` (a full sync in one batch, filter then nat), ``staged`` (the same, new chains
 loaded in batches first: the nft default), ``streamed`` (nat streamed while rendering, then
@@ -21,19 +24,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pytest
-from agent.test_run_command import ListOnly
+from agent.test_loop import ScriptedSource
 
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
 from iptsync import names
 from iptsync.agent import Agent, Timing
 from iptsync.engine import Engine
-from iptsync.netfilter import OWNED_TABLES, Netfilter, RestoreError
+from iptsync.kernel import OWNED_TABLES, Backend, RestoreError, RuleStream
+from iptsync.netfilter import Netfilter
 from iptsync.plan import NO_STAGING, cleanup_plan
 from iptsync.ruleset import SavedTable
-from iptsync.sources.base import Snapshot
 from iptsync.sync import SyncError, apply_plan
+from iptsync.testing import FakeClock, FakeNetfilter
 
-pytestmark = pytest.mark.netns
+Kernel = Netfilter | FakeNetfilter
 
 FOREIGN = """*filter
 :MY-FIREWALL - [0:0]
@@ -51,7 +55,7 @@ COMMIT
 """
 
 
-def snapshot(netfilter: Netfilter) -> str:
+def snapshot(netfilter: Kernel | Racing) -> str:
     """Both tables as iptables-save prints them, without header comments and counters."""
     text = "".join(netfilter.save_text(table) for table in OWNED_TABLES)
     return re.sub(r"\[\d+:\d+\]", "[0:0]",
@@ -59,24 +63,52 @@ def snapshot(netfilter: Netfilter) -> str:
                           if not line.startswith("#")))
 
 
-Race = Callable[[Netfilter], object]
+Race = Callable[["Kernel | Racing"], object]
 
 
-@dataclass
-class RacingNetfilter(Netfilter):
-    """The real netfilter; a foreign program changes the kernel right after iptsync read it
-    (once), and the kernel's state at that moment is kept in ``before``."""
+class Racing:
+    """A kernel where a foreign program changes the rules right after iptsync read them
+    (``race``, once; the state at that moment is kept in ``before``) and, optionally, between
+    a rejected batch and iptsync's undo (``after_failure``, once)."""
 
-    race: Race | None = None
-    before: str = ""
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.race: Race | None = None
+        self.after_failure: Race | None = None
+        self.before = ""
+
+    @property
+    def backend(self) -> Backend:
+        return self.kernel.backend
 
     def save(self, tables: Iterable[str] = OWNED_TABLES) -> dict[str, SavedTable]:
-        saved = super().save(tables)
+        saved = self.kernel.save(tables)
         if self.race is not None:
             race, self.race = self.race, None
-            race(self)
-            self.before = snapshot(self)
+            race(self.kernel)
+            self.before = snapshot(self.kernel)
         return saved
+
+    def restore(self, payload: str | Sequence[str], *, noflush: bool = True) -> None:
+        try:
+            self.kernel.restore(payload, noflush=noflush)
+        except RestoreError:
+            if self.after_failure is not None:
+                action, self.after_failure = self.after_failure, None
+                action(self.kernel)
+            raise
+
+    def restore_stream(self, *, noflush: bool = True) -> RuleStream:
+        return self.kernel.restore_stream(noflush=noflush)
+
+    def chain_exists(self, table: str, chain: str) -> bool:
+        return self.kernel.chain_exists(table, chain)
+
+    def run(self, *args: str) -> str:
+        return self.kernel.run(*args)
+
+    def save_text(self, table: str) -> str:
+        return self.kernel.save_text(table)
 
 
 def cluster(world: World, engine: Engine) -> None:
@@ -88,7 +120,7 @@ def cluster(world: World, engine: Engine) -> None:
         world.apply(engine, endpoint_slice(index, endpoints))
 
 
-def remove_jumps(netfilter: Netfilter, table: str, target: str) -> None:
+def remove_jumps(netfilter: Kernel | Racing, table: str, target: str) -> None:
     """A foreign program deletes every rule in a built-in chain that jumps to ``target``."""
     saved = netfilter.save([table])[table]
     netfilter.restore([f"*{table}",
@@ -102,61 +134,61 @@ def vanish(table: str, chain: str) -> tuple[Race, Race]:
     """Make the later table fail: before the sync the jumps to ``chain`` go (so the batch
     inserts them again), after iptsync read the kernel ``chain`` itself goes (so the kernel
     rejects the jump: there is nothing to jump to)."""
-    def before(netfilter: Netfilter) -> None:
+    def before(netfilter: Kernel | Racing) -> None:
         remove_jumps(netfilter, table, chain)
 
-    def after(netfilter: Netfilter) -> None:
+    def after(netfilter: Kernel | Racing) -> None:
         netfilter.run("-t", table, "-F", chain)
         netfilter.run("-t", table, "-X", chain)
     return before, after
 
 
 # What the cluster or a foreign program changes before the failing sync.
-Change = Callable[[World, Engine, Netfilter], None]
+Change = Callable[[World, Engine, "Kernel | Racing"], None]
 
 
-def filter_chains_removed(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def filter_chains_removed(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """Someone removed our filter chains and the jumps to them: all recreated, jumps inserted."""
     [filter_plan] = [t for t in cleanup_plan(netfilter.save()).tables if t.table == "filter"]
     netfilter.restore(filter_plan.lines())
 
 
-def filter_jumps_removed(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def filter_jumps_removed(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """Someone removed our jumps from filter's built-in chains: inserted again."""
     for target in (names.KUBE_SERVICES, names.KUBE_EXTERNAL_SERVICES, names.KUBE_NODEPORTS):
         remove_jumps(netfilter, "filter", target)
 
 
-def endpoints_lost(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def endpoints_lost(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """s0 loses its endpoints: filter chains rewritten (REJECT), nat chains rewritten, SEPs
     deleted."""
     world.apply(engine, endpoint_slice(0, []))
 
 
-def endpoints_found(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def endpoints_found(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """s3 gets endpoints: its filter REJECT rules go, nat chains are created."""
     world.apply(engine, endpoint_slice(3, [(2, True, True)]))
 
 
-def service_added(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def service_added(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """A new service s4: new nat chains, top-level chains rewritten."""
     world.apply(engine, service(4, "LoadBalancer", False, 2))
     world.apply(engine, endpoint_slice(4, [(0, True, True), (1, True, False), (2, True, False)]))
 
 
-def endpoint_added(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def endpoint_added(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """s1 gets a third endpoint: its SVC chains rewritten, a SEP chain created."""
     world.apply(engine, endpoint_slice(1, [(0, True, True), (1, True, False), (2, False, True),
                                            (3, True, True)]))
 
 
-def service_deleted(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def service_deleted(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """s1 is deleted: its nat chains deleted, top-level chains rewritten."""
     world.apply(engine, ("Service", 1))
     world.apply(engine, ("EndpointSlice", 1))
 
 
-def nat_jumps_removed(world: World, engine: Engine, netfilter: Netfilter) -> None:
+def nat_jumps_removed(world: World, engine: Engine, netfilter: Kernel | Racing) -> None:
     """Someone removed our jumps from nat's built-in chains: inserted again."""
     remove_jumps(netfilter, "nat", names.KUBE_SERVICES)
 
@@ -166,15 +198,14 @@ NAT_CHANGES = [service_added, endpoint_added, service_deleted, nat_jumps_removed
                endpoints_lost, endpoints_found]
 
 
-def fail_and_compare(netfilter: Netfilter, change: Change, later: tuple[str, str],
+def fail_and_compare(kernel: Kernel, change: Change, later: tuple[str, str],
                      undone: str, *, stream_full: bool, stage_lines: int = NO_STAGING) -> None:
     """Sync a cluster, make ``change``, have the ``later`` (table, chain) vanish mid-sync:
     the failed full sync leaves the kernel as it was; the next sync converges."""
-    racing = RacingNetfilter(netfilter.backend, netfilter.netns)
+    racing = Racing(kernel)
     racing.restore(FOREIGN)
     world = World()
-    engine = Engine(racing, SETTINGS, clear_flows=False, stream_full=stream_full,
-                    stage_lines=stage_lines)
+    engine = Engine(racing, SETTINGS, stream_full=stream_full, stage_lines=stage_lines)
     cluster(world, engine)
     engine.sync()
     change(world, engine, racing)
@@ -194,61 +225,61 @@ FILTER_FAILS = (("filter", names.KUBE_FORWARD), "nat")
 
 
 @pytest.mark.parametrize("change", FILTER_CHANGES, ids=lambda c: c.__name__)
-def test_planned_full_sync_undoes_filter_when_nat_fails(netfilter: Netfilter,
+def test_planned_full_sync_undoes_filter_when_nat_fails(kernel: Kernel,
                                                          change: Change) -> None:
     """A full sync in one batch whose nat part the kernel rejects leaves filter as it was."""
-    fail_and_compare(netfilter, change, *NAT_FAILS, stream_full=False)
+    fail_and_compare(kernel, change, *NAT_FAILS, stream_full=False)
 
 
 @pytest.mark.parametrize("change", FILTER_CHANGES, ids=lambda c: c.__name__)
 def test_staged_full_sync_undoes_filter_and_the_staged_chains_when_nat_fails(
-        netfilter: Netfilter, change: Change) -> None:
+        kernel: Kernel, change: Change) -> None:
     """A staged full sync whose final nat part the kernel rejects leaves no staged chain and
     filter as it was."""
-    fail_and_compare(netfilter, change, *NAT_FAILS, stream_full=False, stage_lines=1)
+    fail_and_compare(kernel, change, *NAT_FAILS, stream_full=False, stage_lines=1)
 
 
 @pytest.mark.parametrize("change", NAT_CHANGES, ids=lambda c: c.__name__)
-def test_streamed_full_sync_undoes_nat_when_filter_fails(netfilter: Netfilter,
+def test_streamed_full_sync_undoes_nat_when_filter_fails(kernel: Kernel,
                                                          change: Change) -> None:
     """A streamed full sync whose filter part the kernel rejects leaves nat as it was."""
-    fail_and_compare(netfilter, change, *FILTER_FAILS, stream_full=True)
+    fail_and_compare(kernel, change, *FILTER_FAILS, stream_full=True)
 
 
 PARTIAL_CHANGES = [endpoints_lost, endpoints_found, service_added, endpoint_added]
 
 
 @pytest.mark.parametrize("change", PARTIAL_CHANGES, ids=lambda c: c.__name__)
-def test_partial_sync_undoes_filter_when_nat_fails(netfilter: Netfilter,
+def test_partial_sync_undoes_filter_when_nat_fails(kernel: Kernel,
                                                    change: Change) -> None:
     """A partial sync whose nat part the kernel rejects (a foreign rule jumps to a chain it
     deletes) leaves filter's inserted and deleted rules as they were, in their places."""
-    netfilter.restore(FOREIGN)
+    kernel.restore(FOREIGN)
     world = World()
-    engine = Engine(netfilter, SETTINGS, clear_flows=False)
+    engine = Engine(kernel, SETTINGS)
     cluster(world, engine)
     world.apply(engine, endpoint_slice(4, []))  # a second REJECT in filter, before s3's
     world.apply(engine, service(4, "NodePort", False, 1))
     engine.sync()
-    change(world, engine, netfilter)
-    endpoints_lost(world, engine, netfilter)  # filter always changes
+    change(world, engine, kernel)
+    endpoints_lost(world, engine, kernel)  # filter always changes
     world.apply(engine, ("Service", 2))
-    netfilter.run("-t", "nat", "-A", "MY-NAT", "-j", names.svc_chain("default/s2:p0", "tcp"))
-    before = snapshot(netfilter)
+    kernel.run("-t", "nat", "-A", "MY-NAT", "-j", names.svc_chain("default/s2:p0", "tcp"))
+    before = snapshot(kernel)
     with pytest.raises(SyncError) as failure:
         engine.sync()
-    assert before == snapshot(netfilter), str(failure.value)
+    assert before == snapshot(kernel), str(failure.value)
     assert "tables undone: filter" in str(failure.value)
 
 
 def test_failed_cleanup_puts_back_filter_chains_and_foreign_jumps_in_place(
-        netfilter: Netfilter) -> None:
+        kernel: Kernel) -> None:
     """A cleanup whose nat part the kernel rejects recreates the filter chains it deleted
     with their rules, and puts every jump it removed back at its place among foreign rules."""
-    racing = RacingNetfilter(netfilter.backend, netfilter.netns)
+    racing = Racing(kernel)
     racing.restore(FOREIGN)
     world = World()
-    engine = Engine(racing, SETTINGS, clear_flows=False)
+    engine = Engine(racing, SETTINGS)
     cluster(world, engine)
     engine.sync()
     racing.race = lambda nf: nf.run("-t", "nat", "-A", "MY-NAT", "-j",
@@ -262,29 +293,13 @@ def test_failed_cleanup_puts_back_filter_chains_and_foreign_jumps_in_place(
     assert "tables undone: filter" in str(failure.value)
 
 
-@dataclass
-class FailingUndo(RacingNetfilter):
-    """Also lets a foreign program act between a rejected batch and iptsync's undo (once)."""
-
-    after_failure: Race | None = None
-
-    def restore(self, payload: str | Sequence[str], *, noflush: bool = True) -> None:
-        try:
-            super().restore(payload, noflush=noflush)
-        except RestoreError:
-            if self.after_failure is not None:
-                action, self.after_failure = self.after_failure, None
-                action(self)
-            raise
-
-
-def undo_will_fail(netfilter: Netfilter) -> tuple[FailingUndo, World, Engine]:
+def undo_will_fail(kernel: Kernel) -> tuple[Racing, World, Engine]:
     """A synced cluster whose next full sync fails in nat after filter committed new chains,
     and whose undo of filter then fails: a foreign rule jumps to one of those new chains."""
-    racing = FailingUndo(netfilter.backend, netfilter.netns)
+    racing = Racing(kernel)
     racing.restore(FOREIGN)
     world = World()
-    engine = Engine(racing, SETTINGS, clear_flows=False, stream_full=False)
+    engine = Engine(racing, SETTINGS, stream_full=False)
     cluster(world, engine)
     engine.sync()
     filter_chains_removed(world, engine, racing)
@@ -296,10 +311,10 @@ def undo_will_fail(netfilter: Netfilter) -> tuple[FailingUndo, World, Engine]:
 
 
 def test_failed_undo_is_reported_and_the_next_sync_is_full(
-        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
+        kernel: Kernel, caplog: pytest.LogCaptureFixture) -> None:
     """When the undo itself is rejected, the error says so and what the table keeps, and
     the next sync is full."""
-    racing, world, engine = undo_will_fail(netfilter)
+    racing, world, engine = undo_will_fail(kernel)
     with pytest.raises(SyncError) as failure:
         engine.sync(full=True)
     assert ("filter",) == failure.value.undo_failed
@@ -314,15 +329,14 @@ def test_failed_undo_is_reported_and_the_next_sync_is_full(
 
 
 def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
-        netfilter: Netfilter, caplog: pytest.LogCaptureFixture) -> None:
+        kernel: Kernel, caplog: pytest.LogCaptureFixture) -> None:
     """The agent's log does not claim the previous rules are in place after a failed undo;
     iptsync_undo_failures_total counts it, and the retry converges."""
-    racing, world, engine = undo_will_fail(netfilter)
+    racing, world, engine = undo_will_fail(kernel)
     objects = list(world.objects.values())
-    source = ListOnly(*(Snapshot(kind, tuple(o for o in objects if o["kind"] == kind))
-                        for kind in ("Service", "EndpointSlice", "Node")))
+    source = ScriptedSource(objects)
     agent = Agent(engine, [source], timing=Timing(min_sync_period=0.05, sync_period=60,
-                                                  canary_interval=60))
+                                                  canary_interval=60), clock=FakeClock())
     agent.run(iterations=1)
     assert 1 == agent.metrics.registry.get_sample_value("iptsync_undo_failures_total",
                                                          {"table": "filter"})
@@ -367,7 +381,7 @@ def test_full_sync_failing_without_a_line_undoes_only_the_committed_tables(
     dying = DiesAfterCommits(netfilter.backend, netfilter.netns)
     dying.restore(FOREIGN)
     world = World()
-    engine = Engine(dying, SETTINGS, clear_flows=False, stream_full=False)
+    engine = Engine(dying, SETTINGS, stream_full=False)
     cluster(world, engine)
     engine.sync()
     filter_jumps_removed(world, engine, dying)
@@ -392,7 +406,7 @@ def test_partial_sync_failing_without_a_line_undoes_only_the_committed_tables(
     dying = DiesAfterCommits(netfilter.backend, netfilter.netns)
     dying.restore(FOREIGN)
     world = World()
-    engine = Engine(dying, SETTINGS, clear_flows=False)
+    engine = Engine(dying, SETTINGS)
     cluster(world, engine)
     engine.sync()
     endpoints_found(world, engine, dying)
@@ -404,3 +418,68 @@ def test_partial_sync_failing_without_a_line_undoes_only_the_committed_tables(
     assert f"tables undone: {UNDONE[commits]}\n" in f"{failure.value}\n"
     assert engine.sync().full
     assert_holds_full_sync(list(world.objects.values()), dying)
+
+
+# --- the fake kernel's failure injection: every table of every path --------------------------
+
+FIRST_COMMITTED = {"planned": "filter", "streamed": "nat", "partial": "filter"}
+
+
+@pytest.mark.parametrize("table", ["filter", "nat"])
+@pytest.mark.parametrize("path", ["planned", "streamed", "partial"])
+def test_batch_rejected_in_any_table_leaves_both_tables_as_they_were(path: str,
+                                                                      table: str) -> None:
+    """Whichever table of a batch the kernel rejects, on every path, both tables end as they
+    were: a table committed before the failing one is undone, and the next sync converges."""
+    kernel = FakeNetfilter()
+    kernel.restore(FOREIGN)
+    world = World()
+    engine = Engine(kernel, SETTINGS, stream_full=path == "streamed")
+    cluster(world, engine)
+    engine.sync()
+    endpoints_lost(world, engine, kernel)  # both tables change
+    endpoints_found(world, engine, kernel)
+    before = snapshot(kernel)
+    kernel.fail_restore(table=table)
+    with pytest.raises(SyncError) as failure:
+        engine.sync(full=path != "partial")
+    assert before == snapshot(kernel), str(failure.value)
+    undone = FIRST_COMMITTED[path] if table != FIRST_COMMITTED[path] else "none"
+    assert f"tables undone: {undone}" in str(failure.value)
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), kernel)
+
+
+def test_rejected_line_is_named_and_quoted_in_the_error() -> None:
+    """A batch rejected at line N fails the sync with an error that names line N and quotes
+    the payload around it, the failing line marked."""
+    kernel = FakeNetfilter()
+    world = World()
+    engine = Engine(kernel, SETTINGS)
+    cluster(world, engine)
+    kernel.fail_restore(line=3)
+    with pytest.raises(SyncError) as failure:
+        engine.sync()
+    message = str(failure.value)
+    assert "line 3 failed" in message
+    [batch] = kernel.batches  # nothing was committed, so nothing was undone
+    assert f">     3  {batch[2]}" in message
+    assert f"      4  {batch[3]}" in message
+
+
+def test_rejected_stage_removes_the_chains_staged_so_far() -> None:
+    """A first sync staged in batches whose nat stage the kernel rejects changes nothing: the
+    filter chains staged before it are removed again, and the error says no traffic was
+    affected."""
+    kernel = FakeNetfilter()
+    kernel.restore(FOREIGN)
+    before = snapshot(kernel)
+    world = World()
+    engine = Engine(kernel, SETTINGS, stream_full=False, stage_lines=1)
+    cluster(world, engine)
+    kernel.fail_restore(table="nat")
+    with pytest.raises(SyncError, match="while loading new chains \\(no traffic affected\\)"):
+        engine.sync()
+    assert before == snapshot(kernel)
+    assert engine.sync().full
+    assert_holds_full_sync(list(world.objects.values()), kernel)

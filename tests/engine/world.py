@@ -1,7 +1,9 @@
 """The small cluster the engine tests build: objects, the kernel's view, the expectation.
 
 Conventions: node ``node1`` (10.100.0.2), pods in 10.0.0.0/14, cluster IPs 10.96.0.x, one
-LoadBalancer IP per service in 203.0.113.x; services ``s0``..``s4`` in ``default``.
+LoadBalancer IP per service in 203.0.113.x; services ``s0``..``s4`` in ``default``. The kernel
+is any :class:`iptsync.kernel.NetfilterPort`: the ``kernel`` fixture gives the fake and both
+real backends.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from iptsync import names
 from iptsync.desired import desired_from_objects
 from iptsync.engine import Engine
-from iptsync.netfilter import Netfilter
+from iptsync.kernel import NetfilterPort
 from iptsync.plan import comparable
 from iptsync.policy import Settings
 
@@ -75,7 +77,7 @@ class World:
 Tables = dict[str, dict[str, list[str]]]
 
 
-def owned(netfilter: Netfilter) -> Tables:
+def owned(netfilter: NetfilterPort) -> Tables:
     return {table: {chain: rules for chain, rules in saved.chains.items()
                     if names.is_owned_chain(table, chain) or chain == names.KUBE_FIREWALL}
             for table, saved in netfilter.save().items()}
@@ -87,7 +89,7 @@ def expected(objects: list[dict[str, Any]]) -> Tables:
             for table, chains in ruleset.tables.items()}
 
 
-def assert_holds_full_sync(objects: list[dict[str, Any]], netfilter: Netfilter) -> None:
+def assert_holds_full_sync(objects: list[dict[str, Any]], netfilter: NetfilterPort) -> None:
     """The kernel holds what a full sync of ``objects`` writes, services' order aside."""
     free = desired_from_objects(objects, SETTINGS).ruleset.free
 
