@@ -2,18 +2,11 @@
 
 :class:`Engine` keeps what each service renders to (its own nat chains as restore lines, and
 its rules in the shared top-level chains, each with its sort key) and re-renders a service
-only when it or its endpoints change. Between full syncs it writes only what changed:
-
-- a changed service's own chains are flushed and refilled, new ones declared, stale ones
-  flushed and deleted;
-- in the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, ...) the rules that disappear are
-  deleted by rule spec (``-D``), which fails loudly when the kernel no longer holds them, and
-  the rules that appear are inserted just after the chain's fixed head (``-I CHAIN 1`` in
-  every chain that holds service rules), never after its fixed tail (the NodePort jump stays
-  last). The services' rules in a top-level chain each match their own destination, so their
-  order does not matter (kube-proxy writes them in Go map order); comparisons sort them (see
-  :class:`iptsync.plan.ChainContent`). Inserting at a position instead would cost
-  iptables-nft a read of the whole chain: at 10,000 services, 0.35 s instead of 0.26 s.
+only when it or its endpoints change. That cache is the one place the desired ruleset is
+assembled (:meth:`Engine.desired`): ``iptsync dump``, ``diff``, ``trace`` and ``explain`` ask
+an engine without a kernel for it (:mod:`iptsync.desired`). Between full syncs it writes only
+what changed (:func:`iptsync.plan.partial_plan`): the changed services' own chains, and
+single rules deleted from or inserted at the head of the top-level chains.
 
 After any series of incremental syncs the kernel holds exactly what a full sync writes, up to
 the order of the services' rules within a top-level chain.
@@ -76,6 +69,7 @@ from iptsync.sync import STREAM_FULL, apply_plan, failed_restore
 
 log = logging.getLogger(__name__)
 
+
 def render_service(service: ServiceInfo, state: ClusterState, settings: Settings,
                    large_cluster: bool) -> RenderedService:
     zone = state.node.zone if state.node else None
@@ -88,7 +82,8 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         piece: PortRules = render_service_port(port, eps, settings, zone,
                                                large_cluster=large_cluster)
         for chain, rules in piece.chains.items():
-            chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules))
+            prefix = f"-A {chain} "
+            chains[chain] = ChainContent(tuple([prefix + join_args(args) for _, args in rules]))
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))

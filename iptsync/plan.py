@@ -11,6 +11,12 @@ jumps to new chains are gone), rewritten and deleted chains get their previous r
 inserted rules and jumps are deleted and deleted rules reinserted where they were, and only
 then are the new chains, by now empty and unreferenced, deleted.
 
+A partial sync (:func:`partial_plan`) is planned from the engine's render cache instead of the
+live tables: the changed services' chains are rewritten, and their rules in the top-level
+chains are deleted and inserted one by one (:class:`TopChain` keeps each such chain as a full
+sync writes it). Cleanup (:func:`cleanup_plan`) deletes the jumps to our chains with the same
+single-rule operations, undone last to first.
+
 Large numbers of new chains (a first sync) are staged: ``iptables-nft-restore --noflush`` is
 superlinear in the size of one batch, so new chains are declared in one batch and filled in
 bounded batches while nothing references them yet (they carry no traffic), and the final,
@@ -115,7 +121,7 @@ class TablePlan:
     chain_lines: list[str] = field(default_factory=list)
     rule_lines: list[str] = field(default_factory=list)
     tail_lines: list[str] = field(default_factory=list)
-    new_chains: dict[str, list[str]] = field(default_factory=dict)  # created chain -> its rules
+    new_chains: dict[str, Sequence[str]] = field(default_factory=dict)  # created chain -> its rules
     undo_chain_lines: list[str] = field(default_factory=list)
     undo_rule_lines: list[str] = field(default_factory=list)
     undo_rule_ops: list[str] = field(default_factory=list)  # of single-rule ops, in op order
@@ -133,7 +139,7 @@ class TablePlan:
         self.rules_written += len(lines)
         if before is None:
             self.created.append(chain)
-            self.new_chains[chain] = list(lines)
+            self.new_chains[chain] = lines
             # Flushed before it is deleted: the kernel refuses to delete a chain that still
             # holds rules (nft: "Device or resource busy") or that another new chain jumps to.
             self.undo_chain_lines.append(chain_line(chain))
@@ -229,7 +235,8 @@ class Plan:
     @property
     def payload(self) -> str:
         """:meth:`payload_lines` as restore text."""
-        return "".join(f"{line}\n" for line in self.payload_lines())
+        lines = self.payload_lines()
+        return "\n".join(lines) + "\n" if lines else ""
 
     def stages(self) -> list[list[str]]:
         """Batches that load new, still unreferenced chains before :attr:`payload`."""
