@@ -82,8 +82,7 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         piece: PortRules = render_service_port(port, eps, settings, zone,
                                                large_cluster=large_cluster)
         for chain, rules in piece.chains.items():
-            prefix = f"-A {chain} "
-            chains[chain] = ChainContent(tuple([prefix + join_args(args) for _, args in rules]))
+            chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules))
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
@@ -293,12 +292,11 @@ class Engine:
         Pending changes are folded into the cache here, so the next sync can no longer write
         them as a partial one: it compares everything instead.
         """
-        with bulk():
-            changes = self._render_dirty()
-            if changes:
-                self.needs_full = True
-            self._apply_to_top(changes)
-            return self._desired_tables()
+        changes = self._render_dirty()
+        if changes:
+            self.needs_full = True
+        self._apply_to_top(changes)
+        return self._desired_tables()
 
     def _apply_to_top(self, changes: Iterable[ServiceChange]) -> None:
         for old, new in changes:
