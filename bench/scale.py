@@ -172,15 +172,16 @@ class Workload:
     def _prepare(self, verify: bool) -> None:
         """Render every state once: the bare payload, kube-proxy's payloads, expectations."""
         base = desired_from_objects(self.objects, self.settings)
-        self.bare_payload = base.ruleset.restore_text()
-        self.rule_lines = sum(base.ruleset.rule_count(t) for t in base.ruleset.tables)
-        self.chains = sum(len(chains) for chains in base.ruleset.tables.values())
-        base_chains = set(base.ruleset.tables["nat"])
+        self.bare_payload = base.payload()
+        self.rule_lines = sum(len(content.lines) for chains in base.tables.tables.values()
+                              for content in chains.values())
+        self.chains = sum(len(chains) for chains in base.tables.tables.values())
+        base_chains = set(base.tables.tables["nat"])
         if verify:
             self.expected["base"] = Expected.of(base)
         for change in self.changes:
             after = desired_from_objects(change.after, self.settings)
-            after_chains = set(after.ruleset.tables["nat"])
+            after_chains = set(after.tables.tables["nat"])
             self.kube_proxy_forward[change.key] = kube_proxy_payload(
                 after, change.service, stale=base_chains - after_chains)
             self.kube_proxy_backward[change.key] = kube_proxy_payload(
@@ -238,7 +239,7 @@ def service_chains(desired: Desired, service: ServiceKey) -> list[str]:
     if info is None:
         return []
     own = render_service(info, desired.state, desired.settings, False).chains
-    return [chain for chain in desired.ruleset.tables["nat"] if chain in own]
+    return [chain for chain in desired.tables.tables["nat"] if chain in own]
 
 
 def kube_proxy_payload(desired: Desired, service: ServiceKey, stale: Iterable[str]) -> str:
@@ -248,21 +249,22 @@ def kube_proxy_payload(desired: Desired, service: ServiceKey, stale: Iterable[st
     of the service chains, only the changed service's are written, and the ones that are gone
     are declared and deleted.
     """
-    tables = desired.ruleset.tables
+    tables = desired.tables.tables
     filter_chains = [c for c in KUBE_PROXY_FILTER_CHAINS if c in tables["filter"]]
     nat_chains = [c for c in KUBE_PROXY_NAT_CHAINS if c in tables["nat"]]
     nat_chains += service_chains(desired, service)
     stale = sorted(stale)
     lines = ["*filter", *map(chain_line, filter_chains)]
-    lines += [rule.restore_line() for chain in filter_chains for rule in tables["filter"][chain]]
+    lines += [line for chain in filter_chains for line in tables["filter"][chain].lines]
     lines += ["COMMIT", "*nat", *map(chain_line, nat_chains), *map(chain_line, stale)]
-    lines += [rule.restore_line() for chain in nat_chains for rule in tables["nat"][chain]]
+    lines += [line for chain in nat_chains for line in tables["nat"][chain].lines]
     lines += [f"-X {chain}" for chain in stale]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-Spans = dict[tuple[str, str], tuple[int, int]]  # Ruleset.free: where order does not matter
+# ChainContent.free of each chain: where order does not matter
+Spans = dict[tuple[str, str], tuple[int, int] | None]
 
 
 @dataclass
@@ -275,10 +277,12 @@ class Expected:
 
     @classmethod
     def of(cls, desired: Desired) -> Expected:
-        free = desired.ruleset.free
-        return cls(services_sorted({table: {chain: [rule.canonical for rule in rules]
-                                            for chain, rules in chains.items()}
-                                    for table, chains in desired.ruleset.tables.items()}, free),
+        tables = desired.tables.tables
+        free = {(table, chain): content.free for table, chains in tables.items()
+                for chain, content in chains.items()}
+        return cls(services_sorted({table: {chain: content.canonical_rules()
+                                            for chain, content in chains.items()}
+                                    for table, chains in tables.items()}, free),
                    free)
 
 
@@ -880,7 +884,7 @@ METHOD = [
     "`engine.sync()` into an empty namespace (nft: new chains staged in bounded batches, "
     "then one atomic batch; legacy: one batch streamed to iptables-restore while the "
     "services are rendered). *Bare restore*: the same rules "
-    "(`desired_from_objects(...).ruleset.restore_text()`) fed to one flushing "
+    "(`desired_from_objects(...).payload()`) fed to one flushing "
     "`iptables-restore` (no `--noflush`) in another empty namespace: the floor.",
     "- *iptsync partial sync*: from the event to the end of the sync (`upsert`/`delete` + "
     "`engine.sync()`, render, plan and `iptables-restore` included). *kube-proxy-style*: "

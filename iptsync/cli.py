@@ -186,21 +186,21 @@ def dump(output_format: str, **params: Any) -> None:
     if output_format == "json":
         print_json(dump_json(desired))
     else:
-        sys.stdout.write(desired.ruleset.restore_text())
+        sys.stdout.write(desired.payload())
 
 
 def dump_json(desired: Desired) -> dict[str, Any]:
     """A machine-readable dump: tables, chains, rules (restore and canonical form), jumps."""
-    rs = desired.ruleset
     return {
         "node": desired.settings.node_name,
         "tables": {
-            table: {chain: [{"rule": r.restore_line(), "canonical": r.canonical}
-                            for r in rules] for chain, rules in chains.items()}
-            for table, chains in rs.tables.items()
+            table: {chain: [{"rule": line, "canonical": rule} for line, rule in
+                            zip(content.lines, content.canonical_rules(), strict=True)]
+                    for chain, content in chains.items()}
+            for table, chains in desired.tables.tables.items()
         },
         "jumps": [{"table": j.table, "chain": j.chain, "rule": j.rule.restore_line()}
-                  for j in rs.jumps],
+                  for j in desired.tables.jumps],
         "problems": problems_json(desired.problems),
     }
 
@@ -416,7 +416,7 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
             node_ips = tuple(dict.fromkeys((*settings.node_ips, *interface_addresses())))
         else:
             desired = desired_from_params(params, as_json=as_json)
-            tables, node_ips = tracer.from_ruleset(desired.ruleset), desired.settings.node_ips
+            tables, node_ips = tracer.from_desired(desired.tables), desired.settings.node_ips
             problems = desired.problems
     except tracer.TraceError as err:
         raise click.UsageError(str(err)) from None
@@ -501,8 +501,8 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
     except click.ClickException as err:
         err.show()
         sys.exit(2)
-    changes = diffview.diff_report(make_plan(desired.ruleset, current), current,
-                                   desired.ruleset)
+    changes = diffview.diff_report(make_plan(desired.tables, current), current,
+                                   desired.tables)
     if as_json:
         print_json({**diffview.report_json(changes),
                     "problems": problems_json(desired.problems)})

@@ -1,6 +1,9 @@
-"""From objects to the desired ruleset: parse, build the cluster state, render.
+"""From objects to the desired ruleset, through the engine the agent runs.
 
-Shared by ``iptsync dump`` and ``iptsync run``, so both always agree on what the rules are.
+``iptsync dump``, ``diff``, ``trace --objects``, ``explain`` and the lab feed the objects to an
+:class:`iptsync.engine.Engine` that has no kernel and ask it for its desired tables: the same
+per-service render cache and the same assembly as ``iptsync run``, so what they show is what
+a sync writes.
 """
 
 from __future__ import annotations
@@ -10,11 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from iptsync.engine import Engine
 from iptsync.model import Problem, parse_all
-from iptsync.options import with_node
+from iptsync.plan import NO_STAGING, DesiredTables, make_plan
 from iptsync.policy import Settings
-from iptsync.render import render
-from iptsync.ruleset import Ruleset
 from iptsync.state import ClusterState
 
 log = logging.getLogger("iptsync")
@@ -22,10 +24,14 @@ log = logging.getLogger("iptsync")
 
 @dataclass
 class Desired:
-    ruleset: Ruleset
+    tables: DesiredTables
     state: ClusterState
-    settings: Settings
+    settings: Settings  # with the node's addresses
     problems: list[Problem]
+
+    def payload(self) -> str:
+        """What a full sync writes onto a node that holds none of our rules (``dump``)."""
+        return make_plan(self.tables, {}, NO_STAGING).payload
 
 
 def report(problems: Iterable[Problem]) -> None:
@@ -36,7 +42,10 @@ def report(problems: Iterable[Problem]) -> None:
 
 def desired_from_objects(objects: Iterable[Any], settings: Settings,
                          interface_ips: Iterable[Any] = ()) -> Desired:
+    """Parse ``objects`` (every problem kept, in order) and render what a sync writes."""
     accepted, problems = parse_all(objects)
-    state = ClusterState.from_parsed(settings.node_name, accepted)
-    settings = with_node(settings, state.node, tuple(interface_ips))
-    return Desired(render(state, settings), state, settings, problems)
+    engine = Engine(None, settings, interface_ips=interface_ips)
+    for parsed in accepted:
+        assert parsed.value is not None  # parse_all keeps only accepted objects
+        engine.add(parsed.value)
+    return Desired(engine.desired(), engine.state, engine.settings, problems)

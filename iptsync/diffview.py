@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from iptsync.plan import Plan
-from iptsync.ruleset import Rule, Ruleset, SavedTable, ordered_tables
+from iptsync.plan import ChainContent, DesiredTables, Plan
+from iptsync.ruleset import SavedTable, ordered_tables
 
 Action = Literal["create", "rewrite", "delete"]
 
@@ -78,7 +78,8 @@ class DiffReport:
         return ordered_tables({c.table for c in self.chains} | {j.table for j in self.jumps})
 
 
-def diff_report(plan: Plan, live: Mapping[str, SavedTable], desired: Ruleset) -> DiffReport:
+def diff_report(plan: Plan, live: Mapping[str, SavedTable],
+                desired: DesiredTables) -> DiffReport:
     """The plan's changes with the rules behind them: created, rewritten, deleted, jumps."""
     chains: list[ChainDiff] = []
     jumps: list[JumpDiff] = []
@@ -90,8 +91,9 @@ def diff_report(plan: Plan, live: Mapping[str, SavedTable], desired: Ruleset) ->
         def before(chain: str, current: SavedTable = current) -> tuple[str, ...]:
             return tuple(current.chains.get(chain, ()))
 
-        def after(chain: str, wanted: Mapping[str, list[Rule]] = wanted) -> tuple[str, ...]:
-            return tuple(rule.canonical for rule in wanted.get(chain, ()))
+        def after(chain: str,
+                  wanted: Mapping[str, ChainContent] = wanted) -> tuple[str, ...]:
+            return tuple(wanted[chain].canonical_rules())  # a chain the plan writes
 
         rewritten = [c for c in table_plan.written if c not in table_plan.created]
         chains += [ChainDiff(table, c, "create", (), after(c)) for c in table_plan.created]

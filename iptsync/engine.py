@@ -2,18 +2,11 @@
 
 :class:`Engine` keeps what each service renders to (its own nat chains as restore lines, and
 its rules in the shared top-level chains, each with its sort key) and re-renders a service
-only when it or its endpoints change. Between full syncs it writes only what changed:
-
-- a changed service's own chains are flushed and refilled, new ones declared, stale ones
-  flushed and deleted;
-- in the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, ...) the rules that disappear are
-  deleted by rule spec (``-D``), which fails loudly when the kernel no longer holds them, and
-  the rules that appear are inserted just after the chain's fixed head (``-I CHAIN 1`` in
-  every chain that holds service rules), never after its fixed tail (the NodePort jump stays
-  last). The services' rules in a top-level chain each match their own destination, so their
-  order does not matter (kube-proxy writes them in Go map order); comparisons sort them (see
-  :class:`iptsync.plan.ChainContent`). Inserting at a position instead would cost
-  iptables-nft a read of the whole chain: at 10,000 services, 0.35 s instead of 0.26 s.
+only when it or its endpoints change. That cache is the one place the desired ruleset is
+assembled (:meth:`Engine.desired`): ``iptsync dump``, ``diff``, ``trace`` and ``explain`` ask
+an engine without a kernel for it (:mod:`iptsync.desired`). Between full syncs it writes only
+what changed (:func:`iptsync.plan.partial_plan`): the changed services' own chains, and
+single rules deleted from or inserted at the head of the top-level chains.
 
 After any series of incremental syncs the kernel holds exactly what a full sync writes, up to
 the order of the services' rules within a top-level chain.
@@ -26,18 +19,25 @@ apply (or a failure planning) makes the next sync a full one.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from iptsync.conntrack import flow_targets
 from iptsync.kernel import FlowCleaner, NetfilterPort, RestoreError
-from iptsync.model import IPAddress, NodeInfo, Problem, ServiceInfo, object_key, parse_object
+from iptsync.model import (
+    EndpointSliceInfo,
+    IPAddress,
+    NodeInfo,
+    Problem,
+    ServiceInfo,
+    object_key,
+    parse_object,
+)
 from iptsync.names import SERVICE_RULE_CHAINS
 from iptsync.options import with_node
 from iptsync.plan import (
@@ -46,9 +46,14 @@ from iptsync.plan import (
     ChainContent,
     DesiredTables,
     Plan,
+    RenderedService,
+    ServiceChange,
     TableBuilder,
-    TablePlan,
+    TopChain,
+    TopChains,
+    TopRule,
     make_plan,
+    partial_plan,
     plan_table,
 )
 from iptsync.policy import Settings
@@ -59,50 +64,11 @@ from iptsync.render import (
     chain_tails,
     render_service_port,
 )
-from iptsync.ruleset import (
-    Jump,
-    Rule,
-    SavedTable,
-    canonical,
-    join_args,
-    ordered_tables,
-    split_args,
-)
+from iptsync.ruleset import Jump, SavedTable, join_args, ordered_tables
 from iptsync.state import ClusterState, ServiceKey
 from iptsync.sync import STREAM_FULL, apply_plan, failed_restore
 
 log = logging.getLogger(__name__)
-
-# Sort key of a rule in a top-level chain: the full render's order (service, port, rule).
-TopKey = tuple[str, str, int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class TopRule:
-    """A service's rule in a shared top-level chain."""
-
-    key: TopKey
-    table: str
-    chain: str
-    text: str  # the arguments, as restore input
-
-    @property
-    def line(self) -> str:
-        return f"-A {self.chain} {self.text}"
-
-    @property
-    def place(self) -> tuple[str, str, str]:
-        """Where and what, without the sort key: equal when the kernel needs no change."""
-        return (self.table, self.chain, self.text)
-
-
-@dataclass(slots=True)
-class RenderedService:
-    """What one service renders to on this node."""
-
-    chains: dict[str, ChainContent]  # nat chains of its own (SVC, SVL, EXT, FW, SEP)
-    top: tuple[TopRule, ...]  # its rules in top-level chains, in render order
-    endpoints: int  # endpoints known (for kube-proxy's large-cluster mode)
 
 
 def render_service(service: ServiceInfo, state: ClusterState, settings: Settings,
@@ -122,48 +88,6 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
     return RenderedService(chains, tuple(top), endpoints)
-
-
-class TopChain:
-    """A top-level chain: fixed head, the services' rules in render order, fixed tail."""
-
-    __slots__ = ("_content", "head", "keys", "rules", "tail")
-
-    def __init__(self, head: list[Rule], tail: list[Rule]) -> None:
-        self.head = head
-        self.tail = tail
-        self.keys: list[TopKey] = []
-        self.rules: list[TopRule] = []
-        self._content: ChainContent | None = None
-
-    def insert(self, rule: TopRule) -> None:
-        """Add ``rule`` in render order (the order a full sync writes)."""
-        index = bisect.bisect_left(self.keys, rule.key)
-        self.keys.insert(index, rule.key)
-        self.rules.insert(index, rule)
-        self._content = None
-
-    @property
-    def first_free(self) -> int:
-        """Where a partial sync inserts a service's rule: right after the fixed head."""
-        return len(self.head) + 1
-
-    def remove(self, rule: TopRule) -> None:
-        index = bisect.bisect_left(self.keys, rule.key)
-        if index < len(self.keys) and self.keys[index] == rule.key:
-            del self.keys[index]
-            del self.rules[index]
-            self._content = None
-
-    def content(self) -> ChainContent:
-        """The whole chain (kept until it changes, with its digest once computed)."""
-        if self._content is None:
-            start = len(self.head)
-            self._content = ChainContent((*(r.restore_line() for r in self.head),
-                                          *(r.line for r in self.rules),
-                                          *(r.restore_line() for r in self.tail)),
-                                         free=(start, start + len(self.rules)))
-        return self._content
 
 
 @dataclass
@@ -224,7 +148,7 @@ class Engine:
         self._endpoint_total = 0
         self._large = False
         self._jumps: list[Jump] | None = None  # from settings; None: skeleton to build
-        self._top: dict[tuple[str, str], TopChain] = {}
+        self._top: TopChains = {}
         self.needs_full = True  # the kernel may not hold what the cache says
         self.synced_once = False
 
@@ -233,11 +157,12 @@ class Engine:
     def upsert(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
         """Add or replace one object. An invalid update keeps the last valid version."""
         parsed = parse_object(manifest)
-        ident = (str(manifest.get("kind") or ""), *object_key(manifest))
-        self._note_problems(ident, parsed.problems)
-        value = parsed.value
-        if value is None:
-            return set()
+        self._note_problems((str(manifest.get("kind") or ""), *object_key(manifest)),
+                            parsed.problems)
+        return set() if parsed.value is None else self.add(parsed.value)
+
+    def add(self, value: ServiceInfo | EndpointSliceInfo | NodeInfo) -> set[ServiceKey]:
+        """Add or replace one object already parsed (:func:`iptsync.model.parse_object`)."""
         if isinstance(value, NodeInfo):
             return self._set_node(value)
         dirty = self.state.upsert(value)
@@ -329,7 +254,7 @@ class Engine:
         return self._jumps
 
     def _render_dirty(self) -> list[ServiceChange]:
-        """Re-render the changed services; returns (service, before, after) for each."""
+        """Re-render the changed services; returns (before, after) for each."""
         return [self._render_one(key) for key in sorted(self._take_dirty())]
 
     def _take_dirty(self) -> set[ServiceKey]:
@@ -367,7 +292,7 @@ class Engine:
             self._rendered.pop(key, None)
         else:
             self._rendered[key] = new
-        return (key, old, new)
+        return (old, new)
 
     def desired(self) -> DesiredTables:
         """The whole desired ruleset as the planner reads it (after rendering what changed).
@@ -382,7 +307,7 @@ class Engine:
         return self._desired_tables()
 
     def _apply_to_top(self, changes: Iterable[ServiceChange]) -> None:
-        for _key, old, new in changes:
+        for old, new in changes:
             for rule in old.top if old else ():
                 self._top[(rule.table, rule.chain)].remove(rule)
             for rule in new.top if new else ():
@@ -440,7 +365,9 @@ class Engine:
                     if full:
                         report = self._plan_full(changes, phases, known_good=known_good)
                     else:
-                        report = EngineReport(self._partial_plan(changes), False, phases)
+                        report = EngineReport(partial_plan(changes, self._top, self._read_chain,
+                                                           stage_lines=self.stage_lines),
+                                              False, phases)
                         phases["plan"] = self.clock() - mark
                 report.services_rendered = len(changes)
                 mark = self.clock()
@@ -459,6 +386,14 @@ class Engine:
             phases["conntrack"] = self.clock() - mark
         phases["total"] = self.clock() - started
         return report
+
+    def _read_chain(self, table: str, chain: str) -> list[str]:
+        """One live chain's rules, canonical (``-S`` reads that chain only)."""
+        assert self.netfilter is not None
+        prefix = f"-A {chain} "
+        return [line[len(prefix):] for line in
+                self.netfilter.run("-t", table, "-S", chain).splitlines()
+                if line.startswith(prefix)]
 
     def _plan_full(self, changes: list[ServiceChange], phases: dict[str, float], *,
                    known_good: bool) -> EngineReport:
@@ -495,6 +430,7 @@ class Engine:
         started, rendering = self.clock(), 0.0
         jumps = self._skeleton()
         changes: list[ServiceChange] = []
+        done: set[ServiceKey] = set()  # rendered into changes
         with self.netfilter.restore_stream() as stream:
             nat = TableBuilder("nat", live.get("nat") or SavedTable("nat"), stream.write)
             top = self._top_chains("nat")
@@ -510,6 +446,7 @@ class Engine:
                     if key in dirty:
                         mark = self.clock()
                         changes.append(self._render_one(key))
+                        done.add(key)
                         rendering += self.clock() - mark
                     rendered = self._rendered.get(key)
                     if rendered is not None:
@@ -519,7 +456,7 @@ class Engine:
                 # the top-level chains take the services rendered so far, or their old rules
                 # would stay in the cache for good, and the others stay due for rendering.
                 self._apply_to_top(changes)
-                self._dirty |= dirty - {key for key, _old, _new in changes}
+                self._dirty |= dirty - done
             top = self._top_chains("nat")
             nat.add_chains({chain: top[chain] for chain in SERVICE_RULE_CHAINS["nat"]
                             if chain in top})
@@ -539,113 +476,6 @@ class Engine:
         if known_good:
             report.drifted = _drift(plan, changes)
         return report
-
-    def _partial_plan(self, changes: list[ServiceChange]) -> Plan:
-        tables: dict[str, TablePlan] = {}
-
-        def table_plan(name: str) -> TablePlan:
-            return tables.setdefault(name, TablePlan(name))
-
-        deletes: list[tuple[str, ChainContent]] = []
-        top_ops: list[TopOp] = []
-        for _key, old, new in changes:
-            old_chains = old.chains if old else {}
-            new_chains = new.chains if new else {}
-            nat = table_plan("nat")
-            for chain, content in new_chains.items():
-                before = old_chains.get(chain)
-                if before == content:
-                    continue
-                nat.write_chain(chain, content.lines, None if before is None else before.lines)
-            deletes.extend((chain, content) for chain, content in old_chains.items()
-                           if chain not in new_chains)
-            top_ops.extend(self._plan_top(old, new))
-        nat = table_plan("nat")
-        for chain, content in deletes:
-            nat.delete_chain(chain, content.lines)
-        for op in top_ops:
-            table_plan(op.table)
-        ordered = [tables[t] for t in ordered_tables(tables)
-                   if not tables[t].empty or any(op.table == t for op in top_ops)]
-        for plan in ordered:
-            # Only a table that commits before another can be undone after its commit.
-            self._write_top_ops(plan, [op for op in top_ops if op.table == plan.table],
-                                undoable=plan is not ordered[-1])
-        return Plan(ordered, self.stage_lines)
-
-    def _plan_top(self, old: RenderedService | None,
-                  new: RenderedService | None) -> list[TopOp]:
-        """Delete the service's vanished top-level rules, insert its new ones after the head.
-
-        A rule whose text is unchanged stays where it is. New rules are inserted in reverse,
-        each at the head's end, so the service's rules keep their render order among
-        themselves.
-        """
-        ops: list[TopOp] = []
-        kept = {r.place for r in old.top} & {r.place for r in new.top} if old and new else set()
-        for rule in old.top if old else ():
-            top = self._top[(rule.table, rule.chain)]
-            top.remove(rule)
-            if rule.place not in kept:
-                ops.append(TopOp(rule.table, rule.chain, rule.text, None, top.first_free))
-        for rule in new.top if new else ():
-            self._top[(rule.table, rule.chain)].insert(rule)
-        for rule in reversed(new.top if new else ()):
-            if rule.place not in kept:
-                position = self._top[(rule.table, rule.chain)].first_free
-                ops.append(TopOp(rule.table, rule.chain, rule.text, position, position))
-        return ops
-
-    def _write_top_ops(self, plan: TablePlan, ops: list[TopOp], *, undoable: bool) -> None:
-        """Add single-rule deletions and insertions to ``plan``, and their undo.
-
-        The undo reverses them in reverse order. A deleted rule goes back where it was: the
-        services' rules of a top-level chain are in no fixed order in the kernel (partial
-        syncs insert at the head), so when the table may have to be undone the chain is read
-        (``-S``: that chain only; 10-20 ms on nft, 5 ms on legacy, with 110k nat rules
-        loaded) to find each deleted rule's place. That happens only when a partial sync
-        deletes a filter rule (a service's REJECT when it gets endpoints) and also changes
-        nat. Elsewhere it goes back at the head: the same rules, their order does not matter.
-        """
-        live: dict[str, list[str]] = {}
-        if undoable and self.netfilter is not None:
-            for chain in {op.chain for op in ops if op.insert_at is None}:
-                prefix = f"-A {chain} "
-                live[chain] = [line[len(prefix):] for line in
-                               self.netfilter.run("-t", plan.table, "-S", chain).splitlines()
-                               if line.startswith(prefix)]
-        undo: list[str] = []
-        for op in ops:
-            rules = live.get(op.chain)
-            spelled = canonical(split_args(op.text)) if rules is not None else ""
-            if op.insert_at is not None:
-                plan.rule_lines.append(f"-I {op.chain} {op.insert_at} {op.text}")
-                undo.append(f"-D {op.chain} {op.text}")
-                if rules is not None:
-                    rules.insert(op.insert_at - 1, spelled)
-            else:
-                position = op.head_end
-                if rules is not None and spelled in rules:
-                    position = rules.index(spelled) + 1
-                    del rules[position - 1]
-                plan.rule_lines.append(f"-D {op.chain} {op.text}")
-                undo.append(f"-I {op.chain} {position} {op.text}")
-            plan.top_rules += 1
-        plan.undo_rule_lines.extend(reversed(undo))
-
-
-class TopOp(NamedTuple):
-    """One rule deleted from (``insert_at`` None) or inserted into a top-level chain."""
-
-    table: str
-    chain: str
-    text: str  # the arguments, as restore input
-    insert_at: int | None
-    head_end: int  # the first position after the chain's fixed head
-
-
-ServiceChange = tuple[ServiceKey, RenderedService | None, RenderedService | None]
-
 
 @contextlib.contextmanager
 def bulk() -> Iterator[None]:
@@ -677,8 +507,8 @@ def _drift(plan: Plan, changes: Iterable[ServiceChange]) -> list[str]:
 def _touched(changes: Iterable[ServiceChange]) -> set[tuple[str, str]]:
     """Chains that these changes rewrite (so a difference there is not drift)."""
     touched: set[tuple[str, str]] = set()
-    for _key, old, new in changes:
-        for rendered in (old, new):
+    for change in changes:
+        for rendered in change:
             if rendered is not None:
                 touched.update(("nat", chain) for chain in rendered.chains)
                 touched.update((rule.table, rule.chain) for rule in rendered.top)

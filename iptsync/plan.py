@@ -11,6 +11,12 @@ jumps to new chains are gone), rewritten and deleted chains get their previous r
 inserted rules and jumps are deleted and deleted rules reinserted where they were, and only
 then are the new chains, by now empty and unreferenced, deleted.
 
+A partial sync (:func:`partial_plan`) is planned from the engine's render cache instead of the
+live tables: the changed services' chains are rewritten, and their rules in the top-level
+chains are deleted and inserted one by one (:class:`TopChain` keeps each such chain as a full
+sync writes it). Cleanup (:func:`cleanup_plan`) deletes the jumps to our chains with the same
+single-rule operations, undone last to first.
+
 Large numbers of new chains (a first sync) are staged: ``iptables-nft-restore --noflush`` is
 superlinear in the size of one batch, so new chains are declared in one batch and filled in
 bounded batches while nothing references them yet (they carry no traffic), and the final,
@@ -19,15 +25,16 @@ atomic batch rewrites the existing chains that make them reachable.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from iptsync import names
 from iptsync.ruleset import (
     Jump,
     Rule,
-    Ruleset,
     SavedTable,
     canonical,
     chain_line,
@@ -52,23 +59,18 @@ class ChainContent:
 
     __slots__ = ("_digest", "free", "lines")
 
-    def __init__(self, lines: tuple[str, ...], digest: int | None = None,
-                 free: tuple[int, int] | None = None) -> None:
+    def __init__(self, lines: tuple[str, ...], free: tuple[int, int] | None = None) -> None:
         self.lines = lines  # "-A CHAIN args", in order
         self.free = free
-        self._digest = digest
+        self._digest: int | None = None
 
-    @classmethod
-    def of_rules(cls, rules: Iterable[Rule], free: tuple[int, int] | None = None) -> (
-            ChainContent):
-        rules = list(rules)
-        return cls(tuple(r.restore_line() for r in rules),
-                   chain_digest(comparable([r.canonical for r in rules], free)), free)
+    def canonical_rules(self) -> list[str]:
+        """The rules as ``iptables-save`` prints them (without ``-A CHAIN``)."""
+        return [canonical(split_args(line)[2:]) for line in self.lines]
 
     def digest(self) -> int:
         if self._digest is None:
-            rules = [canonical(split_args(line)[2:]) for line in self.lines]
-            self._digest = chain_digest(comparable(rules, self.free))
+            self._digest = chain_digest(comparable(self.canonical_rules(), self.free))
         return self._digest
 
     def matches(self, live_rules: list[str]) -> bool:
@@ -106,12 +108,6 @@ class DesiredTables:
     tables: dict[str, dict[str, ChainContent]]
     jumps: list[Jump]
 
-    @classmethod
-    def of(cls, ruleset: Ruleset) -> DesiredTables:
-        return cls({table: {chain: ChainContent.of_rules(rules, ruleset.free.get((table, chain)))
-                            for chain, rules in chains.items()}
-                    for table, chains in ruleset.tables.items()}, list(ruleset.jumps))
-
 
 @dataclass
 class TablePlan:
@@ -126,9 +122,10 @@ class TablePlan:
     chain_lines: list[str] = field(default_factory=list)
     rule_lines: list[str] = field(default_factory=list)
     tail_lines: list[str] = field(default_factory=list)
-    new_chains: dict[str, list[str]] = field(default_factory=dict)  # created chain -> its rules
+    new_chains: dict[str, Sequence[str]] = field(default_factory=dict)  # created chain -> its rules
     undo_chain_lines: list[str] = field(default_factory=list)
     undo_rule_lines: list[str] = field(default_factory=list)
+    undo_rule_ops: list[str] = field(default_factory=list)  # of single-rule ops, in op order
     undo_tail_lines: list[str] = field(default_factory=list)
     rules_written: int = 0
     streamed_lines: int | None = None  # lines already sent, when streamed (TableBuilder)
@@ -143,7 +140,7 @@ class TablePlan:
         self.rules_written += len(lines)
         if before is None:
             self.created.append(chain)
-            self.new_chains[chain] = list(lines)
+            self.new_chains[chain] = lines
             # Flushed before it is deleted: the kernel refuses to delete a chain that still
             # holds rules (nft: "Device or resource busy") or that another new chain jumps to.
             self.undo_chain_lines.append(chain_line(chain))
@@ -183,7 +180,10 @@ class TablePlan:
 
     def undo_lines(self) -> list[str]:
         """One batch that puts back what the table held before :meth:`lines` was committed."""
-        return _table_lines(self.table, self.undo_chain_lines, self.undo_rule_lines,
+        # Single-rule operations are undone last to first, so each position is the one the
+        # operation saw.
+        return _table_lines(self.table, self.undo_chain_lines,
+                            [*self.undo_rule_lines, *reversed(self.undo_rule_ops)],
                             self.undo_tail_lines)
 
     def committed_in(self, live: SavedTable, *, staged: bool) -> bool | None:
@@ -220,12 +220,17 @@ class TablePlan:
         return _table_lines(self.table, list(map(chain_line, chains)), [],
                             [f"-X {chain}" for chain in chains])
 
+    def insert_rule(self, chain: str, position: int, rule: str) -> None:
+        """Insert ``rule`` (its arguments, as restore input) at ``position`` (1-based) of
+        ``chain``; the undo deletes it."""
+        self.rule_lines.append(f"-I {chain} {position} {rule}")
+        self.undo_rule_ops.append(f"-D {chain} {rule}")
+
     def delete_rule(self, chain: str, position: int, rule: str) -> None:
-        """Delete ``rule`` (canonical), the ``position``-th (1-based) of ``chain``; the undo
-        puts it back in that place. Undo lines of deleted rules must follow in ascending
-        position per chain, so that each lands where it was."""
+        """Delete ``rule`` (by its spec), which sits at ``position`` (1-based) of ``chain``
+        once the rule operations planned before it are done; the undo puts it back there."""
         self.rule_lines.append(f"-D {chain} {rule}")
-        self.undo_rule_lines.append(f"-I {chain} {position} {rule}")
+        self.undo_rule_ops.append(f"-I {chain} {position} {rule}")
 
 
 DEFAULT_STAGE_LINES = 5000
@@ -258,7 +263,8 @@ class Plan:
     @property
     def payload(self) -> str:
         """:meth:`payload_lines` as restore text."""
-        return "".join(f"{line}\n" for line in self.payload_lines())
+        lines = self.payload_lines()
+        return "\n".join(lines) + "\n" if lines else ""
 
     def stages(self) -> list[list[str]]:
         """Batches that load new, still unreferenced chains before :attr:`payload`."""
@@ -327,11 +333,9 @@ def _table_lines(table: str, chains: list[str], rules: list[str], tail: list[str
     return [f"*{table}", *chains, *rules, *tail, "COMMIT"]
 
 
-def make_plan(desired: Ruleset | DesiredTables, live: Mapping[str, SavedTable],
+def make_plan(desired: DesiredTables, live: Mapping[str, SavedTable],
               stage_lines: int = DEFAULT_STAGE_LINES) -> Plan:
     """Compare desired and live table by table; see the module docstring."""
-    if isinstance(desired, Ruleset):
-        desired = DesiredTables.of(desired)
     tables = []
     for table in ordered_tables(desired.tables):
         plan = plan_table(table, desired, live.get(table) or SavedTable(table))
@@ -452,6 +456,199 @@ def jump_target(canonical_rule: str) -> str | None:
     return None
 
 
+# --- partial syncs -----------------------------------------------------------------------------
+
+# Sort key of a rule in a top-level chain: the full render's order (service, port, rule).
+TopKey = tuple[str, str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TopRule:
+    """A service's rule in a shared top-level chain."""
+
+    key: TopKey
+    table: str
+    chain: str
+    text: str  # the arguments, as restore input
+
+    @property
+    def line(self) -> str:
+        return f"-A {self.chain} {self.text}"
+
+    @property
+    def place(self) -> tuple[str, str, str]:
+        """Where and what, without the sort key: equal when the kernel needs no change."""
+        return (self.table, self.chain, self.text)
+
+
+@dataclass(slots=True)
+class RenderedService:
+    """What one service renders to on this node: the unit a partial sync rewrites."""
+
+    chains: dict[str, ChainContent]  # nat chains of its own (SVC, SVL, EXT, FW, SEP)
+    top: tuple[TopRule, ...]  # its rules in top-level chains, in render order
+    endpoints: int  # endpoints known (for kube-proxy's large-cluster mode)
+
+
+class TopChain:
+    """A top-level chain: fixed head, the services' rules in render order, fixed tail."""
+
+    __slots__ = ("_content", "head", "keys", "rules", "tail")
+
+    def __init__(self, head: list[Rule], tail: list[Rule]) -> None:
+        self.head = head
+        self.tail = tail
+        self.keys: list[TopKey] = []
+        self.rules: list[TopRule] = []
+        self._content: ChainContent | None = None
+
+    def insert(self, rule: TopRule) -> None:
+        """Add ``rule`` in render order (the order a full sync writes)."""
+        index = bisect.bisect_left(self.keys, rule.key)
+        self.keys.insert(index, rule.key)
+        self.rules.insert(index, rule)
+        self._content = None
+
+    @property
+    def first_free(self) -> int:
+        """Where a partial sync inserts a service's rule: right after the fixed head."""
+        return len(self.head) + 1
+
+    def remove(self, rule: TopRule) -> None:
+        index = bisect.bisect_left(self.keys, rule.key)
+        if index < len(self.keys) and self.keys[index] == rule.key:
+            del self.keys[index]
+            del self.rules[index]
+            self._content = None
+
+    def content(self) -> ChainContent:
+        """The whole chain (kept until it changes, with its digest once computed)."""
+        if self._content is None:
+            start = len(self.head)
+            self._content = ChainContent((*(r.restore_line() for r in self.head),
+                                          *(r.line for r in self.rules),
+                                          *(r.restore_line() for r in self.tail)),
+                                         free=(start, start + len(self.rules)))
+        return self._content
+
+
+TopChains = dict[tuple[str, str], TopChain]  # (table, chain) -> the chain
+ServiceChange = tuple[RenderedService | None, RenderedService | None]  # (before, after)
+# A live chain's rules, canonical: (table, chain) -> rules (read from the kernel).
+ReadChain = Callable[[str, str], list[str]]
+
+
+class TopOp(NamedTuple):
+    """One rule deleted from (``insert_at`` None) or inserted into a top-level chain."""
+
+    table: str
+    chain: str
+    text: str  # the arguments, as restore input
+    insert_at: int | None
+    head_end: int  # the first position after the chain's fixed head
+
+
+def partial_plan(changes: Iterable[ServiceChange], top: TopChains, read_chain: ReadChain, *,
+                 stage_lines: int = DEFAULT_STAGE_LINES) -> Plan:
+    """Write only what ``changes`` change, onto a kernel that holds their ``before``.
+
+    A changed service's own chains are flushed and refilled, new ones declared, stale ones
+    flushed and deleted. In the top-level chains (``top``, which this brings up to date) the
+    rules that disappear are deleted by rule spec (``-D``), which fails loudly when the
+    kernel no longer holds them, and the rules that appear are inserted just after the
+    chain's fixed head (``-I CHAIN 1`` in every chain that holds service rules), never after
+    its fixed tail (the NodePort jump stays last): see :class:`ChainContent` on why their
+    order does not matter. Inserting at a position instead would cost iptables-nft a read of
+    the whole chain: at 10,000 services, 0.35 s instead of 0.26 s.
+    """
+    tables: dict[str, TablePlan] = {}
+
+    def table_plan(name: str) -> TablePlan:
+        return tables.setdefault(name, TablePlan(name))
+
+    deletes: list[tuple[str, ChainContent]] = []
+    top_ops: list[TopOp] = []
+    for old, new in changes:
+        old_chains = old.chains if old else {}
+        new_chains = new.chains if new else {}
+        nat = table_plan("nat")
+        for chain, content in new_chains.items():
+            before = old_chains.get(chain)
+            if before == content:
+                continue
+            nat.write_chain(chain, content.lines, None if before is None else before.lines)
+        deletes.extend((chain, content) for chain, content in old_chains.items()
+                       if chain not in new_chains)
+        top_ops.extend(_plan_top(old, new, top))
+    nat = table_plan("nat")
+    for chain, content in deletes:
+        nat.delete_chain(chain, content.lines)
+    for op in top_ops:
+        table_plan(op.table)
+    ordered = [tables[t] for t in ordered_tables(tables)
+               if not tables[t].empty or any(op.table == t for op in top_ops)]
+    for plan in ordered:
+        # Only a table that commits before another can be undone after its commit.
+        _write_top_ops(plan, [op for op in top_ops if op.table == plan.table],
+                       read_chain if plan is not ordered[-1] else None)
+    return Plan(ordered, stage_lines)
+
+
+def _plan_top(old: RenderedService | None, new: RenderedService | None,
+              top: TopChains) -> list[TopOp]:
+    """Delete the service's vanished top-level rules, insert its new ones after the head.
+
+    A rule whose text is unchanged stays where it is. New rules are inserted in reverse,
+    each at the head's end, so the service's rules keep their render order among
+    themselves.
+    """
+    ops: list[TopOp] = []
+    kept = {r.place for r in old.top} & {r.place for r in new.top} if old and new else set()
+    for rule in old.top if old else ():
+        chain = top[(rule.table, rule.chain)]
+        chain.remove(rule)
+        if rule.place not in kept:
+            ops.append(TopOp(rule.table, rule.chain, rule.text, None, chain.first_free))
+    for rule in new.top if new else ():
+        top[(rule.table, rule.chain)].insert(rule)
+    for rule in reversed(new.top if new else ()):
+        if rule.place not in kept:
+            position = top[(rule.table, rule.chain)].first_free
+            ops.append(TopOp(rule.table, rule.chain, rule.text, position, position))
+    return ops
+
+
+def _write_top_ops(plan: TablePlan, ops: list[TopOp], read_chain: ReadChain | None) -> None:
+    """Add single-rule deletions and insertions to ``plan``, and their undo.
+
+    A deleted rule goes back where it was: the services' rules of a top-level chain are in
+    no fixed order in the kernel (partial syncs insert at the head), so when the table may
+    have to be undone (``read_chain`` given) the chain is read (``-S``: that chain only;
+    10-20 ms on nft, 5 ms on legacy, with 110k nat rules loaded) to find each deleted rule's
+    place. That happens only when a partial sync deletes a filter rule (a service's REJECT
+    when it gets endpoints) and also changes nat. Elsewhere it goes back at the head: the
+    same rules, their order does not matter.
+    """
+    live: dict[str, list[str]] = {}
+    if read_chain is not None:
+        live = {chain: read_chain(plan.table, chain)
+                for chain in {op.chain for op in ops if op.insert_at is None}}
+    for op in ops:
+        rules = live.get(op.chain)
+        spelled = canonical(split_args(op.text)) if rules is not None else ""
+        if op.insert_at is not None:
+            plan.insert_rule(op.chain, op.insert_at, op.text)
+            if rules is not None:
+                rules.insert(op.insert_at - 1, spelled)
+        else:
+            position = op.head_end
+            if rules is not None and spelled in rules:
+                position = rules.index(spelled) + 1
+                del rules[position - 1]
+            plan.delete_rule(op.chain, position, op.text)
+        plan.top_rules += 1
+
+
 def cleanup_plan(live: Mapping[str, SavedTable]) -> Plan:
     """Remove every chain iptsync owns and every rule elsewhere that jumps to one of them.
 
@@ -465,10 +662,13 @@ def cleanup_plan(live: Mapping[str, SavedTable]) -> Plan:
         for chain, rules in saved.chains.items():
             if names.is_owned_chain(table, chain):
                 continue
-            for position, rule in enumerate(rules, 1):
+            kept = 0  # rules above this one that stay: its position once those above go
+            for rule in rules:
                 if jump_target(rule) in doomed:
-                    plan.delete_rule(chain, position, rule)
+                    plan.delete_rule(chain, kept + 1, rule)
                     plan.jumps.append(Jump(table, chain, tuple(split_args(rule))))
+                else:
+                    kept += 1
         for chain in doomed:
             plan.delete_chain(chain, live_lines(chain, saved.chains[chain]))
         if not plan.empty:

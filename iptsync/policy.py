@@ -28,7 +28,7 @@ from typing import Literal
 
 from iptsync import names
 from iptsync.model import Endpoint, IPAddress, IPNetwork, ServicePort
-from iptsync.state import ClusterState, is_local
+from iptsync.state import is_local
 
 # Where a new connection comes from, as the rules can tell: a pod (inside --cluster-cidr),
 # the node itself (locally generated), or anything else.
@@ -72,12 +72,6 @@ class Settings:
         loopback = ipaddress.ip_address("127.0.0.1")
         return not self.nodeport_addresses or any(
             loopback in cidr for cidr in self.nodeport_addresses)
-
-
-def is_large_cluster(state: ClusterState, settings: Settings) -> bool:
-    """kube-proxy's large-cluster mode: above this many endpoints, per-endpoint comments go."""
-    total = sum(len(state.endpoints(port)) for port in state.service_ports())
-    return total > settings.large_cluster_endpoints
 
 
 # --- which endpoints serve -------------------------------------------------------------------

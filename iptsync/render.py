@@ -2,8 +2,9 @@
 
 Pure. Every rule has kube-proxy's shape, argument order and comment, so a node migrating from
 kube-proxy (iptables mode) sees the same chains. :func:`render_service_port` builds what one
-service port contributes (its own chains plus its rules in the top-level chains), so callers
-can cache it per service; :func:`render` assembles the whole ruleset around those pieces.
+service port contributes (its own chains plus its rules in the top-level chains);
+:func:`base_ruleset` and :func:`chain_tails` give the rules around them. The engine
+(:mod:`iptsync.engine`) caches the pieces per service and assembles the ruleset from them.
 What the rules decide (which endpoints, REJECT or DROP, what is masqueraded) comes from
 :mod:`iptsync.policy`; this module says it in kube-proxy's rules.
 """
@@ -11,7 +12,7 @@ What the rules decide (which endpoints, REJECT or DROP, what is masqueraded) com
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from iptsync import names
@@ -20,11 +21,9 @@ from iptsync.policy import (
     Settings,
     categorize_endpoints,
     internal_masquerade,
-    is_large_cluster,
     port_targets,
 )
 from iptsync.ruleset import Jump, Rule, Ruleset
-from iptsync.state import ClusterState
 
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -333,30 +332,3 @@ def chain_tails(settings: Settings) -> dict[tuple[str, str], list[Rule]]:
     """Rules that end a top-level chain, after every service's: (table, chain) -> rules."""
     return {("nat", names.KUBE_SERVICES): nodeports_jumps(settings),
             ("filter", names.KUBE_FORWARD): forward_rules(settings)}
-
-
-def assemble(settings: Settings, pieces: Iterable[PortRules]) -> Ruleset:
-    """Put per-service pieces into the top-level skeleton; NodePort jump last."""
-    rs = base_ruleset(settings)
-    heads = {(table, chain): len(rules) for table, chains in rs.tables.items()
-             for chain, rules in chains.items()}
-    for piece in pieces:
-        for table, rule in piece.top:
-            rs.chain(table, rule.chain).append(rule)
-        nat = rs.tables["nat"]
-        for chain, rules in piece.chains.items():
-            nat[chain] = rules
-    rs.free = {(table, chain): (head, len(rs.tables[table][chain]))
-               for (table, chain), head in heads.items()}
-    for (table, chain), rules in chain_tails(settings).items():
-        rs.chain(table, chain).extend(rules)
-    return rs
-
-
-def render(state: ClusterState, settings: Settings) -> Ruleset:
-    """The full desired ruleset for this node."""
-    zone = state.node_zone
-    large = is_large_cluster(state, settings)
-    return assemble(settings, (
-        render_service_port(port, state.endpoints(port), settings, zone, large_cluster=large)
-        for port in state.service_ports()))

@@ -62,15 +62,14 @@ class Jump:
 
 @dataclass
 class Ruleset:
-    """Desired or live rules: table -> chain -> rules (chains in declaration order).
+    """Rules as arguments: table -> chain -> rules (chains in declaration order), and jumps.
 
-    ``free`` gives, for top-level chains, the slice of rules (the services') whose order
-    does not matter: (table, chain) -> (start, end).
+    What :func:`iptsync.render.base_ruleset` builds; the engine assembles the full desired
+    ruleset (:class:`iptsync.plan.DesiredTables`) from it and the services' rules.
     """
 
     tables: dict[str, dict[str, list[Rule]]] = field(default_factory=dict)
     jumps: list[Jump] = field(default_factory=list)
-    free: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     def chain(self, table: str, chain: str) -> list[Rule]:
         """The rules of a chain, creating the (empty) chain if needed."""
@@ -78,26 +77,6 @@ class Ruleset:
 
     def add(self, table: str, chain: str, *args: str) -> None:
         self.chain(table, chain).append(Rule(chain, tuple(args)))
-
-    def rule_count(self, table: str) -> int:
-        return sum(len(rules) for rules in self.tables.get(table, {}).values())
-
-    def restore_text(self) -> str:
-        """The iptables-restore payload that creates this ruleset on a fresh node."""
-        lines: list[str] = []
-        for table in ordered_tables(self.tables):
-            chains = self.tables[table]
-            lines.append(f"*{table}")
-            lines.extend(chain_line(name) for name in chains)
-            for name, rules in chains.items():
-                prefix = f"-A {name} "
-                lines.extend(prefix + join_args(rule.args) if rule.args else prefix.rstrip()
-                             for rule in rules)
-            # Inserting at position 1 in reverse order leaves the jumps in listed order.
-            lines.extend(jump.rule.restore_line("-I", 1) for jump in
-                         reversed([j for j in self.jumps if j.table == table]))
-            lines.append("COMMIT")
-        return "\n".join(lines) + "\n"
 
 
 def ordered_tables(tables: Iterable[str]) -> list[str]:

@@ -8,7 +8,7 @@ it is DNATed to, whether it is masqueraded, or where it is dropped or rejected, 
 exact path of rules that decided it.
 
 Both rule sources work and give the same structure (:class:`Tables`): the rendered rules of
-:mod:`iptsync.render` (:func:`from_ruleset`) and the live rules read by
+:mod:`iptsync.desired` (:func:`from_desired`) and the live rules read by
 :meth:`iptsync.netfilter.Netfilter.save` (:func:`from_saved`). Each canonical rule is parsed
 once (:func:`parse_rule`). The walk follows the kernel: rules in order, jumps and gotos,
 RETURN, a user chain's end returns, a built-in chain's end applies its policy; the nat table
@@ -34,10 +34,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from iptsync.plan import DesiredTables
 from iptsync.policy import ORIGINS, Origin, Verdict
 from iptsync.ruleset import (
     Option,
-    Ruleset,
     SavedTable,
     join_args,
     mark_value,
@@ -158,15 +158,15 @@ class Tables:
         return chain in self.chains.get(table, {})
 
 
-def from_ruleset(ruleset: Ruleset) -> Tables:
+def from_desired(desired: DesiredTables) -> Tables:
     """The rendered rules; the jumps go at the top of the built-in chains, in listed order."""
     chains: dict[str, dict[str, tuple[TraceRule, ...]]] = {}
-    for table, table_chains in ruleset.tables.items():
-        chains[table] = {name: tuple(parse_rule(rule.canonical) for rule in rules)
-                         for name, rules in table_chains.items()}
+    for table, table_chains in desired.tables.items():
+        chains[table] = {name: tuple(map(parse_rule, content.canonical_rules()))
+                         for name, content in table_chains.items()}
     for table, builtins in BUILTIN_CHAINS.items():
         for chain in builtins:
-            jumps = tuple(parse_rule(jump.rule.canonical) for jump in ruleset.jumps
+            jumps = tuple(parse_rule(jump.rule.canonical) for jump in desired.jumps
                           if jump.table == table and jump.chain == chain)
             existing = chains.setdefault(table, {}).get(chain, ())
             chains[table][chain] = jumps + existing

@@ -133,7 +133,9 @@ def dump_service(manifests: Path, node: str, ref: str, cluster_cidr: str) -> Dum
     settings = build_settings(node_name=node, cluster_cidr=cluster_cidr, masquerade_all=False,
                               masquerade_bit=14, nodeport_addresses=None, node_ips=(),
                               localhost_nodeports=True)
-    nat = desired_from_objects(loaded.objects, settings).ruleset.tables.get("nat", {})
+    tables = desired_from_objects(loaded.objects, settings).tables.tables
+    nat = {chain: [Rule(chain, tuple(split_args(line)[2:])) for line in content.lines]
+           for chain, content in tables.get("nat", {}).items()}
     return DumpExcerpt(
         node=node, service=ref, command=dump_command(manifests, node, cluster_cidr),
         chains=service_chains(nat, ref),

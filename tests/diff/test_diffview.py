@@ -19,9 +19,9 @@ from iptsync import names
 from iptsync.cli import main
 from iptsync.desired import Desired, desired_from_objects
 from iptsync.diffview import DiffReport, diff_report, render_text, report_json
-from iptsync.plan import make_plan
+from iptsync.plan import DesiredTables, make_plan
 from iptsync.policy import Settings
-from iptsync.ruleset import Ruleset, ordered_tables, parse_save
+from iptsync.ruleset import ordered_tables, parse_save
 from iptsync.sources.files import load_objects
 
 SCENARIO = Path(__file__).resolve().parents[1] / "render" / "scenarios" / (
@@ -37,17 +37,17 @@ def desired() -> Desired:
     return desired_from_objects(load_objects([SCENARIO]).objects, SETTINGS)
 
 
-def saved_text(ruleset: Ruleset) -> str:
+def saved_text(desired: DesiredTables) -> str:
     """The ruleset as iptables-save prints it on a node that holds exactly these rules."""
     lines = []
-    for table in ordered_tables(ruleset.tables):
-        jumps = [j for j in ruleset.jumps if j.table == table]
+    for table in ordered_tables(desired.tables):
+        jumps = [j for j in desired.jumps if j.table == table]
         lines.append(f"*{table}")
         lines += [f":{chain} ACCEPT [0:0]" for chain in dict.fromkeys(j.chain for j in jumps)]
-        lines += [f":{chain} - [0:0]" for chain in ruleset.tables[table]]
+        lines += [f":{chain} - [0:0]" for chain in desired.tables[table]]
         lines += [f"-A {j.chain} {j.rule.canonical}" for j in jumps]
-        lines += [f"-A {chain} {rule.canonical}".rstrip()
-                  for chain, rules in ruleset.tables[table].items() for rule in rules]
+        lines += [f"-A {chain} {rule}".rstrip() for chain, content in desired.tables[table].items()
+                  for rule in content.canonical_rules()]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -59,14 +59,14 @@ def without(text: str, *fragments: str) -> str:
 
 
 def report_for(live_text: str) -> DiffReport:
-    wanted = desired().ruleset
+    wanted = desired().tables
     live = parse_save(live_text)
     return diff_report(make_plan(wanted, live), live, wanted)
 
 
 def test_a_node_in_sync_has_no_changes() -> None:
     """Live rules equal to the desired ones: nothing to report, and the text says so."""
-    report = report_for(saved_text(desired().ruleset))
+    report = report_for(saved_text(desired().tables))
     assert (False, (), ()) == (report.changed, report.chains, report.jumps)
     assert ("no changes: the live rules already hold the rules a sync writes\n"
             == render_text(report, **LABELS))
@@ -75,7 +75,7 @@ def test_a_node_in_sync_has_no_changes() -> None:
 
 def test_a_rule_deleted_by_hand_shows_as_added_back() -> None:
     """One endpoint rule missing from the SVC chain: a rewrite adding just that rule."""
-    live = without(saved_text(desired().ruleset), f"-A {SVC} ", "10.0.2.2:8080")
+    live = without(saved_text(desired().tables), f"-A {SVC} ", "10.0.2.2:8080")
     report = report_for(live)
     [chain] = report.chains
     assert ("nat", SVC, "rewrite") == (chain.table, chain.chain, chain.action)
@@ -89,7 +89,7 @@ def test_a_rule_deleted_by_hand_shows_as_added_back() -> None:
 
 def test_an_altered_rule_shows_as_removed_and_added() -> None:
     """A DNAT target changed by hand: the live rule is removed (-), the desired one added (+)."""
-    live = saved_text(desired().ruleset).replace("--to-destination 10.0.1.2:8080",
+    live = saved_text(desired().tables).replace("--to-destination 10.0.1.2:8080",
                                                  "--to-destination 10.0.1.99:8080")
     [chain] = report_for(live).chains
     assert (SEP_1, "rewrite") == (chain.chain, chain.action)
@@ -106,7 +106,7 @@ def test_an_altered_rule_shows_as_removed_and_added() -> None:
 
 def test_a_missing_chain_is_created_and_a_stale_one_deleted() -> None:
     """A service chain the node lacks is created; an old one of ours is deleted with its rules."""
-    live = without(without(saved_text(desired().ruleset), f":{SEP_1} "), f"-A {SEP_1} ")
+    live = without(without(saved_text(desired().tables), f":{SEP_1} "), f"-A {SEP_1} ")
     live = live.replace("*nat\n", "*nat\n:KUBE-SEP-OLDOLDOLDOLDOLD - [0:0]\n")
     live = live.removesuffix("COMMIT\n") + (
         "-A KUBE-SEP-OLDOLDOLDOLDOLD -j DNAT --to-destination 10.0.9.9:80\nCOMMIT\n")
@@ -122,7 +122,7 @@ def test_a_missing_chain_is_created_and_a_stale_one_deleted() -> None:
 
 def test_a_missing_jump_is_inserted() -> None:
     """A jump from a built-in chain removed by hand is reported as a jump to insert."""
-    live = without(saved_text(desired().ruleset), "-A PREROUTING ", "-j KUBE-SERVICES")
+    live = without(saved_text(desired().tables), "-A PREROUTING ", "-j KUBE-SERVICES")
     report = report_for(live)
     assert () == report.chains
     assert [("nat", "PREROUTING")] == [(j.table, j.chain) for j in report.jumps]
@@ -134,7 +134,7 @@ def test_a_missing_jump_is_inserted() -> None:
 
 def test_rules_of_other_tools_are_not_reported() -> None:
     """Chains iptsync does not own, and rules in built-in chains, are left out of the diff."""
-    live = saved_text(desired().ruleset).replace(
+    live = saved_text(desired().tables).replace(
         "*filter\n", "*filter\n:DOCKER-USER - [0:0]\n-A DOCKER-USER -j RETURN\n"
         "-A FORWARD -j DOCKER-USER\n", 1)
     assert not report_for(live).changed
@@ -143,7 +143,7 @@ def test_rules_of_other_tools_are_not_reported() -> None:
 def test_an_empty_node_gets_every_chain_and_jump() -> None:
     """Nothing live (a fresh node): every chain is created and every jump inserted."""
     report = report_for("")
-    wanted = desired().ruleset
+    wanted = desired().tables
     assert sum(len(chains) for chains in wanted.tables.values()) == len(report.chains)
     assert {"create"} == {c.action for c in report.chains}
     assert len(wanted.jumps) == len(report.jumps)
@@ -154,10 +154,10 @@ def test_an_empty_node_gets_every_chain_and_jump() -> None:
 
 def test_long_rewrites_show_only_context_around_changes() -> None:
     """Unchanged rules far from any change collapse into '...' between hunks."""
-    wanted = desired().ruleset
+    wanted = desired().tables
     live = saved_text(wanted)
-    first, last = (f"-A KUBE-POSTROUTING {wanted.tables['nat']['KUBE-POSTROUTING'][i].canonical}"
-                   for i in (0, -1))
+    rules = wanted.tables["nat"]["KUBE-POSTROUTING"].canonical_rules()
+    first, last = (f"-A KUBE-POSTROUTING {rules[i]}" for i in (0, -1))
     live = live.replace(first + "\n", "").replace(last + "\n", "")
     live = live.replace("-A KUBE-MARK-MASQ ", "-A KUBE-POSTROUTING -j RETURN\n"
                         "-A KUBE-POSTROUTING -j RETURN\n-A KUBE-POSTROUTING -j RETURN\n"
@@ -169,7 +169,7 @@ def test_long_rewrites_show_only_context_around_changes() -> None:
 
 def test_json_lists_changes_per_table_and_action() -> None:
     """JSON: changed, summary, and per table create/rewrite/delete/jumps."""
-    live = without(saved_text(desired().ruleset), f"-A {SVC} ", "10.0.2.2:8080")
+    live = without(saved_text(desired().tables), f"-A {SVC} ", "10.0.2.2:8080")
     live = without(live, "-A OUTPUT ", "-j KUBE-FIREWALL")
     data = json.loads(json.dumps(report_json(report_for(live))))
     assert {"changed": True, "summary": "filter: 1 jump to insert; nat: 1 chain to rewrite",
@@ -186,7 +186,7 @@ def test_json_lists_changes_per_table_and_action() -> None:
 @pytest.fixture
 def saved_in_sync(tmp_path: Path) -> Path:
     path = tmp_path / "node1.save"
-    path.write_text(saved_text(desired().ruleset))
+    path.write_text(saved_text(desired().tables))
     return path
 
 

@@ -84,14 +84,16 @@ def owned(netfilter: NetfilterPort) -> Tables:
 
 
 def expected(objects: list[dict[str, Any]]) -> Tables:
-    ruleset = desired_from_objects(objects, SETTINGS).ruleset
-    return {table: {chain: [r.canonical for r in rules] for chain, rules in chains.items()}
-            for table, chains in ruleset.tables.items()}
+    tables = desired_from_objects(objects, SETTINGS).tables.tables
+    return {table: {chain: content.canonical_rules() for chain, content in chains.items()}
+            for table, chains in tables.items()}
 
 
 def assert_holds_full_sync(objects: list[dict[str, Any]], netfilter: NetfilterPort) -> None:
     """The kernel holds what a full sync of ``objects`` writes, services' order aside."""
-    free = desired_from_objects(objects, SETTINGS).ruleset.free
+    free = {(table, chain): content.free for table, chains in
+            desired_from_objects(objects, SETTINGS).tables.tables.items()
+            for chain, content in chains.items()}
 
     def services_sorted(tables: Tables) -> Tables:
         return {table: {chain: comparable(rules, free.get((table, chain)))

@@ -15,7 +15,7 @@ import pytest
 from iptsync.desired import desired_from_objects
 from iptsync.explain import ServiceRef, explain
 from iptsync.policy import Decision
-from iptsync.trace import from_ruleset, make_packet, trace
+from iptsync.trace import from_desired, make_packet, trace
 
 from .objects import CASES, NODES, SETTINGS
 
@@ -40,7 +40,7 @@ def test_explain_agrees_with_the_tracer_on_this_node(case: str) -> None:
     """For each entry point and client, verdict, endpoint shares and masquerade match."""
     desired = desired_from_objects([*NODES, *CASES[case]], SETTINGS)
     explanation = explain(desired.state, desired.settings, ServiceRef("default", case))
-    tables = from_ruleset(desired.ruleset)
+    tables = from_desired(desired.tables)
     view = next(v for v in explanation.ports[0].views if v.roles[0].this_node)
     checked = 0
     for entry in view.entries:

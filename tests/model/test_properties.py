@@ -19,7 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iptsync.desired import desired_from_objects
+from iptsync.desired import Desired, desired_from_objects
 from iptsync.model import (
     SERVICE_NAME_LABEL,
     EndpointSliceInfo,
@@ -29,7 +29,7 @@ from iptsync.model import (
     parse_object,
 )
 from iptsync.policy import Settings
-from iptsync.ruleset import Ruleset, canonical
+from iptsync.ruleset import canonical, split_args
 
 Manifest = dict[str, Any]
 Draw = Callable[[st.SearchStrategy[Any]], Any]
@@ -519,9 +519,15 @@ def clusters(draw: Draw, *, invalid: bool = True) -> Mix:
     return Mix(valid, draw(st.permutations(objects)))
 
 
-def render_mix(mix: Mix) -> Ruleset:
+def render_mix(mix: Mix) -> Desired:
     """The desired ruleset for the mix with the suite's settings."""
-    return desired_from_objects(mix.objects, SETTINGS).ruleset
+    return desired_from_objects(mix.objects, SETTINGS)
+
+
+def chain_args(desired: Desired, table: str) -> dict[str, list[tuple[str, ...]]]:
+    """Each chain of ``table`` with its rules' arguments (restore spelling)."""
+    return {chain: [tuple(split_args(line)[2:]) for line in content.lines]
+            for chain, content in desired.tables.tables.get(table, {}).items()}
 
 
 def rule_target(args: tuple[str, ...]) -> str:
@@ -538,15 +544,15 @@ def option(args: tuple[str, ...], name: str) -> str | None:
 @given(clusters())
 def test_render_of_any_mix_keeps_valid_services(mix: Mix) -> None:
     """Rendering never raises and every valid service port gets its cluster-IP rule."""
-    ruleset = render_mix(mix)
-    text = ruleset.restore_text()
+    desired = render_mix(mix)
+    text = desired.payload()
     dispatch: dict[tuple[str, str | None], set[str]] = {}
     for table in ("nat", "filter"):
-        for rule in ruleset.tables[table].get("KUBE-SERVICES", []):
-            destination = option(rule.args, "-d")
+        for args in chain_args(desired, table).get("KUBE-SERVICES", []):
+            destination = option(args, "-d")
             if destination is not None:
-                dispatch.setdefault((destination, option(rule.args, "--dport")), set()).add(
-                    rule_target(rule.args))
+                dispatch.setdefault((destination, option(args, "--dport")), set()).add(
+                    rule_target(args))
     for svc in mix.valid_services:
         cluster_ip = svc["spec"]["clusterIP"]
         assert f"-d {cluster_ip} " in text
@@ -554,10 +560,10 @@ def test_render_of_any_mix_keeps_valid_services(mix: Mix) -> None:
             targets = dispatch.get((cluster_ip, str(port["port"])), set())
             assert any(t.startswith(("KUBE-SVC-", "KUBE-SVL-")) or t in ("REJECT", "DROP")
                        for t in targets), (cluster_ip, port, targets)
-    for chains in ruleset.tables.values():
-        for rules in chains.values():
-            for rule in rules:
-                canonical(rule.args)
+    for table in desired.tables.tables:
+        for rules in chain_args(desired, table).values():
+            for args in rules:
+                canonical(args)
 
 
 def endpoint_shares(probabilities: list[float]) -> list[float]:
@@ -569,14 +575,14 @@ def endpoint_shares(probabilities: list[float]) -> list[float]:
     return [*shares, remaining]
 
 
-def check_equal_shares(ruleset: Ruleset) -> int:
+def check_equal_shares(desired: Desired) -> int:
     """Assert the statistic rules of every SVC/SVL chain split traffic evenly; count chains."""
     checked = 0
-    for chain, rules in ruleset.tables.get("nat", {}).items():
+    for chain, rules in chain_args(desired, "nat").items():
         if not chain.startswith(("KUBE-SVC-", "KUBE-SVL-")):
             continue
-        picks = [r.args for r in rules
-                 if rule_target(r.args).startswith("KUBE-SEP-") and "recent" not in r.args]
+        picks = [args for args in rules
+                 if rule_target(args).startswith("KUBE-SEP-") and "recent" not in args]
         if not picks:
             continue
         n = len(picks)
@@ -610,5 +616,4 @@ def test_equal_shares_hold_for_many_endpoints(count: int, affinity: bool) -> Non
                         "labels": {SERVICE_NAME_LABEL: "big"}},
            "ports": [{"name": "p", "port": 8080}],
            "endpoints": [{"addresses": [a]} for a in addresses]}
-    ruleset = desired_from_objects([svc, eps], SETTINGS).ruleset
-    assert 1 == check_equal_shares(ruleset)
+    assert 1 == check_equal_shares(desired_from_objects([svc, eps], SETTINGS))

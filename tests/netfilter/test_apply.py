@@ -18,9 +18,8 @@ import pytest
 from iptsync import names
 from iptsync.desired import Desired, desired_from_objects
 from iptsync.netfilter import Netfilter
-from iptsync.plan import Plan, cleanup_plan, make_plan
+from iptsync.plan import ChainContent, DesiredTables, Plan, cleanup_plan, make_plan
 from iptsync.policy import Settings
-from iptsync.ruleset import Ruleset
 from iptsync.sources.files import load_objects
 from iptsync.sync import STAGE_LINES, SyncError, apply_plan
 
@@ -45,7 +44,7 @@ class Synced:
 
 def sync(netfilter: Netfilter, desired: Desired) -> Synced:
     """A one-shot full sync of a rendered ruleset: read the kernel, plan, apply."""
-    plan = make_plan(desired.ruleset, netfilter.save(),
+    plan = make_plan(desired.tables, netfilter.save(),
                      stage_lines=STAGE_LINES[netfilter.backend])
     apply_plan(netfilter, plan)
     return Synced(plan)
@@ -55,11 +54,11 @@ def live_chains(netfilter: Netfilter) -> dict[str, dict[str, list[str]]]:
     return {table: saved.chains for table, saved in netfilter.save().items()}
 
 
-def assert_live_equals_desired(netfilter: Netfilter, desired: Ruleset) -> None:
+def assert_live_equals_desired(netfilter: Netfilter, desired: DesiredTables) -> None:
     live = live_chains(netfilter)
     for table, chains in desired.tables.items():
-        for chain, rules in chains.items():
-            assert [r.canonical for r in rules] == live[table].get(chain), f"{table} {chain}"
+        for chain, content in chains.items():
+            assert content.canonical_rules() == live[table].get(chain), f"{table} {chain}"
     for jump in desired.jumps:
         assert jump.rule.canonical in live[jump.table][jump.chain]
 
@@ -69,7 +68,7 @@ def test_first_sync_creates_every_chain_and_jump(netfilter: Netfilter) -> None:
     desired = desired_for("upstream-overall", "loadbalancer-ranges-affinity",
                           "etp-local-with-local")
     sync(netfilter, desired)
-    assert_live_equals_desired(netfilter, desired.ruleset)
+    assert_live_equals_desired(netfilter, desired.tables)
     live = live_chains(netfilter)
     kube_jumps = [rule for rule in live["filter"]["INPUT"] if "-j KUBE-" in rule]
     assert ["KUBE-FIREWALL", "KUBE-PROXY-FIREWALL", "KUBE-NODEPORTS",
@@ -111,7 +110,7 @@ def test_update_writes_only_changed_chains_and_deletes_stale_ones(netfilter: Net
     assert {"KUBE-SVC-X27LE4BHSL4DOUIK", "KUBE-EXT-X27LE4BHSL4DOUIK", "KUBE-SEP-OYPFS5VJICHGATKP",
             "KUBE-SEP-UKSFD7AGPMPPLUHC"} == set(by_table["nat"].deleted)
     assert "filter" not in by_table
-    assert_live_equals_desired(netfilter, updated.ruleset)
+    assert_live_equals_desired(netfilter, updated.tables)
     live = live_chains(netfilter)["nat"]
     assert not any(chain in live for chain in by_table["nat"].deleted)
 
@@ -154,13 +153,13 @@ def test_foreign_chains_and_rules_are_never_touched(netfilter: Netfilter) -> Non
     # Our jumps sit above the foreign rules in the built-in chains, as kube-proxy's do.
 
 
-def broken(desired: Desired) -> Ruleset:
+def broken(desired: Desired) -> DesiredTables:
     """The desired ruleset with a changed filter chain and a nat rule the kernel rejects."""
-    rs = Ruleset({t: {c: list(rules) for c, rules in chains.items()}
-                  for t, chains in desired.ruleset.tables.items()}, list(desired.ruleset.jumps))
-    rs.add("filter", names.KUBE_FORWARD, "-s", "198.51.100.9", "-j", "DROP")
-    rs.add("nat", names.KUBE_SERVICES, "-j", "KUBE-NO-SUCH-CHAIN")
-    return rs
+    tables = {t: dict(chains) for t, chains in desired.tables.tables.items()}
+    for table, chain, rule in (("filter", names.KUBE_FORWARD, "-s 198.51.100.9 -j DROP"),
+                               ("nat", names.KUBE_SERVICES, "-j KUBE-NO-SUCH-CHAIN")):
+        tables[table][chain] = ChainContent((*tables[table][chain].lines, f"-A {chain} {rule}"))
+    return DesiredTables(tables, desired.tables.jumps)
 
 
 def test_failed_restore_keeps_previous_rules_and_next_sync_repairs(
@@ -178,7 +177,7 @@ def test_failed_restore_keeps_previous_rules_and_next_sync_repairs(
     assert "tables undone: filter" in str(failure.value)
     assert before == live_chains(netfilter)
     sync(netfilter, new)
-    assert_live_equals_desired(netfilter, new.ruleset)
+    assert_live_equals_desired(netfilter, new.tables)
 
 
 def test_drifted_chain_is_rewritten(netfilter: Netfilter) -> None:
@@ -188,7 +187,7 @@ def test_drifted_chain_is_rewritten(netfilter: Netfilter) -> None:
     netfilter.run("-t", "nat", "-F", "KUBE-SVC-XPGD46QRK7WJZT7O")
     result = sync(netfilter, desired)
     assert [["KUBE-SVC-XPGD46QRK7WJZT7O"]] == [t.written for t in result.plan.tables]
-    assert_live_equals_desired(netfilter, desired.ruleset)
+    assert_live_equals_desired(netfilter, desired.tables)
 
 
 def test_chain_referenced_by_foreign_rule_is_not_deleted(netfilter: Netfilter) -> None:
@@ -257,12 +256,12 @@ def test_staged_sync_loads_new_chains_in_batches_then_switches_atomically(
         netfilter: Netfilter) -> None:
     """With staging forced (tiny batches), the result equals a single-batch sync."""
     desired = desired_for("upstream-overall", "nodeport-tcp-udp", "loadbalancer-ranges-affinity")
-    plan = make_plan(desired.ruleset, netfilter.save(), stage_lines=10)
+    plan = make_plan(desired.tables, netfilter.save(), stage_lines=10)
     assert plan.staged
     assert len(plan.stages()) > 3
     assert "KUBE-SEP-" not in plan.payload  # the final batch only links the new chains in
     apply_plan(netfilter, plan)
-    assert_live_equals_desired(netfilter, desired.ruleset)
+    assert_live_equals_desired(netfilter, desired.tables)
     assert sync(netfilter, desired).plan.empty
 
 
@@ -281,4 +280,4 @@ def test_failed_final_batch_after_staging_keeps_traffic_rules(netfilter: Netfilt
         for chain, rules in chains.items():
             assert rules == after[table][chain], f"{table} {chain}"
     sync(netfilter, new)
-    assert_live_equals_desired(netfilter, new.ruleset)
+    assert_live_equals_desired(netfilter, new.tables)

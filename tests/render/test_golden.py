@@ -48,7 +48,7 @@ def render_scenario(name: str) -> str:
     loaded = load_objects([SCENARIOS / f"{name}.yaml"])
     desired = desired_from_objects(loaded.objects, settings)
     assert expected_warnings(name) == [str(p) for p in loaded.problems + desired.problems]
-    return desired.ruleset.restore_text()
+    return desired.payload()
 
 
 def layout(text: str) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from render.golden import SCENARIO_NAMES, SCENARIOS, expected_warnings
 
-from iptsync.desired import desired_from_objects
+from iptsync.desired import Desired, desired_from_objects
+from iptsync.plan import ChainContent, DesiredTables
 from iptsync.policy import Settings
 from iptsync.ruleset import (
     Jump,
     Rule,
-    Ruleset,
     RulesetError,
     SavedTable,
     canonical,
@@ -33,6 +33,7 @@ from iptsync.ruleset import (
     split_args,
 )
 from iptsync.sources.files import load_objects
+from iptsync.state import ClusterState
 
 SETTINGS = Settings(
     node_name="node1",
@@ -46,24 +47,34 @@ BUILTIN_CHAINS = {
 Chains = dict[str, dict[str, list[str]]]
 
 
-def render_scenario(name: str) -> Ruleset:
+def render_scenario(name: str) -> Desired:
     """The desired ruleset of a golden scenario under the suite's settings."""
     loaded = load_objects([SCENARIOS / f"{name}.yaml"])
     desired = desired_from_objects(loaded.objects, SETTINGS)
     assert expected_warnings(name) == [str(p) for p in loaded.problems + desired.problems]
-    return desired.ruleset
+    return desired
 
 
-def expected_chains(ruleset: Ruleset) -> Chains:
+def written(rules: dict[tuple[str, str], list[tuple[str, ...]]],
+            jumps: list[Jump] | None = None) -> Desired:
+    """A desired ruleset written by hand: (table, chain) -> each rule's arguments."""
+    tables: dict[str, dict[str, ChainContent]] = {}
+    for (table, chain), args in rules.items():
+        lines = tuple(f"-A {chain} {join_args(rule)}" for rule in args)
+        tables.setdefault(table, {})[chain] = ChainContent(lines)
+    return Desired(DesiredTables(tables, jumps or []), ClusterState("node1"), SETTINGS, [])
+
+
+def expected_chains(desired: Desired) -> Chains:
     """Table -> chain -> canonical rules, without the inserted jumps."""
-    return {table: {chain: [rule.canonical for rule in rules] for chain, rules in chains.items()}
-            for table, chains in ruleset.tables.items()}
+    return {table: {chain: content.canonical_rules() for chain, content in chains.items()}
+            for table, chains in desired.tables.tables.items()}
 
 
-def expected_jumps(ruleset: Ruleset) -> Chains:
+def expected_jumps(desired: Desired) -> Chains:
     """Table -> built-in chain -> canonical jumps, in the order they must end up."""
     out: Chains = {}
-    for jump in ruleset.jumps:
+    for jump in desired.tables.jumps:
         out.setdefault(jump.table, {}).setdefault(jump.chain, []).append(jump.rule.canonical)
     return out
 
@@ -273,54 +284,49 @@ def inserted_jumps(text: str) -> Chains:
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
-def test_restore_text_reads_back_as_canonical_rules(name: str) -> None:
+def test_dump_payload_reads_back_as_canonical_rules(name: str) -> None:
     """A rendered ruleset's -A lines parse back, chain by chain, to the canonical rules."""
-    ruleset = render_scenario(name)
-    text = ruleset.restore_text()
+    desired = render_scenario(name)
+    text = desired.payload()
     appended = "".join(line + "\n" for line in text.splitlines() if not line.startswith("-I "))
     tables = parse_save(appended)
-    assert expected_chains(ruleset) == saved_chains(tables)
-    for table, chains in ruleset.tables.items():
+    assert expected_chains(desired) == saved_chains(tables)
+    for table, chains in desired.tables.tables.items():
         assert list(chains) == list(tables[table].chains)
         assert {} == tables[table].policies
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
-def test_restore_text_inserts_jumps_in_listed_order(name: str) -> None:
+def test_dump_payload_inserts_jumps_in_listed_order(name: str) -> None:
     """The -I lines leave each built-in chain with its jumps in the order listed."""
-    ruleset = render_scenario(name)
-    jumps = inserted_jumps(ruleset.restore_text())
-    assert expected_jumps(ruleset) == jumps
+    desired = render_scenario(name)
+    jumps = inserted_jumps(desired.payload())
+    assert expected_jumps(desired) == jumps
     for table, chains in jumps.items():
         assert set(chains) <= set(BUILTIN_CHAINS[table])
 
 
-def test_restore_text_round_trips_awkward_comments() -> None:
-    """Comments with quotes, backslashes and blanks survive restore_text and parse_save."""
-    ruleset = Ruleset()
+def test_dump_payload_round_trips_awkward_comments() -> None:
+    """Comments with quotes, backslashes and blanks survive the dump payload and parse_save."""
     comments = ['say "hi"', "back\\slash", "tab\tand  spaces", "trailing\\"]
-    for comment in comments:
-        ruleset.add("nat", "KUBE-X", "-m", "comment", "--comment", comment, "-j", "RETURN")
-    ruleset.jumps = [Jump("nat", "OUTPUT", ("-m", "comment", "--comment", 'q"uote', "-j",
-                                            "KUBE-X"))]
-    text = ruleset.restore_text()
+    desired = written(
+        {("nat", "KUBE-X"): [("-m", "comment", "--comment", c, "-j", "RETURN") for c in comments]},
+        [Jump("nat", "OUTPUT", ("-m", "comment", "--comment", 'q"uote', "-j", "KUBE-X"))])
+    text = desired.payload()
     appended = "".join(line + "\n" for line in text.splitlines() if not line.startswith("-I "))
-    assert expected_chains(ruleset) == saved_chains(parse_save(appended))
-    assert ['-m comment --comment "q\\"uote" -j KUBE-X'] == inserted_jumps(text)["nat"]["OUTPUT"]
     expected = [f"-m comment --comment {quote(c)} -j RETURN" for c in comments]
-    assert expected == [rule.canonical for rule in ruleset.tables["nat"]["KUBE-X"]]
+    assert {"nat": {"KUBE-X": expected}} == saved_chains(parse_save(appended))
+    assert ['-m comment --comment "q\\"uote" -j KUBE-X'] == inserted_jumps(text)["nat"]["OUTPUT"]
 
 
-def test_restore_text_orders_tables_and_declares_chains_first() -> None:
+def test_dump_payload_orders_tables_and_declares_chains_first() -> None:
     """filter comes before nat, and each table declares its chains before any rule."""
-    ruleset = Ruleset()
-    ruleset.add("nat", "KUBE-B", "-j", "RETURN")
-    ruleset.add("filter", "KUBE-A", "-j", "RETURN")
-    ruleset.chain("mangle", "KUBE-C")
+    desired = written({("nat", "KUBE-B"): [("-j", "RETURN")],
+                       ("filter", "KUBE-A"): [("-j", "RETURN")], ("mangle", "KUBE-C"): []})
     expected = ("*filter\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n"
                 "*nat\n:KUBE-B - [0:0]\n-A KUBE-B -j RETURN\nCOMMIT\n"
                 "*mangle\n:KUBE-C - [0:0]\nCOMMIT\n")
-    assert expected == ruleset.restore_text()
+    assert expected == desired.payload()
 
 
 # --- canonical forms, as iptables 1.8.9 prints them ---------------------------------------
@@ -444,11 +450,11 @@ def test_canonical_probability_is_stable(tenth_billionths: int) -> None:
 
 def scenario_rules(name: str) -> Iterator[tuple[str, ...]]:
     """The arguments of every rule and jump of a rendered golden scenario."""
-    ruleset = render_scenario(name)
-    for chains in ruleset.tables.values():
-        for rules in chains.values():
-            yield from (rule.args for rule in rules)
-    yield from (jump.args for jump in ruleset.jumps)
+    desired = render_scenario(name)
+    for chains in desired.tables.tables.values():
+        for content in chains.values():
+            yield from (tuple(split_args(line)[2:]) for line in content.lines)
+    yield from (jump.args for jump in desired.tables.jumps)
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
@@ -468,10 +474,10 @@ def live_chains(tables: dict[str, SavedTable]) -> Chains:
             for name, table in tables.items()}
 
 
-def desired_live(ruleset: Ruleset) -> Chains:
+def desired_live(desired: Desired) -> Chains:
     """What iptables-save should show after restoring the ruleset on an empty node."""
-    out = expected_chains(ruleset)
-    for table, chains in expected_jumps(ruleset).items():
+    out = expected_chains(desired)
+    for table, chains in expected_jumps(desired).items():
         for chain, rules in chains.items():
             out.setdefault(table, {})[chain] = rules
     return out
@@ -493,10 +499,10 @@ def test_kernel_prints_the_canonical_forms() -> None:
         namespace = f"iptsync-canon-{os.getpid()}-{backend}"
         subprocess.run(["ip", "netns", "add", namespace], check=True, capture_output=True)
         try:
-            for name, ruleset in rulesets.items():
-                run_in(namespace, [f"iptables-{backend}-restore"], ruleset.restore_text())
+            for name, desired in rulesets.items():
+                run_in(namespace, [f"iptables-{backend}-restore"], desired.payload())
                 saved = parse_save(run_in(namespace, [f"iptables-{backend}-save"]))
-                assert (backend, name, desired_live(ruleset)) == (
+                assert (backend, name, desired_live(desired)) == (
                     backend, name, live_chains(saved))
         finally:
             subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)

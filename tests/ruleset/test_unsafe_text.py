@@ -12,6 +12,7 @@ import ipaddress
 
 import pytest
 
+from iptsync.engine import Engine
 from iptsync.model import (
     Endpoint,
     EndpointSliceInfo,
@@ -23,13 +24,11 @@ from iptsync.model import (
     SlicePort,
 )
 from iptsync.netfilter import Netfilter
-from iptsync.plan import make_plan
+from iptsync.plan import ChainContent, DesiredTables, make_plan
 from iptsync.policy import Settings
-from iptsync.render import render
 from iptsync.ruleset import (
     MAX_COMMENT_BYTES,
     Rule,
-    Ruleset,
     RulesetError,
     UnsafeRestoreText,
     canonical,
@@ -37,8 +36,8 @@ from iptsync.ruleset import (
     join_args,
     kernel_comment,
     parse_save,
+    split_args,
 )
-from iptsync.state import ClusterState
 from iptsync.sync import apply_plan
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
@@ -68,10 +67,9 @@ def test_chain_names_that_break_a_line_are_refused(bad: str) -> None:
     """A chain declaration (and so its -A, -F and -X lines) never holds a bad chain name."""
     with pytest.raises(UnsafeRestoreText, match="chain name"):
         chain_line(bad)
-    ruleset = Ruleset()
-    ruleset.add("nat", bad, "-j", "RETURN")
+    desired = DesiredTables({"nat": {bad: ChainContent((f"-A {bad} -j RETURN",))}}, [])
     with pytest.raises(UnsafeRestoreText):
-        ruleset.restore_text()
+        make_plan(desired, {}).payload_lines()
 
 
 def test_ordinary_arguments_are_still_written() -> None:
@@ -90,29 +88,30 @@ def test_canonical_comment_is_what_the_kernel_keeps() -> None:
     assert "é" * 127 == kernel_comment("é" * 200)  # never half a character
 
 
-def long_named_state() -> tuple[ClusterState, str]:
+def long_named_objects() -> tuple[list[ServiceInfo | EndpointSliceInfo], str]:
     """A service whose names are far longer than the model admits (as a buggy source might
     build them), so its comments pass 255 bytes."""
     namespace, name, port_name = "n" * 120, "s" * 120, "p" * 15
     spn = ServicePortName(namespace, name, port_name)
-    state = ClusterState("node1")
-    state.upsert(ServiceInfo(namespace, name, (ServicePort(
+    return [ServiceInfo(namespace, name, (ServicePort(
         spn, Protocol.TCP, IPFamily.IPV4, ipaddress.ip_address("10.96.0.10"), 80,
-        node_port=30080),)))
-    state.upsert(EndpointSliceInfo(namespace, "slice", name, IPFamily.IPV4,
-                                   (SlicePort(port_name, Protocol.TCP, 8080),),
-                                   (Endpoint(ipaddress.ip_address("10.0.1.1"), 0),
-                                    Endpoint(ipaddress.ip_address("10.0.1.2"), 0))))
-    return state, str(spn)
+        node_port=30080),)),
+            EndpointSliceInfo(namespace, "slice", name, IPFamily.IPV4,
+                              (SlicePort(port_name, Protocol.TCP, 8080),),
+                              (Endpoint(ipaddress.ip_address("10.0.1.1"), 0),
+                               Endpoint(ipaddress.ip_address("10.0.1.2"), 0)))], str(spn)
 
 
 @pytest.mark.netns
 def test_long_comments_do_not_make_every_full_sync_rewrite(netfilter: Netfilter) -> None:
     """After a sync of rules with comments over 255 bytes, the next full plan is empty."""
-    state, spn = long_named_state()
-    desired = render(state, SETTINGS)
-    assert any(len(arg.encode()) > MAX_COMMENT_BYTES for rules in desired.tables["nat"].values()
-               for rule in rules for arg in rule.args)
+    objects, spn = long_named_objects()
+    engine = Engine(None, SETTINGS)
+    for obj in objects:
+        engine.add(obj)
+    desired = engine.desired()
+    assert any(len(arg.encode()) > MAX_COMMENT_BYTES for content in desired.tables["nat"].values()
+               for line in content.lines for arg in split_args(line))
     apply_plan(netfilter, make_plan(desired, netfilter.save()))
     live = netfilter.save()
     stored = [rule for rules in live["nat"].chains.values() for rule in rules if spn[:100] in rule]

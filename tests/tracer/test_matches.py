@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
+from iptsync.plan import ChainContent, DesiredTables
 from iptsync.render import probability
-from iptsync.ruleset import Jump, Ruleset, SavedTable, canonical
+from iptsync.ruleset import Jump, SavedTable, canonical
 from iptsync.trace import (
     Step,
     TraceError,
     TraceResult,
     default_origin,
-    from_ruleset,
+    from_desired,
     from_saved,
     make_packet,
     parse_rule,
@@ -353,12 +354,11 @@ def test_node_origin_to_a_local_address_crosses_filter_input() -> None:
 # --- adapters, inputs and output forms -------------------------------------------------------
 
 def test_rendered_jumps_sit_at_the_top_of_builtin_chains_in_order() -> None:
-    """from_ruleset puts the Ruleset's jumps first in each built-in chain, in listed order."""
-    rs = Ruleset()
-    rs.add("nat", "PREROUTING", "-j", "LATER")
-    rs.jumps = [Jump("nat", "PREROUTING", ("-j", "FIRST")),
-                Jump("nat", "PREROUTING", ("-j", "SECOND"))]
-    chains = from_ruleset(rs).chains
+    """from_desired puts the jumps first in each built-in chain, in listed order."""
+    desired = DesiredTables({"nat": {"PREROUTING": ChainContent(("-A PREROUTING -j LATER",))}},
+                            [Jump("nat", "PREROUTING", ("-j", "FIRST")),
+                             Jump("nat", "PREROUTING", ("-j", "SECOND"))])
+    chains = from_desired(desired).chains
     assert ["FIRST", "SECOND", "LATER"] == [r.target for r in chains["nat"]["PREROUTING"]]
     assert () == chains["filter"]["FORWARD"]
 

@@ -17,7 +17,7 @@ from iptsync.model import IPAddress
 from iptsync.names import is_service_chain
 from iptsync.policy import Settings
 from iptsync.sources.files import load_objects
-from iptsync.trace import Tables, TraceResult, from_ruleset, make_packet, trace
+from iptsync.trace import Tables, TraceResult, from_desired, make_packet, trace
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))
@@ -32,7 +32,7 @@ def rules(scenario: str) -> tuple[Tables, tuple[IPAddress, ...]]:
     loaded = load_objects([SCENARIOS / f"{scenario}.yaml"])
     desired = desired_from_objects(loaded.objects, SETTINGS)
     assert expected_warnings(scenario) == [str(p) for p in loaded.problems + desired.problems]
-    return from_ruleset(desired.ruleset), desired.settings.node_ips
+    return from_desired(desired.tables), desired.settings.node_ips
 
 
 def run(scenario: str, src: str, dst: str, origin: str, proto: str = "tcp") -> TraceResult:
