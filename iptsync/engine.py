@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from iptsync.conntrack import flow_targets
+from iptsync.flows import flow_targets
 from iptsync.kernel import FlowCleaner, NetfilterPort, RestoreError
 from iptsync.model import (
     EndpointSliceInfo,

@@ -21,7 +21,7 @@ from iptsync.ruleset import SavedTable
 
 OWNED_TABLES = ("filter", "nat")  # the tables iptsync writes to and reads back
 # (ip protocol number, address, port) of a service destination -> the "ip:port" endpoints
-# its flows may be DNATed to (iptsync.conntrack.flow_targets).
+# its flows may be DNATed to (iptsync.flows.flow_targets).
 FlowTargets = dict[tuple[int, str, int], frozenset[str]]
 
 

@@ -2,7 +2,7 @@
 
 Why a module of its own: three readers need the same decisions. :mod:`iptsync.render` turns
 them into rules, :mod:`iptsync.explain` reports them to a person, and
-:mod:`iptsync.conntrack` clears flows to endpoints they no longer choose. Kept here once,
+:mod:`iptsync.flows` picks the conntrack flows to endpoints they no longer choose. Kept here once,
 an explanation cannot disagree with the rules and a flow cleanup cannot keep what the rules
 dropped. What is decided:
 

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from iptsync.conntrack import Flow, stale
+from iptsync.flows import Flow, stale
 from iptsync.kernel import (
     OWNED_TABLES,
     Backend,
@@ -436,7 +436,7 @@ class FakeRuleStream:
 
 class FakeConntrack:
     """A conntrack table for :class:`iptsync.kernel.FlowCleaner`: each call deletes the flows
-    that :func:`iptsync.conntrack.stale` condemns and records the targets it was given."""
+    that :func:`iptsync.flows.stale` condemns and records the targets it was given."""
 
     def __init__(self, flows: Iterable[Flow] = ()) -> None:
         self.flows = list(flows)

@@ -31,8 +31,8 @@ from engine.world import (
     service,
 )
 from iptsync import names
-from iptsync.conntrack import Flow
 from iptsync.engine import Engine
+from iptsync.flows import Flow
 from iptsync.kernel import NetfilterPort
 from iptsync.testing import FakeConntrack, FakeNetfilter
 
