@@ -46,9 +46,9 @@ import yaml
 
 from bench.generate import cluster, service_objects
 from bench.scale import CLUSTER_CIDR, NODE, iptsync_command, log, markdown, namespace
-from iptsync import names
+from iptsync.core import names
+from iptsync.kernel.netfilter import Backend, Netfilter
 from iptsync.lab.netns import ns_popen, stop_process
-from iptsync.netfilter import Backend, Netfilter
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from apiserver import FakeApiServer

@@ -25,12 +25,12 @@ from typing import Any
 
 from bench.generate import cluster
 from bench.scale import namespace
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine
-from iptsync.netfilter import Backend, Netfilter
-from iptsync.policy import Settings
+from iptsync.agent.loop import Agent, Timing
+from iptsync.core.policy import Settings
+from iptsync.engine.apply import STAGE_LINES
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Backend, Netfilter
 from iptsync.sources.api import ApiSource
-from iptsync.sync import STAGE_LINES
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from apiserver import FakeApiServer

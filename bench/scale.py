@@ -5,9 +5,9 @@ Ctrl-C and SIGTERM; the host's rules are never touched), on a synthetic cluster 
 :mod:`bench.generate`:
 
 1. ``iptsync dump`` (the real CLI, a subprocess): wall time and peak RSS (``os.wait4``).
-2. First full sync into an empty namespace with :class:`iptsync.engine.Engine` (every object
-   upserted, then one sync), end to end, with the report's phases; against the floor, a plain
-   flushing ``iptables-restore`` of the same rules into another empty namespace.
+2. First full sync into an empty namespace with :class:`iptsync.engine.reconciler.Engine`
+   (every object upserted, then one sync), end to end, with the report's phases; against the
+   floor, a plain flushing ``iptables-restore`` of the same rules into another empty namespace.
 3. Three changes, each applied by iptsync's partial sync (event to rules: upsert/delete plus
    sync) and, on the same kernel state, by a kube-proxy-style partial restore: one
    ``--noflush`` batch declaring and refilling every filter chain kube-proxy writes, nat
@@ -49,17 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.generate import cluster, service_objects
-from iptsync import names
-from iptsync.desired import Desired, desired_from_objects
-from iptsync.engine import Engine, EngineReport, bulk, render_service
-from iptsync.netfilter import Backend, Netfilter
+from iptsync.core import names
+from iptsync.core.plan import comparable
+from iptsync.core.policy import Settings
+from iptsync.core.render import jump_rules
+from iptsync.core.ruleset import chain_line
+from iptsync.core.state import ServiceKey
+from iptsync.engine.apply import STAGE_LINES
+from iptsync.engine.desired import Desired, desired_from_objects
+from iptsync.engine.reconciler import Engine, EngineReport, bulk, render_service
+from iptsync.kernel.netfilter import Backend, Netfilter
 from iptsync.options import build_settings
-from iptsync.plan import comparable
-from iptsync.policy import Settings
-from iptsync.render import jump_rules
-from iptsync.ruleset import chain_line
-from iptsync.state import ServiceKey
-from iptsync.sync import STAGE_LINES
 
 NODE = "node1"
 CLUSTER_CIDR = "10.0.0.0/8"

@@ -16,11 +16,7 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from iptsync.agent import Agent, Timing
-from iptsync.conntrack import clear_stale_flows
-from iptsync.desired import Desired, desired_from_objects, report
-from iptsync.engine import Engine, bulk
-from iptsync.health import (
+from iptsync.agent.health import (
     HealthServer,
     HealthState,
     HttpServer,
@@ -28,12 +24,21 @@ from iptsync.health import (
     ServiceHealthServers,
     parse_bind_address,
 )
-from iptsync.kernel import Backend, NetfilterError
+from iptsync.agent.loop import Agent, Timing
+from iptsync.agent.metrics import Metrics
+from iptsync.core.model import Problem
+from iptsync.core.plan import cleanup_plan
+from iptsync.core.policy import Settings
+from iptsync.core.ruleset import RulesetError
+from iptsync.engine.apply import STAGE_LINES, SyncError, apply_plan
+from iptsync.engine.desired import Desired, desired_from_objects, report
+from iptsync.engine.reconciler import Engine, bulk
+from iptsync.kernel.conntrack import clear_stale_flows
+from iptsync.kernel.netfilter import Netfilter, detect_backend
+from iptsync.kernel.nodeinfo import interface_addresses
+from iptsync.kernel.port import Backend, NetfilterError
+from iptsync.kernel.sysctl import ensure_proxy_sysctls
 from iptsync.logs import setup_logging
-from iptsync.metrics import Metrics
-from iptsync.model import Problem
-from iptsync.netfilter import Netfilter, detect_backend
-from iptsync.nodeinfo import interface_addresses
 from iptsync.options import (
     OptionError,
     ProxyConfig,
@@ -42,13 +47,8 @@ from iptsync.options import (
     parse_ips,
     read_config,
 )
-from iptsync.plan import cleanup_plan
-from iptsync.policy import Settings
-from iptsync.ruleset import RulesetError
 from iptsync.sources.base import Source
 from iptsync.sources.files import LoadedObjects, load_objects
-from iptsync.sync import STAGE_LINES, SyncError, apply_plan
-from iptsync.sysctl import ensure_proxy_sysctls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -402,7 +402,7 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
     """Trace a new connection through the rules: endpoints and odds, masquerade, or where it
     is dropped or rejected, with the rules that decided it. --live reads this namespace's
     rules (root); --objects renders them from manifests (no root)."""
-    from iptsync import trace as tracer  # noqa: PLC0415  (keeps this command's imports local)
+    from iptsync.inspection import trace as tracer  # noqa: PLC0415  (keeps this command's imports local)
 
     setup_logging(params.pop("verbose"))
     if live == bool(params["objects"]):
@@ -443,7 +443,7 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
     whether it is masqueraded, or why it is rejected or dropped, and why each endpoint left
     out is left out. Reads --objects; needs no root.
     """
-    from iptsync import explain as explainer  # noqa: PLC0415  (keeps this command's imports local)
+    from iptsync.inspection import explain as explainer  # noqa: PLC0415  (keeps this command's imports local)
 
     setup_logging(params.pop("verbose"))
     if not params["objects"]:
@@ -477,9 +477,9 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
     """Show what a sync would change: chains to create, chains to rewrite with the rules
     removed (-) and added (+), chains to delete, jumps to insert. Exits 0 when nothing would
     change, 1 when something would, 2 on error (like diff)."""
-    from iptsync import diffview  # noqa: PLC0415  (keeps this command's imports local)
-    from iptsync.plan import make_plan  # noqa: PLC0415
-    from iptsync.ruleset import parse_save  # noqa: PLC0415
+    from iptsync.core.plan import make_plan  # noqa: PLC0415
+    from iptsync.core.ruleset import parse_save  # noqa: PLC0415
+    from iptsync.inspection import diffview  # noqa: PLC0415  (keeps this command's imports local)
 
     setup_logging(params.pop("verbose"))
     if live == (saved is not None):

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from iptsync.model import IPAddress, IPNetwork, NodeInfo
-from iptsync.policy import Settings
+from iptsync.core.model import IPAddress, IPNetwork, NodeInfo
+from iptsync.core.policy import Settings
 
 
 class OptionError(ValueError):

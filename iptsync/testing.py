@@ -1,10 +1,10 @@
 """Test doubles for the kernel port and the agent's clock: run the sync logic without root.
 
-:class:`FakeNetfilter` stands in for :class:`iptsync.netfilter.Netfilter`. It keeps the filter,
-nat and mangle tables in memory and applies restore batches the way iptables-restore does
+:class:`FakeNetfilter` stands in for :class:`iptsync.kernel.netfilter.Netfilter`. It keeps the
+filter, nat and mangle tables in memory and applies restore batches the way iptables-restore does
 where it matters to a proxier::
 
-    from iptsync.engine import Engine
+    from iptsync.engine.reconciler import Engine
     from iptsync.testing import FakeConntrack, FakeNetfilter
 
     kernel = FakeNetfilter()
@@ -27,17 +27,17 @@ What it enforces, as the kernel does (checked against both real backends by
 - ``-X`` refuses a built-in chain, a chain that holds rules and a chain another rule jumps to;
 - ``-D`` by rule spec refuses a rule the chain does not hold; ``-I CHAIN N`` refuses a position
   past the end;
-- a rejected batch raises :class:`iptsync.kernel.RestoreError` naming the failing line, with the
-  lines around it, as the real one does.
+- a rejected batch raises :class:`iptsync.kernel.port.RestoreError` naming the failing line,
+  with the lines around it, as the real one does.
 
 A jump to a chain not declared yet (even one declared further down the same table) is
 rejected by both backends; legacy names the rule's line, nft the table's COMMIT, the fake the
 rule's line.
-Rules are stored as ``iptables-save`` prints them (:func:`iptsync.ruleset.canonical`), so
+Rules are stored as ``iptables-save`` prints them (:func:`iptsync.core.ruleset.canonical`), so
 ``-D`` by spec matches whatever spelling the rule was added with, and :meth:`FakeNetfilter.save`
 reads like the real thing. Counters, packet matching and the xtables lock are not modelled.
 
-:class:`FakeConntrack` stands in for :func:`iptsync.conntrack.clear_stale_flows`: a table of
+:class:`FakeConntrack` stands in for :func:`iptsync.kernel.conntrack.clear_stale_flows`: a table of
 flows from which each call deletes the stale ones, recording what it was asked. :class:`FakeClock`
 is the agent's clock in simulated time: waiting for a message advances the time to the next
 scheduled event (:meth:`FakeClock.call_at`) or to the end of the wait, without sleeping.
@@ -53,8 +53,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from iptsync.flows import Flow, stale
-from iptsync.kernel import (
+from iptsync.core.flows import Flow, stale
+from iptsync.core.ruleset import (
+    RulesetError,
+    SavedTable,
+    canonical,
+    join_args,
+    parse_save,
+    split_args,
+)
+from iptsync.kernel.port import (
     OWNED_TABLES,
     Backend,
     FlowTargets,
@@ -62,7 +70,6 @@ from iptsync.kernel import (
     RestoreError,
     excerpt,
 )
-from iptsync.ruleset import RulesetError, SavedTable, canonical, join_args, parse_save, split_args
 
 T = TypeVar("T")
 
@@ -273,7 +280,7 @@ class InjectedFailure:
 
 
 class FakeNetfilter:
-    """An in-memory netfilter that satisfies :class:`iptsync.kernel.NetfilterPort`.
+    """An in-memory netfilter that satisfies :class:`iptsync.kernel.port.NetfilterPort`.
 
     ``batches`` holds every restore payload received, in order (tests assert what a sync
     wrote); ``backend`` only decides which batch strategy the engine picks.
@@ -435,8 +442,8 @@ class FakeRuleStream:
 
 
 class FakeConntrack:
-    """A conntrack table for :class:`iptsync.kernel.FlowCleaner`: each call deletes the flows
-    that :func:`iptsync.flows.stale` condemns and records the targets it was given."""
+    """A conntrack table for :class:`iptsync.kernel.port.FlowCleaner`: each call deletes the flows
+    that :func:`iptsync.core.flows.stale` condemns and records the targets it was given."""
 
     def __init__(self, flows: Iterable[Flow] = ()) -> None:
         self.flows = list(flows)
@@ -451,7 +458,8 @@ class FakeConntrack:
 
 
 class FakeClock:
-    """Simulated time for :class:`iptsync.agent.Agent` (its :class:`~iptsync.agent.Clock`).
+    """Simulated time for :class:`iptsync.agent.loop.Agent` (its
+    :class:`~iptsync.agent.loop.Clock`).
 
     Nothing sleeps: waiting for a message with nothing queued runs the events scheduled
     within the wait (which may queue messages, change the kernel, or stop the agent) and

@@ -20,9 +20,9 @@ import pytest
 from apiserver import FakeApiServer
 from lockholder import HoldLock, holding
 
-from iptsync.kernel import Backend
+from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel.port import Backend
 from iptsync.lab.netns import netns_required, netns_unavailable_reason
-from iptsync.netfilter import Netfilter
 from iptsync.testing import FakeNetfilter
 
 _counter = itertools.count()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from iptsync.kernel import NetfilterError
+from iptsync.kernel.port import NetfilterError
 from iptsync.lab.checks import Check, evaluate
 from iptsync.lab.readback import (
     DumpExcerpt,

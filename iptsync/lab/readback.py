@@ -13,14 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from iptsync.desired import desired_from_objects
-from iptsync.kernel import Backend
+from iptsync.core.names import SVC_PREFIX, is_service_chain
+from iptsync.core.ruleset import Rule, RulesetError, SavedTable, chain_line, parse_save, split_args
+from iptsync.engine.desired import desired_from_objects
+from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel.port import Backend
 from iptsync.lab.scenario import LabService
 from iptsync.lab.topology import Cluster
-from iptsync.names import SVC_PREFIX, is_service_chain
-from iptsync.netfilter import Netfilter
 from iptsync.options import build_settings
-from iptsync.ruleset import Rule, RulesetError, SavedTable, chain_line, parse_save, split_args
 from iptsync.sources.files import load_objects
 
 

@@ -1,5 +1,5 @@
 """Where Kubernetes objects come from: manifest files (``--objects``) or the API server.
 
 Only this package talks to the outside world for objects; everything downstream sees parsed
-:mod:`iptsync.model` values.
+:mod:`iptsync.core.model` values.
 """

@@ -40,7 +40,7 @@ Objects are never turned into the client's models: deserialising tens of thousan
 slow. The generated list methods are called with ``_preload_content=False`` (so the client
 still supplies authentication, including in-cluster token refresh, TLS and proxies) and the
 JSON is decoded here into plain dicts. LIST items lack ``kind``/``apiVersion``; they are added
-because :mod:`iptsync.model` dispatches on them.
+because :mod:`iptsync.core.model` dispatches on them.
 
 ``stop()`` cannot rely on timeouts alone (an idle watch blocks in a socket read), so it shuts
 the socket of every open response down, which ends the blocked read at once. Calls to the

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from iptsync.model import Problem, object_key
+from iptsync.core.model import Problem, object_key
 from iptsync.sources.base import KINDS, Sink, Snapshot, SourceStatus
 
 logger = logging.getLogger(__name__)

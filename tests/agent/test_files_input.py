@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
-from iptsync import names
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine
-from iptsync.metrics import Metrics
-from iptsync.netfilter import Netfilter
-from iptsync.policy import Settings
+from iptsync.agent.loop import Agent, Timing
+from iptsync.agent.metrics import Metrics
+from iptsync.core import names
+from iptsync.core.policy import Settings
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter
 from iptsync.sources.files import FilesSource
 
 from .waiting import eventually

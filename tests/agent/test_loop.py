@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
 
-from iptsync import names
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine, EngineReport
-from iptsync.kernel import NetfilterPort
+from iptsync.agent.loop import Agent, Timing
+from iptsync.core import names
+from iptsync.engine.reconciler import Engine, EngineReport
+from iptsync.kernel.port import NetfilterPort
 from iptsync.sources.base import KINDS, Change, Kind, Sink, Snapshot, SourceStatus
 from iptsync.testing import FakeClock, FakeNetfilter
 
@@ -201,7 +201,7 @@ def test_failed_sync_is_retried_in_full_after_the_retry_delay(
             (11.0, "full", True)] == loop.engine.attempts
     assert 1 == loop.metric("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total")
     [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR
-               and r.name == "iptsync.agent"]
+               and r.name == "iptsync.agent.loop"]
     assert error.startswith("partial sync failed, the previous rules are in place; retrying "
                             "in full in 1.0s")
     loop.assert_converged()

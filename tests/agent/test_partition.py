@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 from apiserver import FakeApiServer, manifest
 
-from iptsync import names
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine
+from iptsync.agent.loop import Agent, Timing
+from iptsync.agent.metrics import Metrics
+from iptsync.core import names
+from iptsync.core.policy import Settings
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Backend, Netfilter
 from iptsync.lab.netns import add_netns, add_veth, delete_netns, ip, thread_in_netns
-from iptsync.metrics import Metrics
-from iptsync.netfilter import Backend, Netfilter
-from iptsync.policy import Settings
 from iptsync.sources.api import ApiSettings, ApiSource
 
 from .waiting import eventually

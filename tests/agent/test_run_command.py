@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from iptsync import names
-from iptsync.netfilter import Netfilter
+from iptsync.core import names
+from iptsync.kernel.netfilter import Netfilter
 
 from .waiting import eventually
 

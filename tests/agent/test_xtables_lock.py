@@ -17,11 +17,11 @@ import pytest
 from engine.world import SETTINGS
 from lockholder import HoldLock
 
-from iptsync import names
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine
-from iptsync.health import HealthState
-from iptsync.netfilter import Backend, Netfilter, XtablesLockError
+from iptsync.agent.health import HealthState
+from iptsync.agent.loop import Agent, Timing
+from iptsync.core import names
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Backend, Netfilter, XtablesLockError
 from iptsync.sources.base import Change, Sink, Snapshot, SourceStatus
 
 from .test_loop import ScriptedSource

@@ -22,7 +22,7 @@ from bench.faults import (
     table,
 )
 from bench.generate import cluster
-from iptsync.netfilter import Backend
+from iptsync.kernel.netfilter import Backend
 
 QUICK = ("outage-rst", "flush-nat")
 SAVED_NAT = """*nat

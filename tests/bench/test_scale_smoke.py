@@ -23,8 +23,8 @@ from bench.scale import (
     service_chains,
     table,
 )
-from iptsync.desired import desired_from_objects
-from iptsync.netfilter import Backend
+from iptsync.engine.desired import desired_from_objects
+from iptsync.kernel.netfilter import Backend
 
 pytestmark = pytest.mark.netns
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from iptsync import names
 from iptsync.cli import main
-from iptsync.netfilter import Netfilter
+from iptsync.core import names
+from iptsync.kernel.netfilter import Netfilter
 
 GOOD = """\
 apiVersion: v1

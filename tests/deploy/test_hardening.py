@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from agent.waiting import eventually
 
-from iptsync.netfilter import Netfilter
+from iptsync.kernel.netfilter import Netfilter
 
 from .conftest import ROOT
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from iptsync import names
 from iptsync.cli import main
-from iptsync.desired import Desired, desired_from_objects
-from iptsync.diffview import DiffReport, diff_report, render_text, report_json
-from iptsync.plan import DesiredTables, make_plan
-from iptsync.policy import Settings
-from iptsync.ruleset import ordered_tables, parse_save
+from iptsync.core import names
+from iptsync.core.plan import DesiredTables, make_plan
+from iptsync.core.policy import Settings
+from iptsync.core.ruleset import ordered_tables, parse_save
+from iptsync.engine.desired import Desired, desired_from_objects
+from iptsync.inspection.diffview import DiffReport, diff_report, render_text, report_json
 from iptsync.sources.files import load_objects
 
 SCENARIO = Path(__file__).resolve().parents[1] / "render" / "scenarios" / (

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from iptsync import names
-from iptsync.netfilter import Netfilter
+from iptsync.core import names
+from iptsync.kernel.netfilter import Netfilter
 
 pytestmark = pytest.mark.netns
 

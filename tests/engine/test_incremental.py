@@ -30,10 +30,10 @@ from engine.world import (
     owned,
     service,
 )
-from iptsync import names
-from iptsync.engine import Engine
-from iptsync.flows import Flow
-from iptsync.kernel import NetfilterPort
+from iptsync.core import names
+from iptsync.core.flows import Flow
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.port import NetfilterPort
 from iptsync.testing import FakeConntrack, FakeNetfilter
 
 # Examples of the property per kernel: the fake takes milliseconds per example, the real

@@ -14,8 +14,8 @@ import re
 import pytest
 
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
-from iptsync.engine import Engine
-from iptsync.netfilter import Netfilter
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter
 
 pytestmark = pytest.mark.netns
 

@@ -18,11 +18,11 @@ from engine.world import (
     owned,
     service,
 )
-from iptsync import names
-from iptsync.engine import Engine
-from iptsync.kernel import Backend, NetfilterPort
-from iptsync.netfilter import Netfilter, XtablesLockError
-from iptsync.plan import Plan, TablePlan
+from iptsync.core import names
+from iptsync.core.plan import Plan, TablePlan
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter, XtablesLockError
+from iptsync.kernel.port import Backend, NetfilterPort
 
 
 def cluster(world: World, engine: Engine, count: int) -> None:

@@ -27,14 +27,14 @@ import pytest
 from agent.test_loop import ScriptedSource
 
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
-from iptsync import names
-from iptsync.agent import Agent, Timing
-from iptsync.engine import Engine
-from iptsync.kernel import OWNED_TABLES, Backend, RestoreError, RuleStream
-from iptsync.netfilter import Netfilter
-from iptsync.plan import NO_STAGING, cleanup_plan
-from iptsync.ruleset import SavedTable
-from iptsync.sync import SyncError, apply_plan
+from iptsync.agent.loop import Agent, Timing
+from iptsync.core import names
+from iptsync.core.plan import NO_STAGING, cleanup_plan
+from iptsync.core.ruleset import SavedTable
+from iptsync.engine.apply import SyncError, apply_plan
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel.port import OWNED_TABLES, Backend, RestoreError, RuleStream
 from iptsync.testing import FakeClock, FakeNetfilter
 
 Kernel = Netfilter | FakeNetfilter
@@ -340,7 +340,7 @@ def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
     agent.run(iterations=1)
     assert 1 == agent.metrics.registry.get_sample_value("iptsync_undo_failures_total",
                                                          {"table": "filter"})
-    [message] = [r.getMessage() for r in caplog.records if r.name == "iptsync.agent"
+    [message] = [r.getMessage() for r in caplog.records if r.name == "iptsync.agent.loop"
                  and r.levelname == "ERROR"]
     assert message.startswith("full sync failed, the filter table keeps part of the failed "
                               "batch; retrying in full")

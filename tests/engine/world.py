@@ -2,7 +2,7 @@
 
 Conventions: node ``node1`` (10.100.0.2), pods in 10.0.0.0/14, cluster IPs 10.96.0.x, one
 LoadBalancer IP per service in 203.0.113.x; services ``s0``..``s4`` in ``default``. The kernel
-is any :class:`iptsync.kernel.NetfilterPort`: the ``kernel`` fixture gives the fake and both
+is any :class:`iptsync.kernel.port.NetfilterPort`: the ``kernel`` fixture gives the fake and both
 real backends.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from iptsync import names
-from iptsync.desired import desired_from_objects
-from iptsync.engine import Engine
-from iptsync.kernel import NetfilterPort
-from iptsync.plan import comparable
-from iptsync.policy import Settings
+from iptsync.core import names
+from iptsync.core.plan import comparable
+from iptsync.core.policy import Settings
+from iptsync.engine.desired import desired_from_objects
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.port import NetfilterPort
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))

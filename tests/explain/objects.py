@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from iptsync.desired import desired_from_objects
-from iptsync.explain import ServiceExplanation, ServiceRef, explain
-from iptsync.policy import Settings
+from iptsync.core.policy import Settings
+from iptsync.engine.desired import desired_from_objects
+from iptsync.inspection.explain import ServiceExplanation, ServiceRef, explain
 
 CLUSTER_CIDR = "10.0.0.0/14"
 SETTINGS = Settings(node_name="node1",

@@ -12,10 +12,10 @@ import ipaddress
 
 import pytest
 
-from iptsync.desired import desired_from_objects
-from iptsync.explain import ServiceRef, explain
-from iptsync.policy import Decision
-from iptsync.trace import from_desired, make_packet, trace
+from iptsync.core.policy import Decision
+from iptsync.engine.desired import desired_from_objects
+from iptsync.inspection.explain import ServiceRef, explain
+from iptsync.inspection.trace import from_desired, make_packet, trace
 
 from .objects import CASES, NODES, SETTINGS
 

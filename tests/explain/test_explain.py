@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from iptsync import names
 from iptsync.cli import main
-from iptsync.explain import (
+from iptsync.core import names
+from iptsync.core.policy import Decision, Excluded
+from iptsync.inspection.explain import (
     ExplainError,
     ServiceExplanation,
     ServiceRef,
@@ -23,7 +24,6 @@ from iptsync.explain import (
     parse_service_ref,
     render_text,
 )
-from iptsync.policy import Decision, Excluded
 
 from .objects import CASES, SETTINGS, endpoint_slice, explain_objects, service
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from iptsync.kernel import NetfilterError, NetfilterPort, RestoreError
-from iptsync.ruleset import SavedTable
+from iptsync.core.ruleset import SavedTable
+from iptsync.kernel.port import NetfilterError, NetfilterPort, RestoreError
 
 EMPTY = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
          "COMMIT", "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]",

@@ -1,4 +1,5 @@
-"""Table-driven unit tests for iptsync.model: invalid fields, defaults, skips and client objects.
+"""Table-driven unit tests for iptsync.core.model: invalid fields, defaults, skips and client
+objects.
 
 Every invalid field must be reported as a Problem naming the object (``namespace/name``) and
 the exact field path; a bad endpoint address drops only that endpoint. Valid but unprogrammable
@@ -16,7 +17,7 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 
-from iptsync.model import (
+from iptsync.core.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     SERVICE_NAME_LABEL,
     SOURCE_RANGES_ANNOTATION,

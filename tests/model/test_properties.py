@@ -1,4 +1,4 @@
-"""Property tests for iptsync.model and the renderer fed by it (hypothesis).
+"""Property tests for iptsync.core.model and the renderer fed by it (hypothesis).
 
 Strategies build random *valid* Service and EndpointSlice manifests, and *invalid* ones made by
 corrupting exactly one field of a valid manifest. The properties: parsing never raises, valid
@@ -19,8 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iptsync.desired import Desired, desired_from_objects
-from iptsync.model import (
+from iptsync.core.model import (
     SERVICE_NAME_LABEL,
     EndpointSliceInfo,
     Parsed,
@@ -28,8 +27,9 @@ from iptsync.model import (
     ServiceInfo,
     parse_object,
 )
-from iptsync.policy import Settings
-from iptsync.ruleset import canonical, split_args
+from iptsync.core.policy import Settings
+from iptsync.core.ruleset import canonical, split_args
+from iptsync.engine.desired import Desired, desired_from_objects
 
 Manifest = dict[str, Any]
 Draw = Callable[[st.SearchStrategy[Any]], Any]

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from iptsync import names
-from iptsync.desired import Desired, desired_from_objects
-from iptsync.netfilter import Netfilter
-from iptsync.plan import ChainContent, DesiredTables, Plan, cleanup_plan, make_plan
-from iptsync.policy import Settings
+from iptsync.core import names
+from iptsync.core.plan import ChainContent, DesiredTables, Plan, cleanup_plan, make_plan
+from iptsync.core.policy import Settings
+from iptsync.engine.apply import STAGE_LINES, SyncError, apply_plan
+from iptsync.engine.desired import Desired, desired_from_objects
+from iptsync.kernel.netfilter import Netfilter
 from iptsync.sources.files import load_objects
-from iptsync.sync import STAGE_LINES, SyncError, apply_plan
 
 pytestmark = pytest.mark.netns
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lockholder import HoldLock
 
-from iptsync.netfilter import (
+from iptsync.kernel.netfilter import (
     Backend,
     Netfilter,
     RestoreError,
@@ -162,7 +162,7 @@ def test_restore_retries_while_the_xtables_lock_is_held(netns: str,
 def test_chain_exists_in_a_node_namespace(netns: str, backend: Backend) -> None:
     """The canary check works from inside the namespace (python-iptables on legacy)."""
     Netfilter(backend, netns).restore("*nat\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
-    code = ("from iptsync.netfilter import Backend, Netfilter; "
+    code = ("from iptsync.kernel.netfilter import Backend, Netfilter; "
             f"nf = Netfilter(Backend({backend.value!r})); "
             "print(nf.chain_exists('nat', 'KUBE-PROXY-CANARY'), nf.chain_exists('nat', 'NOPE'))")
     result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code],

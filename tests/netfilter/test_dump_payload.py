@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from iptsync.cli import main
-from iptsync.engine import Engine
-from iptsync.netfilter import Netfilter
-from iptsync.render import Settings
+from iptsync.core.render import Settings
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter
 from iptsync.sources.files import load_objects
 
 pytestmark = pytest.mark.netns

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import replace
 
-from iptsync.model import (
+from iptsync.core.model import (
     ZONE_LABEL,
     Endpoint,
     IPFamily,
@@ -21,15 +21,15 @@ from iptsync.model import (
     ServicePortName,
     object_key,
 )
-from iptsync.policy import (
+from iptsync.core.policy import (
     Settings,
     categorize_endpoints,
     entry_decisions,
     internal_masquerade,
     port_targets,
 )
-from iptsync.render import render_service_port
-from iptsync.state import ClusterState
+from iptsync.core.render import render_service_port
+from iptsync.core.state import ClusterState
 
 NODE = "node1"
 ZONE = "a"

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from iptsync import names
-from iptsync.desired import desired_from_objects
-from iptsync.policy import Settings
-from iptsync.render import NODEPORTS_COMMENT
-from iptsync.ruleset import split_args
+from iptsync.core import names
+from iptsync.core.policy import Settings
+from iptsync.core.render import NODEPORTS_COMMENT
+from iptsync.core.ruleset import split_args
+from iptsync.engine.desired import desired_from_objects
 from iptsync.sources.files import load_objects
 
 from .golden import SCENARIO_NAMES, SCENARIOS, expected_warnings

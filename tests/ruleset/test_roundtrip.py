@@ -1,4 +1,4 @@
-"""Round trips through iptsync.ruleset: quoting, iptables-save parsing and canonical forms.
+"""Round trips through iptsync.core.ruleset: quoting, iptables-save parsing and canonical forms.
 
 The canonical form is what ``iptables-save`` prints for a rule; desired and live rules are
 compared in it. The expected strings below were observed with iptables 1.8.9 on both the nft
@@ -18,10 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from render.golden import SCENARIO_NAMES, SCENARIOS, expected_warnings
 
-from iptsync.desired import Desired, desired_from_objects
-from iptsync.plan import ChainContent, DesiredTables
-from iptsync.policy import Settings
-from iptsync.ruleset import (
+from iptsync.core.plan import ChainContent, DesiredTables
+from iptsync.core.policy import Settings
+from iptsync.core.ruleset import (
     Jump,
     Rule,
     RulesetError,
@@ -32,8 +31,9 @@ from iptsync.ruleset import (
     quote,
     split_args,
 )
+from iptsync.core.state import ClusterState
+from iptsync.engine.desired import Desired, desired_from_objects
 from iptsync.sources.files import load_objects
-from iptsync.state import ClusterState
 
 SETTINGS = Settings(
     node_name="node1",

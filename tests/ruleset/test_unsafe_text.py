@@ -12,8 +12,7 @@ import ipaddress
 
 import pytest
 
-from iptsync.engine import Engine
-from iptsync.model import (
+from iptsync.core.model import (
     Endpoint,
     EndpointSliceInfo,
     IPFamily,
@@ -23,10 +22,9 @@ from iptsync.model import (
     ServicePortName,
     SlicePort,
 )
-from iptsync.netfilter import Netfilter
-from iptsync.plan import ChainContent, DesiredTables, make_plan
-from iptsync.policy import Settings
-from iptsync.ruleset import (
+from iptsync.core.plan import ChainContent, DesiredTables, make_plan
+from iptsync.core.policy import Settings
+from iptsync.core.ruleset import (
     MAX_COMMENT_BYTES,
     Rule,
     RulesetError,
@@ -38,7 +36,9 @@ from iptsync.ruleset import (
     parse_save,
     split_args,
 )
-from iptsync.sync import apply_plan
+from iptsync.engine.apply import apply_plan
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from iptsync.model import object_key
+from iptsync.core.model import object_key
 from iptsync.sources.base import Change, Kind, Message, Snapshot
 
 DEADLINE = 5.0  # seconds; every wait in these tests ends well before it when things work

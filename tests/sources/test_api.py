@@ -19,7 +19,7 @@ import kubernetes.client
 import pytest
 from apiserver import FakeApiServer, RecordedRequest, manifest
 
-from iptsync.model import object_key, parse_object
+from iptsync.core.model import object_key, parse_object
 from iptsync.sources.api import (
     ApiConfigError,
     ApiSettings,

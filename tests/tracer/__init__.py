@@ -1,1 +1,1 @@
-"""Tests of the packet tracer (iptsync.trace)."""
+"""Tests of the packet tracer (iptsync.inspection.trace)."""

@@ -1,7 +1,7 @@
 """The tracer's matches, targets and chain walking, on small hand-written rulesets.
 
 Rules are written as iptables-save prints them (canonical spelling) and fed through the live
-adapter (:func:`iptsync.trace.from_saved`), so every test also exercises the rule parser.
+adapter (:func:`iptsync.inspection.trace.from_saved`), so every test also exercises the rule parser.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from iptsync.plan import ChainContent, DesiredTables
-from iptsync.render import probability
-from iptsync.ruleset import Jump, SavedTable, canonical
-from iptsync.trace import (
+from iptsync.core.plan import ChainContent, DesiredTables
+from iptsync.core.render import probability
+from iptsync.core.ruleset import Jump, SavedTable, canonical
+from iptsync.inspection.trace import (
     Step,
     TraceError,
     TraceResult,

@@ -12,12 +12,12 @@ from functools import cache
 import pytest
 from render.golden import SCENARIOS, expected_warnings
 
-from iptsync.desired import desired_from_objects
-from iptsync.model import IPAddress
-from iptsync.names import is_service_chain
-from iptsync.policy import Settings
+from iptsync.core.model import IPAddress
+from iptsync.core.names import is_service_chain
+from iptsync.core.policy import Settings
+from iptsync.engine.desired import desired_from_objects
+from iptsync.inspection.trace import Tables, TraceResult, from_desired, make_packet, trace
 from iptsync.sources.files import load_objects
-from iptsync.trace import Tables, TraceResult, from_desired, make_packet, trace
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))

@@ -1,7 +1,7 @@
 """Show what a sync would change on a node, as a readable diff of its chains.
 
 Why: before letting iptsync take over a node, or when rules look wrong, a person wants to see
-what a sync would write without writing it. The planner (:func:`iptsync.plan.make_plan`)
+what a sync would write without writing it. The planner (:func:`iptsync.core.plan.make_plan`)
 already knows which chains a sync creates, rewrites and deletes and which jumps it inserts;
 this module turns that plan into a report: per table, each chain with the rules that go
 (``-``) and come (``+``), in the canonical form ``iptables-save`` prints, so the lines can be
@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from iptsync.plan import ChainContent, DesiredTables, Plan
-from iptsync.ruleset import SavedTable, ordered_tables
+from iptsync.core.plan import ChainContent, DesiredTables, Plan
+from iptsync.core.ruleset import SavedTable, ordered_tables
 
 Action = Literal["create", "rewrite", "delete"]
 

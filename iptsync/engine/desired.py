@@ -1,10 +1,9 @@
 """From objects to the desired ruleset, through the engine the agent runs.
 
 ``iptsync dump``, ``diff``, ``trace --objects``, ``explain`` and the lab feed the objects to an
-:class:`iptsync.engine.Engine` that has no kernel and ask it for its desired tables: the same
-per-service render cache and the same assembly as ``iptsync run``, so what they show is what
-a sync writes.
-"""
+:class:`iptsync.engine.reconciler.Engine` that has no kernel and ask it for its desired tables:
+the same per-service render cache and the same assembly as ``iptsync run``, so what they show is
+what a sync writes. """
 
 from __future__ import annotations
 
@@ -13,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from iptsync.engine import Engine
-from iptsync.model import Problem, parse_all
-from iptsync.plan import NO_STAGING, DesiredTables, make_plan
-from iptsync.policy import Settings
-from iptsync.state import ClusterState
+from iptsync.core.model import Problem, parse_all
+from iptsync.core.plan import NO_STAGING, DesiredTables, make_plan
+from iptsync.core.policy import Settings
+from iptsync.core.state import ClusterState
+from iptsync.engine.reconciler import Engine
 
 log = logging.getLogger("iptsync")
 

@@ -6,7 +6,7 @@ entries to a service destination (cluster IP, external IP, load-balancer IP, or 
 on a node address) are deleted when their reply source is not one of that service's current
 endpoints, or when they were never DNATed (created while the service had no endpoints).
 :func:`flow_targets` says where each destination may lead, :func:`stale` judges one flow;
-:mod:`iptsync.conntrack` reads and deletes the kernel's entries.
+:mod:`iptsync.kernel.conntrack` reads and deletes the kernel's entries.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from iptsync.model import Protocol, ServicePort
-from iptsync.policy import Settings, categorize_endpoints
-from iptsync.state import ClusterState, ServiceKey
+from iptsync.core.model import Protocol, ServicePort
+from iptsync.core.policy import Settings, categorize_endpoints
+from iptsync.core.state import ClusterState, ServiceKey
 
 # IP protocol numbers (IANA; socket.IPPROTO_UDP and _SCTP), as conntrack reports them.
 IPPROTO = {Protocol.UDP: 17, Protocol.SCTP: 132}

@@ -4,8 +4,8 @@
 its rules in the shared top-level chains, each with its sort key) and re-renders a service
 only when it or its endpoints change. That cache is the one place the desired ruleset is
 assembled (:meth:`Engine.desired`): ``iptsync dump``, ``diff``, ``trace`` and ``explain`` ask
-an engine without a kernel for it (:mod:`iptsync.desired`). Between full syncs it writes only
-what changed (:func:`iptsync.plan.partial_plan`): the changed services' own chains, and
+an engine without a kernel for it (:mod:`iptsync.engine.desired`). Between full syncs it writes only
+what changed (:func:`iptsync.core.plan.partial_plan`): the changed services' own chains, and
 single rules deleted from or inserted at the head of the top-level chains.
 
 After any series of incremental syncs the kernel holds exactly what a full sync writes, up to
@@ -27,9 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from iptsync.flows import flow_targets
-from iptsync.kernel import FlowCleaner, NetfilterPort, RestoreError
-from iptsync.model import (
+from iptsync.core.flows import flow_targets
+from iptsync.core.model import (
     EndpointSliceInfo,
     IPAddress,
     NodeInfo,
@@ -38,9 +37,8 @@ from iptsync.model import (
     object_key,
     parse_object,
 )
-from iptsync.names import SERVICE_RULE_CHAINS
-from iptsync.options import with_node
-from iptsync.plan import (
+from iptsync.core.names import SERVICE_RULE_CHAINS
+from iptsync.core.plan import (
     DEFAULT_STAGE_LINES,
     NO_STAGING,
     ChainContent,
@@ -56,17 +54,19 @@ from iptsync.plan import (
     partial_plan,
     plan_table,
 )
-from iptsync.policy import Settings
-from iptsync.progress import PROGRESS_INTERVAL, Progress
-from iptsync.render import (
+from iptsync.core.policy import Settings
+from iptsync.core.render import (
     PortRules,
     base_ruleset,
     chain_tails,
     render_service_port,
 )
-from iptsync.ruleset import Jump, SavedTable, join_args, ordered_tables
-from iptsync.state import ClusterState, ServiceKey
-from iptsync.sync import STREAM_FULL, apply_plan, failed_restore
+from iptsync.core.ruleset import Jump, SavedTable, join_args, ordered_tables
+from iptsync.core.state import ClusterState, ServiceKey
+from iptsync.engine.apply import STREAM_FULL, apply_plan, failed_restore
+from iptsync.engine.progress import PROGRESS_INTERVAL, Progress
+from iptsync.kernel.port import FlowCleaner, NetfilterPort, RestoreError
+from iptsync.options import with_node
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Engine:
 
     Feed it manifests with :meth:`upsert`, :meth:`delete` and :meth:`replace_kind`; each
     marks the services whose rules may change. Not thread-safe: the agent calls it from one
-    thread. The kernel comes in through its ports (:mod:`iptsync.kernel`): ``netfilter``
+    thread. The kernel comes in through its ports (:mod:`iptsync.kernel.port`): ``netfilter``
     (None: an engine that only renders) and ``flows``, which clears stale conntrack entries
     after each sync (None: no cleanup).
     """
@@ -136,7 +136,7 @@ class Engine:
         self.flows = flows
         self.stage_lines = stage_lines
         # Full syncs streamed while rendering (see _stream_full): by default as suits the
-        # backend (iptsync.sync.STREAM_FULL).
+        # backend (iptsync.engine.apply.STREAM_FULL).
         if stream_full is None:
             stream_full = netfilter is not None and STREAM_FULL[netfilter.backend]
         self.stream_full = stream_full
@@ -162,7 +162,7 @@ class Engine:
         return set() if parsed.value is None else self.add(parsed.value)
 
     def add(self, value: ServiceInfo | EndpointSliceInfo | NodeInfo) -> set[ServiceKey]:
-        """Add or replace one object already parsed (:func:`iptsync.model.parse_object`)."""
+        """Add or replace one object already parsed (:func:`iptsync.core.model.parse_object`)."""
         if isinstance(value, NodeInfo):
             return self._set_node(value)
         dirty = self.state.upsert(value)
@@ -341,7 +341,7 @@ class Engine:
     def sync(self, *, full: bool = False) -> EngineReport:
         """Apply what changed (or, with ``full`` or after a failure, compare everything).
 
-        Raises :class:`iptsync.sync.SyncError` when the kernel refused the batch; the
+        Raises :class:`iptsync.engine.apply.SyncError` when the kernel refused the batch; the
         previous rules are then still in place and the next sync is a full one.
         """
         if self.netfilter is None:

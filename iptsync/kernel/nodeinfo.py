@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from iptsync.model import IPAddress
+from iptsync.core.model import IPAddress
 
 
 def interface_addresses() -> list[IPAddress]:

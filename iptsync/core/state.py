@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from iptsync.model import (
+from iptsync.core.model import (
     Endpoint,
     EndpointSliceInfo,
     IPFamily,

@@ -1,6 +1,6 @@
 """Clear stale UDP and SCTP conntrack entries: the pyroute2 adapter.
 
-Which entries are stale is decided by :mod:`iptsync.flows` (pure); this module dumps the
+Which entries are stale is decided by :mod:`iptsync.core.flows` (pure); this module dumps the
 node's conntrack table over netlink and deletes them.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 
-from iptsync.flows import Destination, Flow, stale
+from iptsync.core.flows import Destination, Flow, stale
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from iptsync import names
-from iptsync.ruleset import (
+from iptsync.core import names
+from iptsync.core.ruleset import (
     Jump,
     Rule,
     SavedTable,

@@ -10,7 +10,7 @@ rejected or dropped, and for every endpoint left out, why: not ready, terminatin
 whether the terminating fallback applies), on another node under a Local traffic policy,
 hinted for another zone, or the client is outside ``loadBalancerSourceRanges``.
 
-The decisions are not derived here: :func:`iptsync.policy.entry_decisions` makes them, from
+The decisions are not derived here: :func:`iptsync.core.policy.entry_decisions` makes them, from
 the same endpoint categorisation and entry-point targets the renderer turns into rules. What
 this module adds is the set of node roles to ask about, the grouping of nodes and clients
 that fare alike, the notes, and the text and JSON forms.
@@ -27,15 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from iptsync.model import Endpoint, ServicePort
-from iptsync.policy import (
+from iptsync.core.model import Endpoint, ServicePort
+from iptsync.core.policy import (
     Decision,
     Entry,
     Excluded,
     Settings,
     entry_decisions,
 )
-from iptsync.state import ClusterState, is_local
+from iptsync.core.state import ClusterState, is_local
 
 ORIGIN_LABELS = {"pod": "pods", "node": "the node", "external": "outside"}
 ENTRY_LABELS = {"cluster-ip": "cluster IP", "external-ip": "external IP",

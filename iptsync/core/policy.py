@@ -1,10 +1,10 @@
 """Policy: what kube-proxy's rules decide for a service port on a node, apart from the rules.
 
-Why a module of its own: three readers need the same decisions. :mod:`iptsync.render` turns
-them into rules, :mod:`iptsync.explain` reports them to a person, and
-:mod:`iptsync.flows` picks the conntrack flows to endpoints they no longer choose. Kept here once,
-an explanation cannot disagree with the rules and a flow cleanup cannot keep what the rules
-dropped. What is decided:
+Why a module of its own: three readers need the same decisions. :mod:`iptsync.core.render` turns
+them into rules, :mod:`iptsync.inspection.explain` reports them to a person, and
+:mod:`iptsync.core.flows` picks the conntrack flows to endpoints they no longer choose. Kept
+here once, an explanation cannot disagree with the rules and a flow cleanup cannot keep what the
+rules dropped. What is decided:
 
 - the node and the flags that shape everything (:class:`Settings`);
 - which endpoints serve (:func:`categorize_endpoints`: ready ones, the terminating fallback,
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
-from iptsync import names
-from iptsync.model import Endpoint, IPAddress, IPNetwork, ServicePort
-from iptsync.state import is_local
+from iptsync.core import names
+from iptsync.core.model import Endpoint, IPAddress, IPNetwork, ServicePort
+from iptsync.core.state import is_local
 
 # Where a new connection comes from, as the rules can tell: a pod (inside --cluster-cidr),
 # the node itself (locally generated), or anything else.

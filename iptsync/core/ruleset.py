@@ -64,8 +64,8 @@ class Jump:
 class Ruleset:
     """Rules as arguments: table -> chain -> rules (chains in declaration order), and jumps.
 
-    What :func:`iptsync.render.base_ruleset` builds; the engine assembles the full desired
-    ruleset (:class:`iptsync.plan.DesiredTables`) from it and the services' rules.
+    What :func:`iptsync.core.render.base_ruleset` builds; the engine assembles the full desired
+    ruleset (:class:`iptsync.core.plan.DesiredTables`) from it and the services' rules.
     """
 
     tables: dict[str, dict[str, list[Rule]]] = field(default_factory=dict)

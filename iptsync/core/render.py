@@ -4,9 +4,10 @@ Pure. Every rule has kube-proxy's shape, argument order and comment, so a node m
 kube-proxy (iptables mode) sees the same chains. :func:`render_service_port` builds what one
 service port contributes (its own chains plus its rules in the top-level chains);
 :func:`base_ruleset` and :func:`chain_tails` give the rules around them. The engine
-(:mod:`iptsync.engine`) caches the pieces per service and assembles the ruleset from them.
+(:mod:`iptsync.engine.reconciler`) caches the pieces per service and assembles the
+ruleset from them.
 What the rules decide (which endpoints, REJECT or DROP, what is masqueraded) comes from
-:mod:`iptsync.policy`; this module says it in kube-proxy's rules.
+:mod:`iptsync.core.policy`; this module says it in kube-proxy's rules.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from iptsync import names
-from iptsync.model import Endpoint, ServicePort
-from iptsync.policy import (
+from iptsync.core import names
+from iptsync.core.model import Endpoint, ServicePort
+from iptsync.core.policy import (
     Settings,
     categorize_endpoints,
     internal_masquerade,
     port_targets,
 )
-from iptsync.ruleset import Jump, Rule, Ruleset
+from iptsync.core.ruleset import Jump, Rule, Ruleset
 
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"

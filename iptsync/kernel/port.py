@@ -3,8 +3,8 @@
 The engine reads the tables it owns, restores batches (or one batch streamed while it is still
 being rendered), reads one chain to undo a partial sync, and clears stale conntrack entries;
 the agent checks that its canary chain exists. These protocols name exactly that, so the sync
-logic runs against the real adapters (:class:`iptsync.netfilter.Netfilter`,
-:func:`iptsync.conntrack.clear_stale_flows`) or against the stateful fakes in
+logic runs against the real adapters (:class:`iptsync.kernel.netfilter.Netfilter`,
+:func:`iptsync.kernel.conntrack.clear_stale_flows`) or against the stateful fakes in
 :mod:`iptsync.testing`, without root. The errors and the backend names are part of the
 contract: every implementation raises :class:`RestoreError` for a rejected batch, naming the
 failing line as iptables-restore does. Pure: no I/O.
@@ -17,11 +17,11 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Protocol
 
-from iptsync.ruleset import SavedTable
+from iptsync.core.ruleset import SavedTable
 
 OWNED_TABLES = ("filter", "nat")  # the tables iptsync writes to and reads back
 # (ip protocol number, address, port) of a service destination -> the "ip:port" endpoints
-# its flows may be DNATed to (iptsync.flows.flow_targets).
+# its flows may be DNATed to (iptsync.core.flows.flow_targets).
 FlowTargets = dict[tuple[int, str, int], frozenset[str]]
 
 

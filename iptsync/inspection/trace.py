@@ -8,8 +8,8 @@ it is DNATed to, whether it is masqueraded, or where it is dropped or rejected, 
 exact path of rules that decided it.
 
 Both rule sources work and give the same structure (:class:`Tables`): the rendered rules of
-:mod:`iptsync.desired` (:func:`from_desired`) and the live rules read by
-:meth:`iptsync.netfilter.Netfilter.save` (:func:`from_saved`). Each canonical rule is parsed
+:mod:`iptsync.engine.desired` (:func:`from_desired`) and the live rules read by
+:meth:`iptsync.kernel.netfilter.Netfilter.save` (:func:`from_saved`). Each canonical rule is parsed
 once (:func:`parse_rule`). The walk follows the kernel: rules in order, jumps and gotos,
 RETURN, a user chain's end returns, a built-in chain's end applies its policy; the nat table
 is consulted because the packet starts a connection, and a nat target ends that hook's nat
@@ -34,9 +34,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from iptsync.plan import DesiredTables
-from iptsync.policy import ORIGINS, Origin, Verdict
-from iptsync.ruleset import (
+from iptsync.core.plan import DesiredTables
+from iptsync.core.policy import ORIGINS, Origin, Verdict
+from iptsync.core.ruleset import (
     Option,
     SavedTable,
     join_args,
@@ -174,7 +174,7 @@ def from_desired(desired: DesiredTables) -> Tables:
 
 
 def from_saved(tables: Mapping[str, SavedTable]) -> Tables:
-    """The live rules, as :meth:`iptsync.netfilter.Netfilter.save` read them."""
+    """The live rules, as :meth:`iptsync.kernel.netfilter.Netfilter.save` read them."""
     chains = {name: {chain: tuple(parse_rule(rule) for rule in rules)
                      for chain, rules in saved.chains.items()}
               for name, saved in tables.items()}

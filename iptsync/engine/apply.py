@@ -1,17 +1,17 @@
 """Applying a plan: staged new chains first, then one atomic batch, undone on failure.
 
-A failed restore is undone table by table (see :mod:`iptsync.plan`) so the kernel keeps the
+A failed restore is undone table by table (see :mod:`iptsync.core.plan`) so the kernel keeps the
 previous rules, and the error names the failing line with the payload lines around it. The
-engine (:mod:`iptsync.engine`) decides what to plan; this module only applies it.
+engine (:mod:`iptsync.engine.reconciler`) decides what to plan; this module only applies it.
 """
 
 from __future__ import annotations
 
 import logging
 
-from iptsync.kernel import Backend, NetfilterError, NetfilterPort, RestoreError
-from iptsync.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan, TablePlan
-from iptsync.progress import Progress
+from iptsync.core.plan import DEFAULT_STAGE_LINES, NO_STAGING, Plan, TablePlan
+from iptsync.engine.progress import Progress
+from iptsync.kernel.port import Backend, NetfilterError, NetfilterPort, RestoreError
 
 log = logging.getLogger(__name__)
 

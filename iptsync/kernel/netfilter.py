@@ -27,9 +27,9 @@ from typing import IO, NoReturn
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from iptsync import names
-from iptsync.kernel import OWNED_TABLES, Backend, NetfilterError, RestoreError, excerpt
-from iptsync.ruleset import RulesetError, SavedTable, parse_save
+from iptsync.core import names
+from iptsync.core.ruleset import RulesetError, SavedTable, parse_save
+from iptsync.kernel.port import OWNED_TABLES, Backend, NetfilterError, RestoreError, excerpt
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class XtablesLockError(NetfilterError):
 @dataclass
 class Netfilter:
     """Runs one backend's iptables-save/-restore, optionally inside a named netns (the real
-    :class:`iptsync.kernel.NetfilterPort`)."""
+    :class:`iptsync.kernel.port.NetfilterPort`)."""
 
     backend: Backend
     netns: str | None = None

@@ -1,6 +1,6 @@
 """The node agent: sources in, coalesced syncs out, health and metrics alongside.
 
-One thread owns the :class:`~iptsync.engine.Engine`. Sources run in their own threads and
+One thread owns the :class:`~iptsync.engine.reconciler.Engine`. Sources run in their own threads and
 put messages on a queue; the loop drains it, and decides when to sync:
 
 - nothing is touched until every source has delivered its first complete list;
@@ -28,18 +28,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from iptsync import names
-from iptsync.engine import Engine, EngineReport
-from iptsync.health import HealthState, ServiceHealth, ServiceHealthServers
-from iptsync.kernel import NetfilterError
-from iptsync.metrics import Metrics
-from iptsync.model import trigger_time
-from iptsync.ruleset import RulesetError
+from iptsync.agent.health import HealthState, ServiceHealth, ServiceHealthServers
+from iptsync.agent.metrics import Metrics
+from iptsync.core import names
+from iptsync.core.model import trigger_time
+from iptsync.core.ruleset import RulesetError
+from iptsync.core.state import ClusterState, is_local
+from iptsync.engine.apply import SyncError
+from iptsync.engine.reconciler import Engine, EngineReport
+from iptsync.kernel.port import NetfilterError
 from iptsync.sources.base import KINDS, Change, Message, Snapshot, Source
-from iptsync.state import ClusterState, is_local
-from iptsync.sync import SyncError
 
-log = logging.getLogger("iptsync.agent")
+log = logging.getLogger("iptsync.agent.loop")
 
 T = TypeVar("T")
 
