@@ -39,6 +39,14 @@ def netns_available() -> None:
     pytest.skip(reason)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes a namespace or a real kernel needs root: it is a ``netns`` test
+    whether or not its module says so, so ``-m "not netns"`` leaves it out."""
+    for item in items:
+        if {"netns", "netfilter"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.netns)
+
+
 @pytest.fixture(autouse=True)
 def _netns_gate(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("netns") is not None:
