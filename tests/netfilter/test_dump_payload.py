@@ -46,7 +46,7 @@ def dump_payload() -> str:
 def test_dump_payload_leaves_the_kernel_as_a_full_sync_does(netfilter: Netfilter,
                                                             stream_full: bool) -> None:
     """Restoring dump's payload over a full sync's rules changes nothing in either table."""
-    engine = Engine(netfilter, SETTINGS, clear_flows=False, stream_full=stream_full)
+    engine = Engine(netfilter, SETTINGS, stream_full=stream_full)
     for manifest in load_objects(FILES).objects:
         engine.upsert(manifest)
     engine.sync(full=True)
