@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from iptsync.engine.apply import STAGE_LINES
 from iptsync.engine.desired import Desired, desired_from_objects
 from iptsync.engine.reconciler import Engine, EngineReport, bulk, render_service
 from iptsync.kernel.netfilter import Backend, Netfilter
+from iptsync.lab.netns import temporary_netns
 from iptsync.options import build_settings
 
 NODE = "node1"
@@ -418,22 +419,9 @@ def measure_dump(path: Path, repetitions: int) -> DumpResult:
     return DumpResult(times, rss, lines)
 
 
-@contextlib.contextmanager
-def namespace(tag: str) -> Iterator[str]:
+def namespace(tag: str) -> contextlib.AbstractContextManager[str]:
     """A fresh network namespace with loopback up; deleted on exit, whatever happens."""
-    name = f"iptsync-bench-{os.getpid()}-{tag}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-                       check=True)
-        yield name
-    finally:
-        # A second Ctrl-C must not leave the namespace behind.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            subprocess.run(["ip", "netns", "del", name], check=False)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return temporary_netns(f"iptsync-bench-{os.getpid()}-{tag}")
 
 
 def apply_ops(engine: Engine, ops: Iterable[Op]) -> None:

@@ -68,6 +68,7 @@ from iptsync.kernel.port import (
     FlowTargets,
     NetfilterError,
     RestoreError,
+    RuleStreamBase,
     excerpt,
 )
 
@@ -361,7 +362,7 @@ class FakeNetfilter:
         return False
 
 
-class FakeRuleStream:
+class FakeRuleStream(RuleStreamBase):
     """One restore batch into a :class:`FakeNetfilter`, applied line by line as written.
 
     A table commits when its COMMIT line arrives; the first refused line ends the batch (later
@@ -376,15 +377,6 @@ class FakeRuleStream:
         self._working: FakeTable | None = None
         self._error: tuple[int, str] | None = None
         self._failing_lines = {f.line for f in kernel.failures if f.line is not None}
-
-    def __enter__(self) -> FakeRuleStream:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
 
     def write(self, lines: Sequence[str]) -> None:
         for line in lines:

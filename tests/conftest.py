@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from lockholder import HoldLock, holding
 
 from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel.port import Backend
-from iptsync.lab.netns import netns_required, netns_unavailable_reason
+from iptsync.lab.netns import netns_required, netns_unavailable_reason, temporary_netns
 from iptsync.testing import FakeNetfilter
 
 _counter = itertools.count()
@@ -67,14 +66,8 @@ def _logging_levels() -> Iterator[None]:
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A new network namespace with loopback up, deleted afterwards (also on failure)."""
-    name = f"iptsync-t{os.getpid()}-{next(_counter)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-                       check=True)
+    with temporary_netns(f"iptsync-t{os.getpid()}-{next(_counter)}") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture(params=[Backend.NFT, Backend.LEGACY], ids=["nft", "legacy"])

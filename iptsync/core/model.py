@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -370,15 +370,8 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
     for path, ip in cluster_ips:
         unprogrammed.keep(ip, path)
 
-    external_ips = tuple(
-        ip for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))
-        if unprogrammed.keep(ip := _ip(text, f"spec.externalIPs[{i}]"), f"spec.externalIPs[{i}]")
-    )
-    lb_ips: tuple[IPAddress, ...] = ()
-    source_ranges: tuple[IPNetwork, ...] = ()
-    if svc_type == "LoadBalancer":
-        lb_ips = _load_balancer_ips(manifest, unprogrammed)
-        source_ranges = _source_ranges(spec, annotations, unprogrammed)
+    external_ips, lb_ips, source_ranges = _entry_addresses(manifest, spec, annotations,
+                                                           svc_type, unprogrammed)
     external_policy = _policy(spec, "externalTrafficPolicy")
     internal_policy = _policy(spec, "internalTrafficPolicy")
     external_local = external_policy == "Local" and svc_type in ("NodePort", "LoadBalancer")
@@ -388,10 +381,30 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
         health_check_node_port = _port(spec.get("healthCheckNodePort"),
                                        "spec.healthCheckNodePort", allow_zero=True)
 
+    ports = tuple(ServicePort(
+        name=ServicePortName(namespace, name, port_name),
+        protocol=protocol,
+        family=family,
+        cluster_ip=cluster_ip,
+        port=number,
+        node_port=node_port,
+        external_ips=external_ips,
+        load_balancer_ips=lb_ips,
+        load_balancer_source_ranges=source_ranges,
+        external_policy_local=external_local,
+        internal_policy_local=internal_policy == "Local",
+        affinity_timeout=affinity,
+        health_check_node_port=health_check_node_port,
+    ) for port_name, protocol, number, node_port in _port_entries(spec))
+    return ServiceInfo(namespace, name, ports)
+
+
+def _port_entries(spec: Mapping[str, Any]) -> Iterator[tuple[str, Protocol, int, int]]:
+    """Each of ``spec.ports`` as (name, protocol, port, nodePort), checked in that order; a
+    name repeated for one protocol is invalid, as are no ports at all."""
     raw_ports = _list(spec, "ports", "spec.ports")
     if not raw_ports:
         raise InvalidField("spec.ports", "missing: a service with a cluster IP needs ports")
-    ports: list[ServicePort] = []
     seen: set[tuple[str, Protocol]] = set()
     for i, raw in enumerate(raw_ports):
         path = f"spec.ports[{i}]"
@@ -401,22 +414,8 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
         if (port_name, protocol) in seen:
             raise InvalidField(f"{path}.name", f"duplicate port name {port_name!r}")
         seen.add((port_name, protocol))
-        ports.append(ServicePort(
-            name=ServicePortName(namespace, name, port_name),
-            protocol=protocol,
-            family=family,
-            cluster_ip=cluster_ip,
-            port=_port(port_spec.get("port"), f"{path}.port"),
-            node_port=_port(port_spec.get("nodePort"), f"{path}.nodePort", allow_zero=True),
-            external_ips=external_ips,
-            load_balancer_ips=lb_ips,
-            load_balancer_source_ranges=source_ranges,
-            external_policy_local=external_local,
-            internal_policy_local=internal_policy == "Local",
-            affinity_timeout=affinity,
-            health_check_node_port=health_check_node_port,
-        ))
-    return ServiceInfo(namespace, name, tuple(ports))
+        yield (port_name, protocol, _port(port_spec.get("port"), f"{path}.port"),
+               _port(port_spec.get("nodePort"), f"{path}.nodePort", allow_zero=True))
 
 
 NOT_PROGRAMMED = "IPv6 is not programmed yet (IPv4 only)"
@@ -438,6 +437,22 @@ class _Unprogrammed:
         self.problems.append(Problem(self.kind, self.ref, path,
                                      f"{address}: {NOT_PROGRAMMED}", dropped=f"IPv6 {what}"))
         return False
+
+
+def _entry_addresses(manifest: Mapping[str, Any], spec: Mapping[str, Any],
+                     annotations: Mapping[str, str], svc_type: str, unprogrammed: _Unprogrammed,
+                     ) -> tuple[tuple[IPAddress, ...], tuple[IPAddress, ...],
+                                tuple[IPNetwork, ...]]:
+    """The Service's external IPs, and for a LoadBalancer its ingress IPs and source ranges
+    (the field, else the annotation); the other family's are reported and dropped."""
+    external_ips = tuple(
+        ip for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))
+        if unprogrammed.keep(ip := _ip(text, f"spec.externalIPs[{i}]"), f"spec.externalIPs[{i}]")
+    )
+    if svc_type != "LoadBalancer":
+        return external_ips, (), ()
+    return (external_ips, _load_balancer_ips(manifest, unprogrammed),
+            _source_ranges(spec, annotations, unprogrammed))
 
 
 def _load_balancer_ips(manifest: Mapping[str, Any],

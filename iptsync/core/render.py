@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from iptsync.core import names
 from iptsync.core.model import Endpoint, ServicePort
 from iptsync.core.policy import (
+    PortTargets,
     Settings,
     categorize_endpoints,
     internal_masquerade,
@@ -62,118 +63,33 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
     ext, fw = names.EXT_PREFIX + port_hash, names.FW_PREFIX + port_hash
     sets = categorize_endpoints(port, endpoints, settings.node_name, zone)
     targets = port_targets(port, sets, settings)
-    has_endpoints, has_internal = targets.has_endpoints, targets.has_internal
-    has_external, uses_ext, uses_fw = targets.has_external, targets.uses_ext, targets.uses_fw
     internal_chain = svl if port.internal_policy_local else svc
-    external_policy_chain = svl if port.external_policy_local else svc
-    lb_chain = fw if uses_fw else ext
-
     internal_target = targets.internal_block or ""
     external_target = targets.external_block or ""
-    internal_comment = _blocked_comment(spn, internal_target)
-    external_comment = _blocked_comment(spn, external_target)
     out.no_local_internal = internal_target == "DROP"
     out.no_local_external = external_target == "DROP"
-
     match = ("-m", proto, "-p", proto)
     cluster_ip_match = (*match, "-d", str(port.cluster_ip), "--dport", str(port.port))
-    mark_masq = names.KUBE_MARK_MASQ
 
     # Traffic to the cluster IP.
-    if has_internal:
+    if targets.has_internal:
         out.add_top("nat", names.KUBE_SERVICES, "-m", "comment", "--comment",
                     f"{spn} cluster IP", *cluster_ip_match, "-j", internal_chain)
     else:
         out.add_top("filter", names.KUBE_SERVICES, "-m", "comment", "--comment",
-                    internal_comment, *cluster_ip_match, "-j", internal_target)
+                    _blocked_comment(spn, internal_target), *cluster_ip_match,
+                    "-j", internal_target)
+    blocked = ("-m", "comment", "--comment", _blocked_comment(spn, external_target))
+    _external_entry_rules(out, port, spn, match, targets, ext=ext, fw=fw, blocked=blocked,
+                          verdict=external_target)
 
-    # Traffic to external IPs.
-    for ip in port.external_ips:
-        dest = (*match, "-d", str(ip), "--dport", str(port.port))
-        if has_endpoints:
-            out.add_top("nat", names.KUBE_SERVICES, "-m", "comment", "--comment",
-                        f"{spn} external IP", *dest, "-j", ext)
-        if not has_external:
-            out.add_top("filter", names.KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment",
-                        external_comment, *dest, "-j", external_target)
-
-    # Traffic to load-balancer IPs.
-    for ip in port.load_balancer_ips:
-        dest = (*match, "-d", str(ip), "--dport", str(port.port))
-        if has_endpoints:
-            out.add_top("nat", names.KUBE_SERVICES, "-m", "comment", "--comment",
-                        f"{spn} loadbalancer IP", *dest, "-j", lb_chain)
-        if uses_fw:
-            out.add_top("filter", names.KUBE_PROXY_FIREWALL, "-m", "comment", "--comment",
-                        f"{spn} traffic not accepted by {fw}", *dest, "-j", "DROP")
-    if not has_external:
-        for ip in port.load_balancer_ips:
-            out.add_top("filter", names.KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment",
-                        external_comment, *match, "-d", str(ip), "--dport", str(port.port),
-                        "-j", external_target)
-
-    # Traffic to the node port (nodeports are not subject to loadBalancerSourceRanges).
-    if port.node_port:
-        if has_endpoints:
-            out.add_top("nat", names.KUBE_NODEPORTS, "-m", "comment", "--comment", spn,
-                        *match, "--dport", str(port.node_port), "-j", ext)
-        if not has_external:
-            out.add_top("filter", names.KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment",
-                        external_comment, "-m", "addrtype", "--dst-type", "LOCAL", *match,
-                        "--dport", str(port.node_port), "-j", external_target)
-
-    # Health check node port: always accepted, local endpoints or not.
-    if port.health_check_node_port:
-        out.add_top("filter", names.KUBE_NODEPORTS, "-m", "comment", "--comment",
-                    f"{spn} health check node port", "-m", "tcp", "-p", "tcp", "--dport",
-                    str(port.health_check_node_port), "-j", "ACCEPT")
-
-    local_cidr = settings.local_cidr
-    if has_internal:
-        masq_args = ("-m", "comment", "--comment", f"{spn} cluster IP", *cluster_ip_match)
-        masquerade = internal_masquerade(settings)
-        if masquerade == "all":
-            out.add(internal_chain, *masq_args, "-j", mark_masq)
-        elif masquerade == "off-cluster":
-            # Off-cluster traffic to the service IP (e.g. via a static route to a node) may
-            # bounce to another node, so it is masqueraded.
-            out.add(internal_chain, *masq_args, "!", "-s", str(local_cidr), "-j", mark_masq)
-
-    if uses_ext:
-        out.chains.setdefault(ext, [])
-        if not port.external_policy_local:
-            out.add(ext, "-m", "comment", "--comment",
-                    f"masquerade traffic for {spn} external destinations", "-j", mark_masq)
-        else:
-            if local_cidr is not None:
-                # Pod -> external destination behaves as if it went out to the load balancer
-                # and came back: subject to neither traffic policy.
-                out.add(ext, "-m", "comment", "--comment",
-                        f"pod traffic for {spn} external destinations",
-                        "-s", str(local_cidr), "-j", svc)
-            # The node's own traffic gets a local source address: masquerade and route it
-            # to the cluster-wide endpoints.
-            out.add(ext, "-m", "comment", "--comment",
-                    f"masquerade LOCAL traffic for {spn} external destinations",
-                    "-m", "addrtype", "--src-type", "LOCAL", "-j", mark_masq)
-            out.add(ext, "-m", "comment", "--comment",
-                    f"route LOCAL traffic for {spn} external destinations",
-                    "-m", "addrtype", "--src-type", "LOCAL", "-j", svc)
-        if has_external:
-            out.add(ext, "-j", external_policy_chain)
-
-    if uses_fw:
-        out.chains.setdefault(fw, [])
-        comment = ("-m", "comment", "--comment", f"{spn} loadbalancer IP")
-        for cidr in port.load_balancer_source_ranges:
-            out.add(fw, *comment, "-s", str(cidr), "-j", ext)
-        if targets.fw_admits_node:
-            # A VIP routed locally loops back with the VIP as its source address.
-            for ip in port.load_balancer_ips:
-                out.add(fw, *comment, "-s", str(ip), "-j", ext)
-        # A packet that falls off the end was not DNATed; KUBE-PROXY-FIREWALL drops it.
-        out.add(fw, "-m", "comment", "--comment",
-                f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")
+    if targets.has_internal:
+        _internal_masquerade(out, spn, internal_chain, cluster_ip_match, settings)
+    if targets.uses_ext:
+        _ext_chain(out, port, spn, settings, ext=ext, svc=svc, svl=svl,
+                   has_external=targets.has_external)
+    if targets.uses_fw:
+        _fw_chain(out, port, spn, fw, ext, admits_node=targets.fw_admits_node)
 
     seps = {ep.key: names.sep_chain(spn, proto, ep.key) for ep in sets.reachable}
     if sets.cluster and port.uses_cluster_endpoints:
@@ -182,6 +98,111 @@ def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settin
         _endpoint_dispatch(out, port, svl, sets.local, seps, large_cluster=large_cluster)
     _endpoint_chains(out, port, sets.reachable, seps, large_cluster)
     return out
+
+
+def _external_entry_rules(out: PortRules, port: ServicePort, spn: str, match: tuple[str, ...],
+                          targets: PortTargets, *, ext: str, fw: str, blocked: tuple[str, ...],
+                          verdict: str) -> None:
+    """The top-level rules for traffic from outside: to external IPs, load-balancer IPs and
+    the node port, each to the EXT (or FW) chain, or to ``verdict`` (commented ``blocked``)
+    when it has nowhere to go; and to the health check node port, always accepted."""
+    has_endpoints, has_external = targets.has_endpoints, targets.has_external
+    for ip in port.external_ips:
+        dest = (*match, "-d", str(ip), "--dport", str(port.port))
+        if has_endpoints:
+            out.add_top("nat", names.KUBE_SERVICES, "-m", "comment", "--comment",
+                        f"{spn} external IP", *dest, "-j", ext)
+        if not has_external:
+            out.add_top("filter", names.KUBE_EXTERNAL_SERVICES, *blocked, *dest,
+                        "-j", verdict)
+
+    lb_chain = fw if targets.uses_fw else ext
+    for ip in port.load_balancer_ips:
+        dest = (*match, "-d", str(ip), "--dport", str(port.port))
+        if has_endpoints:
+            out.add_top("nat", names.KUBE_SERVICES, "-m", "comment", "--comment",
+                        f"{spn} loadbalancer IP", *dest, "-j", lb_chain)
+        if targets.uses_fw:
+            out.add_top("filter", names.KUBE_PROXY_FIREWALL, "-m", "comment", "--comment",
+                        f"{spn} traffic not accepted by {fw}", *dest, "-j", "DROP")
+    if not has_external:
+        for ip in port.load_balancer_ips:
+            out.add_top("filter", names.KUBE_EXTERNAL_SERVICES, *blocked, *match,
+                        "-d", str(ip), "--dport", str(port.port), "-j", verdict)
+
+    # Nodeports are not subject to loadBalancerSourceRanges.
+    if port.node_port:
+        if has_endpoints:
+            out.add_top("nat", names.KUBE_NODEPORTS, "-m", "comment", "--comment", spn,
+                        *match, "--dport", str(port.node_port), "-j", ext)
+        if not has_external:
+            out.add_top("filter", names.KUBE_EXTERNAL_SERVICES, *blocked,
+                        "-m", "addrtype", "--dst-type", "LOCAL", *match,
+                        "--dport", str(port.node_port), "-j", verdict)
+    if port.health_check_node_port:
+        out.add_top("filter", names.KUBE_NODEPORTS, "-m", "comment", "--comment",
+                    f"{spn} health check node port", "-m", "tcp", "-p", "tcp", "--dport",
+                    str(port.health_check_node_port), "-j", "ACCEPT")
+
+
+def _internal_masquerade(out: PortRules, spn: str, chain: str, cluster_ip_match: tuple[str, ...],
+                         settings: Settings) -> None:
+    """The masquerade mark at the head of the internal (SVC or SVL) chain, when the settings
+    ask for one (:func:`iptsync.core.policy.internal_masquerade`)."""
+    masq_args = ("-m", "comment", "--comment", f"{spn} cluster IP", *cluster_ip_match)
+    masquerade = internal_masquerade(settings)
+    if masquerade == "all":
+        out.add(chain, *masq_args, "-j", names.KUBE_MARK_MASQ)
+    elif masquerade == "off-cluster":
+        # Off-cluster traffic to the service IP (e.g. via a static route to a node) may
+        # bounce to another node, so it is masqueraded.
+        out.add(chain, *masq_args, "!", "-s", str(settings.local_cidr),
+                "-j", names.KUBE_MARK_MASQ)
+
+
+def _ext_chain(out: PortRules, port: ServicePort, spn: str, settings: Settings, *, ext: str,
+               svc: str, svl: str, has_external: bool) -> None:
+    """The EXT chain: masquerade (all of it, or under externalTrafficPolicy=Local only the
+    node's own and pods' traffic, which goes cluster-wide), then the policy's chain."""
+    out.chains.setdefault(ext, [])
+    mark_masq = names.KUBE_MARK_MASQ
+    if not port.external_policy_local:
+        out.add(ext, "-m", "comment", "--comment",
+                f"masquerade traffic for {spn} external destinations", "-j", mark_masq)
+    else:
+        if settings.local_cidr is not None:
+            # Pod -> external destination behaves as if it went out to the load balancer
+            # and came back: subject to neither traffic policy.
+            out.add(ext, "-m", "comment", "--comment",
+                    f"pod traffic for {spn} external destinations",
+                    "-s", str(settings.local_cidr), "-j", svc)
+        # The node's own traffic gets a local source address: masquerade and route it
+        # to the cluster-wide endpoints.
+        out.add(ext, "-m", "comment", "--comment",
+                f"masquerade LOCAL traffic for {spn} external destinations",
+                "-m", "addrtype", "--src-type", "LOCAL", "-j", mark_masq)
+        out.add(ext, "-m", "comment", "--comment",
+                f"route LOCAL traffic for {spn} external destinations",
+                "-m", "addrtype", "--src-type", "LOCAL", "-j", svc)
+    if has_external:
+        out.add(ext, "-j", svl if port.external_policy_local else svc)
+
+
+def _fw_chain(out: PortRules, port: ServicePort, spn: str, fw: str, ext: str, *,
+              admits_node: bool) -> None:
+    """The FW chain: loadBalancerSourceRanges (and the load-balancer IPs themselves when the
+    node is in a range) go on to EXT; KUBE-PROXY-FIREWALL drops the rest."""
+    out.chains.setdefault(fw, [])
+    comment = ("-m", "comment", "--comment", f"{spn} loadbalancer IP")
+    for cidr in port.load_balancer_source_ranges:
+        out.add(fw, *comment, "-s", str(cidr), "-j", ext)
+    if admits_node:
+        # A VIP routed locally loops back with the VIP as its source address.
+        for ip in port.load_balancer_ips:
+            out.add(fw, *comment, "-s", str(ip), "-j", ext)
+    # A packet that falls off the end was not DNATed; KUBE-PROXY-FIREWALL drops it.
+    out.add(fw, "-m", "comment", "--comment",
+            f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")
 
 
 def _blocked_comment(spn: str, verdict: str) -> str:

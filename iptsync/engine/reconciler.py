@@ -427,36 +427,15 @@ class Engine:
         mark = self.clock()
         live = self.netfilter.save()
         phases["read"] = self.clock() - mark
-        started, rendering = self.clock(), 0.0
+        started = self.clock()
         jumps = self._skeleton()
         changes: list[ServiceChange] = []
-        done: set[ServiceKey] = set()  # rendered into changes
         with self.netfilter.restore_stream() as stream:
             nat = TableBuilder("nat", live.get("nat") or SavedTable("nat"), stream.write)
             top = self._top_chains("nat")
             nat.add_chains({chain: content for chain, content in top.items()
                             if chain not in SERVICE_RULE_CHAINS["nat"]})
-            dirty = self._take_dirty()
-            keys = sorted(dirty | self._rendered.keys())
-            try:
-                for index, key in enumerate(keys):
-                    progress.report("full sync in progress: %d of %d services sent to "
-                                    "iptables-restore, %d chains written", index, len(keys),
-                                    len(nat.plan.written))
-                    if key in dirty:
-                        mark = self.clock()
-                        changes.append(self._render_one(key))
-                        done.add(key)
-                        rendering += self.clock() - mark
-                    rendered = self._rendered.get(key)
-                    if rendered is not None:
-                        nat.add_chains(rendered.chains)
-            finally:
-                # Also when writing fails half way (the xtables lock, a dead iptables-restore):
-                # the top-level chains take the services rendered so far, or their old rules
-                # would stay in the cache for good, and the others stay due for rendering.
-                self._apply_to_top(changes)
-                self._dirty |= dirty - done
+            rendering = self._stream_services(nat, progress, changes)
             top = self._top_chains("nat")
             nat.add_chains({chain: top[chain] for chain in SERVICE_RULE_CHAINS["nat"]
                             if chain in top})
@@ -476,6 +455,35 @@ class Engine:
         if known_good:
             report.drifted = _drift(plan, changes)
         return report
+
+    def _stream_services(self, nat: TableBuilder, progress: Progress,
+                         changes: list[ServiceChange]) -> float:
+        """Every service's chains into ``nat`` in key order, the due ones rendered on the way
+        (their changes appended to ``changes``); returns the seconds spent rendering."""
+        rendering = 0.0
+        done: set[ServiceKey] = set()  # rendered into changes
+        dirty = self._take_dirty()
+        keys = sorted(dirty | self._rendered.keys())
+        try:
+            for index, key in enumerate(keys):
+                progress.report("full sync in progress: %d of %d services sent to "
+                                "iptables-restore, %d chains written", index, len(keys),
+                                len(nat.plan.written))
+                if key in dirty:
+                    mark = self.clock()
+                    changes.append(self._render_one(key))
+                    done.add(key)
+                    rendering += self.clock() - mark
+                rendered = self._rendered.get(key)
+                if rendered is not None:
+                    nat.add_chains(rendered.chains)
+        finally:
+            # Also when writing fails half way (the xtables lock, a dead iptables-restore):
+            # the top-level chains take the services rendered so far, or their old rules
+            # would stay in the cache for good, and the others stay due for rendering.
+            self._apply_to_top(changes)
+            self._dirty |= dirty - done
+        return rendering
 
 @contextlib.contextmanager
 def bulk() -> Iterator[None]:

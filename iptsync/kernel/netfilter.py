@@ -29,7 +29,14 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from iptsync.core import names
 from iptsync.core.ruleset import RulesetError, SavedTable, parse_save
-from iptsync.kernel.port import OWNED_TABLES, Backend, NetfilterError, RestoreError, excerpt
+from iptsync.kernel.port import (
+    OWNED_TABLES,
+    Backend,
+    NetfilterError,
+    RestoreError,
+    RuleStreamBase,
+    excerpt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +178,7 @@ class Netfilter:
         return self._run([*prefix, f"iptables-{self.backend.value}", *wait, *args])
 
 
-class RestoreStream:
+class RestoreStream(RuleStreamBase):
     """One iptables-restore run, fed a chunk at a time while its payload is produced.
 
     A first sync at 10,000 services is 40 MB of restore text. Streamed, it never sits in
@@ -191,15 +198,6 @@ class RestoreStream:
         self._proc: subprocess.Popen[bytes] | None = None
         self._errors: IO[bytes] | None = None
         self._broken = False
-
-    def __enter__(self) -> RestoreStream:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
 
     def abort(self) -> None:
         """Stop without committing (the payload never reaches its COMMIT)."""

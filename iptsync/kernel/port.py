@@ -12,10 +12,11 @@ failing line as iptables-restore does. Pure: no I/O.
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from iptsync.core.ruleset import SavedTable
 
@@ -60,6 +61,28 @@ class RuleStream(Protocol):
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None, /) -> None: ...
+
+
+class RuleStreamBase(abc.ABC):
+    """What every :class:`RuleStream` implementation shares: leaving its ``with`` block
+    normally closes the run, leaving it by an exception aborts it (nothing more commits)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish the run; raises :class:`RestoreError` when the payload was rejected."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Stop without committing the table in progress."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class NetfilterPort(Protocol):

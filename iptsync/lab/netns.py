@@ -151,6 +151,22 @@ def delete_netns(name: str) -> None:
     run(["ip", "netns", "del", name])
 
 
+
+@contextlib.contextmanager
+def temporary_netns(name: str) -> Iterator[str]:
+    """The new namespace ``name`` with loopback up (:func:`add_netns`), deleted on leaving
+    whatever happens (:func:`delete_netns`); SIGINT and SIGTERM wait while it is deleted, so a
+    second Ctrl-C does not leave it behind."""
+    add_netns(name)
+    try:
+        yield name
+    finally:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            delete_netns(name)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
 def ip(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``ip -n NS args...``: an iproute2 command applied inside namespace ``ns`` only."""
     return run(["ip", "-n", check_nsname(ns), *args], check=check)

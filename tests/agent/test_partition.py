@@ -34,7 +34,7 @@ from iptsync.core import names
 from iptsync.core.policy import Settings
 from iptsync.engine.reconciler import Engine
 from iptsync.kernel.netfilter import Backend, Netfilter
-from iptsync.lab.netns import add_netns, add_veth, delete_netns, ip, thread_in_netns
+from iptsync.lab.netns import add_veth, ip, temporary_netns, thread_in_netns
 from iptsync.sources.api import ApiSettings, ApiSource
 
 from .waiting import eventually
@@ -54,16 +54,12 @@ HEAL_TARGET = 60.0  # seconds: the issue's bound from healing to the change bein
 @pytest.fixture
 def api_netns(netns: str) -> Iterator[str]:
     """A namespace for the API server, joined to the node namespace ``netns`` by a veth."""
-    name = f"{netns}-api"
-    add_netns(name)
-    try:
+    with temporary_netns(f"{netns}-api") as name:
         add_veth(netns, "to-api", name, "to-node")
         for ns, dev, address in ((netns, "to-api", NODE_IP), (name, "to-node", API_IP)):
             ip(ns, "addr", "add", f"{address}/30", "dev", dev)
             ip(ns, "link", "set", dev, "up")
         yield name
-    finally:
-        delete_netns(name)
 
 
 def web(name: str, cluster_ip: str) -> list[dict[str, Any]]:

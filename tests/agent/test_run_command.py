@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import reaped
 
 from iptsync.core import names
 from iptsync.kernel.netfilter import Netfilter
@@ -54,7 +55,7 @@ def test_run_follows_file_changes_and_leaves_rules_on_sigterm(netfilter: Netfilt
             "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "",
             "--no-conntrack-cleanup", "--log-format", "json"]
     agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with reaped(agent):
         svc = names.svc_chain("default/web:http", "tcp")
         eventually(lambda: svc in netfilter.save()["nat"].chains)
         assert 1 == sum("DNAT" in rule for chain, rules in netfilter.save()["nat"].chains.items()
@@ -73,10 +74,6 @@ def test_run_follows_file_changes_and_leaves_rules_on_sigterm(netfilter: Netfilt
         before = netfilter.save()
         agent.send_signal(signal.SIGTERM)
         _out, err = agent.communicate(timeout=10)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
     assert 0 == agent.returncode, err
     assert {t: s.chains for t, s in before.items()} == {
         t: s.chains for t, s in netfilter.save().items()}

@@ -57,6 +57,18 @@ def flush(netfilter: NetfilterPort) -> None:
                       "COMMIT\n", noflush=False)
 
 
+def synced(kernel: NetfilterPort, kind: str, count: int) -> tuple[World, Engine]:
+    """``count`` services of ``kind`` (``s0`` on), one port and one ready endpoint each, synced
+    in full."""
+    world = World()
+    engine = Engine(kernel, SETTINGS)
+    for index in range(count):
+        world.apply(engine, service(index, kind, False, 1))
+        world.apply(engine, endpoint_slice(index, [(0, True, False)]))
+    engine.sync()
+    return world, engine
+
+
 def test_partial_syncs_equal_a_full_sync(kernel: NetfilterPort) -> None:
     """Any series of partial syncs leaves the kernel holding what one full sync writes."""
 
@@ -101,12 +113,7 @@ def test_removed_rule_is_reported_as_drift_and_repaired(kernel: NetfilterPort) -
 def test_partial_sync_of_an_endpoint_change_writes_only_that_service(
         kernel: NetfilterPort) -> None:
     """Scaling one service rewrites its own chains and no top-level chain."""
-    world = World()
-    engine = Engine(kernel, SETTINGS)
-    for index in range(3):
-        world.apply(engine, service(index, "NodePort", False, 1))
-        world.apply(engine, endpoint_slice(index, [(0, True, False)]))
-    engine.sync()
+    world, engine = synced(kernel, "NodePort", 3)
     world.apply(engine, endpoint_slice(2, [(0, True, False), (1, True, False)]))
     report = engine.sync()
     [nat] = report.plan.tables
@@ -118,11 +125,7 @@ def test_partial_sync_of_an_endpoint_change_writes_only_that_service(
 def test_failed_partial_sync_is_followed_by_a_full_one(kernel: NetfilterPort) -> None:
     """When the kernel lost a rule the partial sync deletes, the batch fails and the next
     sync compares everything and converges."""
-    world = World()
-    engine = Engine(kernel, SETTINGS)
-    world.apply(engine, service(0, "ClusterIP", False, 1))
-    world.apply(engine, endpoint_slice(0, [(0, True, False)]))
-    engine.sync()
+    world, engine = synced(kernel, "ClusterIP", 1)
     kernel.run("-t", "nat", "-F", names.KUBE_SERVICES)
     world.apply(engine, endpoint_slice(0, []))  # its cluster IP rule goes: -D fails
     with pytest.raises(Exception, match="iptables-restore failed"):
@@ -148,12 +151,7 @@ def test_new_service_rules_go_to_the_head_and_the_nodeport_jump_stays_last(
     """A partial sync inserts a new service's top-level rules at position 1 (no positional
     lookup in a long chain); KUBE-SERVICES still ends with the NodePort jump, and the next full
     sync finds nothing to rewrite."""
-    world = World()
-    engine = Engine(kernel, SETTINGS)
-    for index in range(2):
-        world.apply(engine, service(index, "NodePort", False, 1))
-        world.apply(engine, endpoint_slice(index, [(0, True, False)]))
-    engine.sync()
+    world, engine = synced(kernel, "NodePort", 2)
     world.apply(engine, service(4, "NodePort", False, 1))
     world.apply(engine, endpoint_slice(4, [(0, True, False)]))
     report = engine.sync()
@@ -175,12 +173,7 @@ def test_stale_service_chains_are_deleted_unless_a_foreign_rule_jumps_there(
     """A deleted service's chains go with the partial sync that deletes it; service chains
     left by someone else (a previous proxier) go with the next full sync, except one that a
     foreign rule still jumps to, which stays until that rule is gone."""
-    world = World()
-    engine = Engine(kernel, SETTINGS)
-    for index in range(2):
-        world.apply(engine, service(index, "ClusterIP", False, 1))
-        world.apply(engine, endpoint_slice(index, [(0, True, False)]))
-    engine.sync()
+    world, engine = synced(kernel, "ClusterIP", 2)
     kernel.restore([
         "*nat", f":{STALE_SVC} - [0:0]", f":{STALE_SEP} - [0:0]", f":{PINNED_SEP} - [0:0]",
         ":MY-NAT - [0:0]", f"-A {STALE_SVC} -j {STALE_SEP}",

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 import pytest
 from agent.test_loop import ScriptedSource
+from foreign import FOREIGN
 
 from engine.world import SETTINGS, World, assert_holds_full_sync, endpoint_slice, service
 from iptsync.agent.loop import Agent, Timing
 from iptsync.core import names
-from iptsync.core.plan import NO_STAGING, cleanup_plan
+from iptsync.core.plan import DEFAULT_STAGE_LINES, NO_STAGING, cleanup_plan
 from iptsync.core.ruleset import SavedTable
 from iptsync.engine.apply import SyncError, apply_plan
 from iptsync.engine.reconciler import Engine
@@ -38,21 +39,6 @@ from iptsync.kernel.port import OWNED_TABLES, Backend, RestoreError, RuleStream
 from iptsync.testing import FakeClock, FakeNetfilter
 
 Kernel = Netfilter | FakeNetfilter
-
-FOREIGN = """*filter
-:MY-FIREWALL - [0:0]
--A INPUT -s 192.0.2.0/24 -j MY-FIREWALL
--A MY-FIREWALL -p tcp -m tcp --dport 22 -j ACCEPT
--A FORWARD -j MY-FIREWALL
--A OUTPUT -d 192.0.2.9/32 -j DROP
-COMMIT
-*nat
-:MY-NAT - [0:0]
--A PREROUTING -d 192.0.2.1/32 -j MY-NAT
--A MY-NAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.0.2.2:80
--A POSTROUTING -o lo -j RETURN
-COMMIT
-"""
 
 
 def snapshot(netfilter: Kernel | Racing) -> str:
@@ -118,6 +104,18 @@ def cluster(world: World, engine: Engine) -> None:
                                     index == 3, 2))
         endpoints = [] if index == 3 else [(0, True, True), (1, True, False)]
         world.apply(engine, endpoint_slice(index, endpoints))
+
+
+def synced_cluster(netfilter: Kernel | Racing, *,
+                   stream_full: bool | None = None,
+                   stage_lines: int = DEFAULT_STAGE_LINES) -> tuple[World, Engine]:
+    """:func:`cluster` next to the FOREIGN rules, synced once by an engine with those options."""
+    netfilter.restore(FOREIGN)
+    world = World()
+    engine = Engine(netfilter, SETTINGS, stream_full=stream_full, stage_lines=stage_lines)
+    cluster(world, engine)
+    engine.sync()
+    return world, engine
 
 
 def remove_jumps(netfilter: Kernel | Racing, table: str, target: str) -> None:
@@ -203,11 +201,7 @@ def fail_and_compare(kernel: Kernel, change: Change, later: tuple[str, str],
     """Sync a cluster, make ``change``, have the ``later`` (table, chain) vanish mid-sync:
     the failed full sync leaves the kernel as it was; the next sync converges."""
     racing = Racing(kernel)
-    racing.restore(FOREIGN)
-    world = World()
-    engine = Engine(racing, SETTINGS, stream_full=stream_full, stage_lines=stage_lines)
-    cluster(world, engine)
-    engine.sync()
+    world, engine = synced_cluster(racing, stream_full=stream_full, stage_lines=stage_lines)
     change(world, engine, racing)
     before, after = vanish(*later)
     before(racing)
@@ -277,11 +271,7 @@ def test_failed_cleanup_puts_back_filter_chains_and_foreign_jumps_in_place(
     """A cleanup whose nat part the kernel rejects recreates the filter chains it deleted
     with their rules, and puts every jump it removed back at its place among foreign rules."""
     racing = Racing(kernel)
-    racing.restore(FOREIGN)
-    world = World()
-    engine = Engine(racing, SETTINGS)
-    cluster(world, engine)
-    engine.sync()
+    synced_cluster(racing)
     racing.race = lambda nf: nf.run("-t", "nat", "-A", "MY-NAT", "-j",
                                     names.svc_chain("default/s1:p0", "tcp"))
     plan = cleanup_plan(racing.save())
@@ -297,11 +287,7 @@ def undo_will_fail(kernel: Kernel) -> tuple[Racing, World, Engine]:
     """A synced cluster whose next full sync fails in nat after filter committed new chains,
     and whose undo of filter then fails: a foreign rule jumps to one of those new chains."""
     racing = Racing(kernel)
-    racing.restore(FOREIGN)
-    world = World()
-    engine = Engine(racing, SETTINGS, stream_full=False)
-    cluster(world, engine)
-    engine.sync()
+    world, engine = synced_cluster(racing, stream_full=False)
     filter_chains_removed(world, engine, racing)
     before, after = vanish(*NAT_FAILS[0])
     before(racing)
@@ -379,11 +365,7 @@ def test_full_sync_failing_without_a_line_undoes_only_the_committed_tables(
     committing 0, 1 or 2 tables: only the committed ones are undone, the kernel is as before
     (undoing a table that never committed used to fail on its jumps)."""
     dying = DiesAfterCommits(netfilter.backend, netfilter.netns)
-    dying.restore(FOREIGN)
-    world = World()
-    engine = Engine(dying, SETTINGS, stream_full=False)
-    cluster(world, engine)
-    engine.sync()
+    world, engine = synced_cluster(dying, stream_full=False)
     filter_jumps_removed(world, engine, dying)
     nat_jumps_removed(world, engine, dying)
     before = snapshot(dying)
@@ -404,11 +386,7 @@ def test_partial_sync_failing_without_a_line_undoes_only_the_committed_tables(
     fails with no line named after committing 0, 1 or 2 tables leaves the kernel as before:
     no REJECT put back twice, no undo of a rule never inserted."""
     dying = DiesAfterCommits(netfilter.backend, netfilter.netns)
-    dying.restore(FOREIGN)
-    world = World()
-    engine = Engine(dying, SETTINGS)
-    cluster(world, engine)
-    engine.sync()
+    world, engine = synced_cluster(dying)
     endpoints_found(world, engine, dying)
     before = snapshot(dying)
     dying.commits = commits
@@ -432,11 +410,7 @@ def test_batch_rejected_in_any_table_leaves_both_tables_as_they_were(path: str,
     """Whichever table of a batch the kernel rejects, on every path, both tables end as they
     were: a table committed before the failing one is undone, and the next sync converges."""
     kernel = FakeNetfilter()
-    kernel.restore(FOREIGN)
-    world = World()
-    engine = Engine(kernel, SETTINGS, stream_full=path == "streamed")
-    cluster(world, engine)
-    engine.sync()
+    world, engine = synced_cluster(kernel, stream_full=path == "streamed")
     endpoints_lost(world, engine, kernel)  # both tables change
     endpoints_found(world, engine, kernel)
     before = snapshot(kernel)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import reaped
 
 from iptsync.lab import demo, netns
 from iptsync.lab.readback import dump_service
@@ -98,7 +99,7 @@ def test_sigterm_while_kept_up_tears_the_lab_down() -> None:
     proc = subprocess.Popen(lab_argv("--keep", "--json", "--requests", "40"),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT, bufsize=0)
-    try:
+    with reaped(proc):
         assert proc.stderr is not None
         seen = b""
         deadline = time.monotonic() + 60
@@ -113,10 +114,6 @@ def test_sigterm_while_kept_up_tears_the_lab_down() -> None:
         assert 10 == len(lab_namespaces(prefix.group(1))), seen.decode()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert 0 == proc.returncode, (seen + err).decode()
     assert 0 == json.loads(out)["failed"]
     assert [] == lab_namespaces(prefix.group(1))

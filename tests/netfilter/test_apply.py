@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from foreign import FOREIGN
 
 from iptsync.core import names
 from iptsync.core.plan import ChainContent, DesiredTables, Plan, cleanup_plan, make_plan
@@ -114,20 +115,6 @@ def test_update_writes_only_changed_chains_and_deletes_stale_ones(netfilter: Net
     live = live_chains(netfilter)["nat"]
     assert not any(chain in live for chain in by_table["nat"].deleted)
 
-
-FOREIGN = """*filter
-:MY-FIREWALL - [0:0]
--A INPUT -s 192.0.2.0/24 -j MY-FIREWALL
--A MY-FIREWALL -p tcp -m tcp --dport 22 -j ACCEPT
--A FORWARD -j MY-FIREWALL
-COMMIT
-*nat
-:MY-NAT - [0:0]
--A PREROUTING -d 192.0.2.1/32 -j MY-NAT
--A MY-NAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.0.2.2:80
--A POSTROUTING -o lo -j RETURN
-COMMIT
-"""
 
 
 def foreign_view(netfilter: Netfilter) -> dict[str, dict[str, list[str]]]:
