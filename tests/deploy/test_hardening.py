@@ -67,7 +67,8 @@ def container_volumes(container: dict[str, Any], pod: dict[str, Any],
         if "emptyDir" in volume:
             # A binary quantity (64Mi) in tmpfs's units (64m).
             size = volume["emptyDir"]["sizeLimit"].removesuffix("i").lower()
-            tmpfs.append(f"mount -t tmpfs -o size={size} tmpfs {target}")
+            tmpfs.append(_covering(f"mount -t tmpfs -o size={size} tmpfs {target}",
+                                   Path(mount["mountPath"])))
         elif volume.get("hostPath", {}).get("type") == "FileOrCreate":
             source = scratch / mount["name"]
             source.touch()
@@ -79,6 +80,26 @@ def container_volumes(container: dict[str, Any], pod: dict[str, Any],
             pytest.fail(f"no stand-in for the writable volume {volume}")
     # Binds first: their private sources may live under a path an emptyDir then covers.
     return "\n".join([*binds, *tmpfs]) + "\n"
+
+
+def _covering(mount_line: str, target: Path) -> str:
+    """``mount_line`` (a volume over ``target``), keeping the code under test visible: a
+    checkout or virtualenv below ``target`` (a clone in /tmp, under the /tmp emptyDir) is held
+    on a scratch tmpfs at /mnt while the volume goes on, then bound back at its path."""
+    keep = [path for path in dict.fromkeys((ROOT.resolve(), Path(sys.prefix).resolve()))
+            if path.is_relative_to(target)
+            and not any(path != other and path.is_relative_to(other)
+                        for other in (ROOT.resolve(), Path(sys.prefix).resolve()))]
+    if not keep:
+        return mount_line
+    hold = ["mount -t tmpfs tmpfs /mnt"]
+    for index, path in enumerate(keep):
+        hold += [f"mkdir /mnt/{index}", f"mount --bind {shlex.quote(str(path))} /mnt/{index}"]
+    back = [line for index, path in enumerate(keep)
+            for line in (f"mkdir -p {shlex.quote(str(path))}",
+                         f"mount --bind /mnt/{index} {shlex.quote(str(path))}",
+                         f"umount /mnt/{index}")]
+    return "\n".join([*hold, mount_line, *back, "umount /mnt"])
 
 
 def container_command(netns: str, capabilities: list[str], volumes: str,
