@@ -223,7 +223,10 @@ def _logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
             yield start, joined.strip()
             continue
         line = raw.strip()
-        if line.startswith("-A ") and _quote_open(line):
+        # An even number of quotes and no backslash: closed, decided without a call (this
+        # runs for every line of a save: 330,000 at 10,000 services).
+        if ((line.count('"') & 1 or "\\" in line) and line.startswith("-A ")
+                and _quote_open(line)):
             pending, start = [line], number
             continue
         yield number, line
@@ -234,8 +237,6 @@ def _logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
 def _quote_open(line: str) -> bool:
     """Whether ``line`` ends inside a double-quoted value (iptables-save escapes a quote or a
     backslash in a value with a backslash)."""
-    if line.count('"') % 2 == 0 and "\\" not in line:
-        return False  # the common case, decided without a scan
     inside = escaped = False
     for char in line:
         if escaped:
