@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from iptsync.core.model import IPAddress, IPNetwork, NodeInfo
+from iptsync.core.model import IPAddress, IPFamily, IPNetwork, NodeInfo
 from iptsync.core.policy import Settings
 
 
@@ -173,9 +173,12 @@ def build_settings(*, node_name: str, cluster_cidr: str | None, masquerade_all: 
 
 def with_node(settings: Settings, node: NodeInfo | None,
               interface_ips: Sequence[IPAddress] = ()) -> Settings:
-    """Fill in node addresses: the Node object's first (primary), then the interfaces'."""
+    """Fill in node addresses of the settings' family: the Node object's first (primary),
+    then the interfaces'."""
+    family = settings.family
     if settings.node_ips and not interface_ips:
         return settings
-    ips = list(settings.node_ips) or list(node.addresses if node else ())
-    ips += [ip for ip in interface_ips if ip not in ips]
+    ips = list(settings.node_ips) or [ip for ip in (node.addresses if node else ())
+                                      if IPFamily.of(ip) is family]
+    ips += [ip for ip in interface_ips if ip not in ips and IPFamily.of(ip) is family]
     return replace(settings, node_ips=tuple(ips))

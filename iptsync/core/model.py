@@ -188,6 +188,7 @@ class NodeInfo:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
     addresses: tuple[IPAddress, ...] = ()
+    pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs (at most one per family)
 
     @property
     def zone(self) -> str | None:
@@ -325,7 +326,13 @@ def parse_node(manifest: Mapping[str, Any]) -> Parsed:
             entry = _as_mapping(item, f"status.addresses[{i}]")
             if entry.get("type") in ("InternalIP", "ExternalIP"):
                 addresses.append(_ip(entry.get("address"), f"status.addresses[{i}].address"))
-        return Parsed(NodeInfo(name=name, labels=labels, addresses=tuple(addresses)))
+        spec = _mapping(manifest, "spec")
+        pod_cidrs = tuple(_cidr(text, f"spec.podCIDRs[{i}]")
+                          for i, text in enumerate(_list(spec, "podCIDRs", "spec.podCIDRs")))
+        if not pod_cidrs and spec.get("podCIDR"):
+            pod_cidrs = (_cidr(spec.get("podCIDR"), "spec.podCIDR"),)
+        return Parsed(NodeInfo(name=name, labels=labels, addresses=tuple(addresses),
+                               pod_cidrs=pod_cidrs))
     except InvalidField as err:
         return Parsed(None, (Problem("Node", ref, err.path, err.message),))
 
@@ -355,23 +362,11 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
         return ServiceInfo(namespace, name, (), "headless services get no rules")
     if not cluster_ip_text:
         raise InvalidField("spec.clusterIP", "missing: the service has no cluster IP allocated")
-    primary = _ip(cluster_ip_text, "spec.clusterIP")
-    # A dual-stack Service lists its other family's cluster IP second; as kube-proxy's IPv4
-    # proxier does, the IPv4 one is programmed whichever comes first.
-    cluster_ips = [("spec.clusterIP", primary)] + [
-        (f"spec.clusterIPs[{i}]", _ip(text, f"spec.clusterIPs[{i}]"))
-        for i, text in enumerate(_list(spec, "clusterIPs", "spec.clusterIPs")[1:], 1)]
-    cluster_ip = next((ip for _, ip in cluster_ips if ip.version == 4), None)
-    if cluster_ip is None:
-        problems.append(Problem("Service", ref, "spec.clusterIP", NOT_PROGRAMMED))
-        return ServiceInfo(namespace, name, (), "IPv6 services are not programmed yet")
-    family = IPFamily.IPV4
-    unprogrammed = _Unprogrammed("Service", ref, family, problems)
-    for path, ip in cluster_ips:
-        unprogrammed.keep(ip, path)
-
+    cluster_ips = _cluster_ips(spec, _ip(cluster_ip_text, "spec.clusterIP"))
+    families = tuple(IPFamily.of(ip) for ip in cluster_ips)
+    addresses = _ByFamily("Service", ref, families, problems)
     external_ips, lb_ips, source_ranges = _entry_addresses(manifest, spec, annotations,
-                                                           svc_type, unprogrammed)
+                                                           svc_type, addresses)
     external_policy = _policy(spec, "externalTrafficPolicy")
     internal_policy = _policy(spec, "internalTrafficPolicy")
     external_local = external_policy == "Local" and svc_type in ("NodePort", "LoadBalancer")
@@ -381,6 +376,9 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
         health_check_node_port = _port(spec.get("healthCheckNodePort"),
                                        "spec.healthCheckNodePort", allow_zero=True)
 
+    entries = list(_port_entries(spec))
+    # One ServicePort per family and port, as kube-proxy's per-family proxiers each see it:
+    # the cluster IP, external IPs, load-balancer IPs and source ranges of that family.
     ports = tuple(ServicePort(
         name=ServicePortName(namespace, name, port_name),
         protocol=protocol,
@@ -388,15 +386,53 @@ def _service(manifest: Mapping[str, Any], ref: str, problems: list[Problem]) -> 
         cluster_ip=cluster_ip,
         port=number,
         node_port=node_port,
-        external_ips=external_ips,
-        load_balancer_ips=lb_ips,
-        load_balancer_source_ranges=source_ranges,
+        external_ips=tuple(ip for ip in external_ips if IPFamily.of(ip) is family),
+        load_balancer_ips=tuple(ip for ip in lb_ips if IPFamily.of(ip) is family),
+        load_balancer_source_ranges=_family_ranges(source_ranges, family),
         external_policy_local=external_local,
         internal_policy_local=internal_policy == "Local",
         affinity_timeout=affinity,
         health_check_node_port=health_check_node_port,
-    ) for port_name, protocol, number, node_port in _port_entries(spec))
+    ) for family, cluster_ip in zip(families, cluster_ips, strict=True)
+        for port_name, protocol, number, node_port in entries)
     return ServiceInfo(namespace, name, ports)
+
+
+def _cluster_ips(spec: Mapping[str, Any], primary: IPAddress) -> tuple[IPAddress, ...]:
+    """The Service's cluster IPs, one per family, in ``spec.ipFamilies`` order.
+
+    ``spec.clusterIPs`` (when set) starts with ``spec.clusterIP`` and holds at most one address
+    of each family; ``spec.ipFamilies`` (when set) names their families in the same order, as
+    the API server writes them. Anything else is refused, naming the field.
+    """
+    texts = _list(spec, "clusterIPs", "spec.clusterIPs")
+    ips = [_ip(text, f"spec.clusterIPs[{i}]") for i, text in enumerate(texts)] or [primary]
+    if ips[0] != primary:
+        raise InvalidField("spec.clusterIPs[0]",
+                           f"{ips[0]} differs from spec.clusterIP {primary}")
+    if len(ips) > 2 or (len(ips) == 2 and ips[0].version == ips[1].version):
+        raise InvalidField("spec.clusterIPs",
+                           "must hold one address, or one IPv4 and one IPv6 address")
+    policy = _string(spec, "ipFamilyPolicy", "spec.ipFamilyPolicy")
+    if policy not in ("", "SingleStack", "PreferDualStack", "RequireDualStack"):
+        raise InvalidField("spec.ipFamilyPolicy", f"must be SingleStack, PreferDualStack or "
+                                                  f"RequireDualStack, not '{printable(policy)}'")
+    if policy == "SingleStack" and len(ips) > 1:
+        raise InvalidField("spec.clusterIPs", "two addresses with ipFamilyPolicy SingleStack")
+    for i, text in enumerate(_list(spec, "ipFamilies", "spec.ipFamilies")):
+        path = f"spec.ipFamilies[{i}]"
+        if text not in ("IPv4", "IPv6"):
+            raise InvalidField(path, f"must be IPv4 or IPv6, not '{printable(text)}'")
+        if i < len(ips) and IPFamily.of(ips[i]).value != text:
+            raise InvalidField(path, f"{text} does not match the cluster IP {ips[i]} "
+                                     f"(spec.clusterIPs[{i}])")
+    return tuple(ips)
+
+
+def _family_ranges(ranges: tuple[IPNetwork, ...], family: IPFamily) -> tuple[IPNetwork, ...]:
+    """One family's source ranges; a zero-length range allows everyone, like no ranges."""
+    own = tuple(net for net in ranges if IPFamily.of(net) is family)
+    return () if any(net.prefixlen == 0 for net in own) else own
 
 
 def _port_entries(spec: Mapping[str, Any]) -> Iterator[tuple[str, Protocol, int, int]]:
@@ -418,45 +454,47 @@ def _port_entries(spec: Mapping[str, Any]) -> Iterator[tuple[str, Protocol, int,
                _port(port_spec.get("nodePort"), f"{path}.nodePort", allow_zero=True))
 
 
-NOT_PROGRAMMED = "IPv6 is not programmed yet (IPv4 only)"
-
-
 @dataclass(frozen=True, slots=True)
-class _Unprogrammed:
-    """Sorts a Service's addresses: its own family is kept, the other reported as dropped."""
+class _ByFamily:
+    """Sorts a Service's addresses by family: those of a family the Service has a cluster IP
+    of are kept; the others are reported (kube-proxy drops them too) and dropped."""
 
     kind: str
     ref: str
-    family: IPFamily
+    families: tuple[IPFamily, ...]
     problems: list[Problem]
 
     def keep(self, address: IPAddress | IPNetwork, path: str) -> bool:
-        if IPFamily.of(address) is self.family:
+        family = IPFamily.of(address)
+        if family in self.families:
             return True
         what = "range" if isinstance(address, IPNetwork) else "address"
-        self.problems.append(Problem(self.kind, self.ref, path,
-                                     f"{address}: {NOT_PROGRAMMED}", dropped=f"IPv6 {what}"))
+        self.problems.append(Problem(
+            self.kind, self.ref, path,
+            f"{address}: the Service has no {family.value} cluster IP (spec.ipFamilies), so "
+            f"its {family.value} addresses are not programmed",
+            dropped=f"{family.value} {what}"))
         return False
 
 
 def _entry_addresses(manifest: Mapping[str, Any], spec: Mapping[str, Any],
-                     annotations: Mapping[str, str], svc_type: str, unprogrammed: _Unprogrammed,
+                     annotations: Mapping[str, str], svc_type: str, addresses: _ByFamily,
                      ) -> tuple[tuple[IPAddress, ...], tuple[IPAddress, ...],
                                 tuple[IPNetwork, ...]]:
     """The Service's external IPs, and for a LoadBalancer its ingress IPs and source ranges
     (the field, else the annotation); the other family's are reported and dropped."""
     external_ips = tuple(
         ip for i, text in enumerate(_list(spec, "externalIPs", "spec.externalIPs"))
-        if unprogrammed.keep(ip := _ip(text, f"spec.externalIPs[{i}]"), f"spec.externalIPs[{i}]")
+        if addresses.keep(ip := _ip(text, f"spec.externalIPs[{i}]"), f"spec.externalIPs[{i}]")
     )
     if svc_type != "LoadBalancer":
         return external_ips, (), ()
-    return (external_ips, _load_balancer_ips(manifest, unprogrammed),
-            _source_ranges(spec, annotations, unprogrammed))
+    return (external_ips, _load_balancer_ips(manifest, addresses),
+            _source_ranges(spec, annotations, addresses))
 
 
 def _load_balancer_ips(manifest: Mapping[str, Any],
-                       unprogrammed: _Unprogrammed) -> tuple[IPAddress, ...]:
+                       addresses: _ByFamily) -> tuple[IPAddress, ...]:
     status = _mapping(manifest, "status")
     load_balancer = _mapping(status, "loadBalancer", "status.loadBalancer")
     ips: list[IPAddress] = []
@@ -468,20 +506,20 @@ def _load_balancer_ips(manifest: Mapping[str, Any],
         if ingress.get("ipMode") == "Proxy":
             continue  # the load balancer proxies; traffic arrives for the node, not the VIP
         ip = _ip(ingress.get("ip"), f"{path}.ip")
-        if unprogrammed.keep(ip, f"{path}.ip"):
+        if addresses.keep(ip, f"{path}.ip"):
             ips.append(ip)
     return tuple(ips)
 
 
 def _source_ranges(spec: Mapping[str, Any], annotations: Mapping[str, str],
-                   unprogrammed: _Unprogrammed) -> tuple[IPNetwork, ...]:
+                   addresses: _ByFamily) -> tuple[IPNetwork, ...]:
     texts = [(f"spec.loadBalancerSourceRanges[{i}]", text) for i, text in
              enumerate(_list(spec, "loadBalancerSourceRanges", "spec.loadBalancerSourceRanges"))]
     if not texts and annotations.get(SOURCE_RANGES_ANNOTATION):
         path = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
         texts = [(path, part) for part in annotations[SOURCE_RANGES_ANNOTATION].split(",")]
     # Reported, not only dropped: with IPv6 ranges alone, IPv4 clients are not restricted.
-    return tuple(net for path, text in texts if unprogrammed.keep(net := _cidr(text, path), path))
+    return tuple(net for path, text in texts if addresses.keep(net := _cidr(text, path), path))
 
 
 def _policy(spec: Mapping[str, Any], key: str) -> str:
@@ -530,10 +568,9 @@ def _endpoint_slice(manifest: Mapping[str, Any], ref: str,
         raise InvalidField("addressType",
                            f"must be IPv4, IPv6 or FQDN, not '{printable(address_type)}'")
     family = None if address_type == "FQDN" else IPFamily(address_type)
-    if family is not IPFamily.IPV4:
+    if family is None:
         # Kept (so the state matches the API), but its endpoints reach no rule.
         problems.append(Problem("EndpointSlice", ref, "addressType",
-                                NOT_PROGRAMMED if family else
                                 "FQDN endpoints are never programmed (kube-proxy ignores them)"))
 
     ports: list[SlicePort] = []

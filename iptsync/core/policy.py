@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
 from iptsync.core import names
-from iptsync.core.model import Endpoint, IPAddress, IPNetwork, ServicePort
+from iptsync.core.model import Endpoint, IPAddress, IPFamily, IPNetwork, ServicePort
 from iptsync.core.state import is_local
 
 # Where a new connection comes from, as the rules can tell: a pod (inside --cluster-cidr),
@@ -42,7 +42,11 @@ EntryKind = Literal["cluster-ip", "external-ip", "load-balancer-ip", "node-port"
 
 @dataclass(frozen=True)
 class Settings:
-    """The node and the flags that shape the rules (kube-proxy's names in comments)."""
+    """The node and the flags that shape one IP family's rules (kube-proxy's names in comments).
+
+    A dual-stack node has one per family (:meth:`for_family`): kube-proxy's flags take values
+    of both families, and each family's proxier sees only its own.
+    """
 
     node_name: str  # --hostname-override
     cluster_cidrs: tuple[IPNetwork, ...] = ()  # --cluster-cidr; empty: no local detection
@@ -54,6 +58,16 @@ class Settings:
     random_fully: bool = True  # MASQUERADE --random-fully (iptables >= 1.6.2)
     conntrack_tcp_be_liberal: bool = False  # nf_conntrack_tcp_be_liberal: no INVALID drop
     large_cluster_endpoints: int = 1000  # above this many endpoints, drop per-endpoint comments
+    family: IPFamily = IPFamily.IPV4  # the family these rules are for (iptables or ip6tables)
+
+    def for_family(self, family: IPFamily) -> Settings:
+        """This node's settings for ``family``: node addresses and NodePort CIDRs of that
+        family only (none given: every address of it, as kube-proxy reads an empty list)."""
+        return replace(
+            self, family=family,
+            node_ips=tuple(ip for ip in self.node_ips if IPFamily.of(ip) is family),
+            nodeport_addresses=tuple(c for c in self.nodeport_addresses
+                                     if IPFamily.of(c) is family))
 
     @property
     def masquerade_mark(self) -> str:
@@ -61,13 +75,14 @@ class Settings:
 
     @property
     def local_cidr(self) -> IPNetwork | None:
-        """The IPv4 cluster CIDR used to tell pod traffic from off-cluster traffic."""
-        return next((c for c in self.cluster_cidrs if c.version == 4), None)
+        """This family's cluster CIDR, used to tell pod traffic from off-cluster traffic."""
+        return next((c for c in self.cluster_cidrs if IPFamily.of(c) is self.family), None)
 
     @property
     def nodeports_on_localhost(self) -> bool:
-        """kube-proxy turns localhost NodePorts off when --nodeport-addresses excludes 127/8."""
-        if not self.localhost_nodeports:
+        """kube-proxy turns localhost NodePorts off when --nodeport-addresses excludes 127/8,
+        and never has them on IPv6 (there is no route_localnet for ::1)."""
+        if not self.localhost_nodeports or self.family is IPFamily.IPV6:
             return False
         loopback = ipaddress.ip_address("127.0.0.1")
         return not self.nodeport_addresses or any(

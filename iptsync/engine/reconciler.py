@@ -24,7 +24,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from iptsync.core.flows import flow_targets
@@ -165,6 +165,12 @@ class Engine:
         """Add or replace one object already parsed (:func:`iptsync.core.model.parse_object`)."""
         if isinstance(value, NodeInfo):
             return self._set_node(value)
+        family = self.settings.family
+        if isinstance(value, EndpointSliceInfo):
+            if value.family is not None and value.family is not family:
+                return set()  # the other family's engine programs it
+        elif any(port.family is not family for port in value.ports):
+            value = replace(value, ports=tuple(p for p in value.ports if p.family is family))
         dirty = self.state.upsert(value)
         self._dirty |= dirty
         return dirty

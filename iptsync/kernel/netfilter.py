@@ -28,6 +28,7 @@ from typing import IO, NoReturn
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from iptsync.core import names
+from iptsync.core.model import IPFamily
 from iptsync.core.ruleset import RulesetError, SavedTable, parse_save
 from iptsync.kernel.port import (
     OWNED_TABLES,
@@ -62,10 +63,17 @@ class Netfilter:
     backend: Backend
     netns: str | None = None
     lock_wait_seconds: int = 5
+    family: IPFamily = IPFamily.IPV4  # iptables-* for IPv4, ip6tables-* for IPv6
 
     def _argv(self, tool: str, *args: str) -> list[str]:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        return [*prefix, f"iptables-{self.backend.value}-{tool}", *args]
+        return [*prefix, f"{self.command}-{tool}", *args]
+
+    @property
+    def command(self) -> str:
+        """The plain command: ``iptables-nft``, ``ip6tables-legacy``, ..."""
+        tool = "iptables" if self.family is IPFamily.IPV4 else "ip6tables"
+        return f"{tool}-{self.backend.value}"
 
     def _run(self, argv: Sequence[str]) -> str:
         result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
@@ -175,7 +183,7 @@ class Netfilter:
         if self.backend is Backend.LEGACY:
             left = self.lock_wait_seconds - wait_for_xtables_lock(self.lock_wait_seconds)
             wait = ["-w", str(max(1, math.ceil(left)))]
-        return self._run([*prefix, f"iptables-{self.backend.value}", *wait, *args])
+        return self._run([*prefix, self.command, *wait, *args])
 
 
 class RestoreStream(RuleStreamBase):

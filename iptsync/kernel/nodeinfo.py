@@ -9,10 +9,12 @@ from iptsync.core.model import IPAddress
 
 
 def interface_addresses() -> list[IPAddress]:
-    """IPv4 addresses of this network namespace's interfaces, non-loopback ones first."""
+    """Addresses of both families on this network namespace's interfaces, usable ones first
+    (loopback and IPv6 link-local last: never a node's primary address)."""
     from pyroute2 import IPRoute  # noqa: PLC0415  (netlink socket only when needed)
 
     with IPRoute() as ipr:
         found = [ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-                 for msg in ipr.get_addr(family=socket.AF_INET)]
-    return sorted(found, key=lambda ip: ip.is_loopback)
+                 for family in (socket.AF_INET, socket.AF_INET6)
+                 for msg in ipr.get_addr(family=family)]
+    return sorted(found, key=lambda ip: ip.is_loopback or ip.is_link_local)

@@ -1,5 +1,5 @@
-"""What iptsync does not program is said on stderr, object by object: IPv6 Services, the IPv6
-half of dual-stack ones, and IPv6 or FQDN EndpointSlices (``iptsync dump``, no root needed)."""
+"""What iptsync does not program is said on stderr, object by object: FQDN EndpointSlices
+(``iptsync dump``, no root needed). IPv6 is programmed; its halves are no longer warned about."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def service(name: str, **spec: Any) -> dict[str, Any]:
             "spec": {"ports": [{"name": "http", "port": 80}], **spec}}
 
 
-def test_every_unprogrammed_ipv6_or_fqdn_part_is_named(tmp_path: Path) -> None:
-    """Each skipped Service, address and slice gets one warning; IPv4 rules are still dumped."""
+def test_only_unprogrammed_fqdn_slices_are_named(tmp_path: Path) -> None:
+    """FQDN slices get one warning each; IPv6 Services and slices none; IPv4 rules are dumped."""
     objects = tmp_path / "objects.json"
     objects.write_text(json.dumps({"kind": "List", "items": [
         service("v6", clusterIP="fd00::10", clusterIPs=["fd00::10"], ipFamilies=["IPv6"]),
@@ -44,17 +44,8 @@ def test_every_unprogrammed_ipv6_or_fqdn_part_is_named(tmp_path: Path) -> None:
     assert 0 == result.returncode, result.stderr
     warnings = sorted(line.split("iptsync: ", 1)[1] for line in result.stderr.splitlines()
                       if "WARNING" in line)
-    assert sorted([
-        "skipping Service default/v6: spec.clusterIP: IPv6 is not programmed yet (IPv4 only)",
-        "Service default/dual: dropping IPv6 address: spec.clusterIPs[1]: fd00::20: IPv6 is "
-        "not programmed yet (IPv4 only)",
-        "skipping EndpointSlice default/dual-v6: addressType: IPv6 is not programmed yet "
-        "(IPv4 only)",
-        "skipping EndpointSlice default/only-v6: addressType: IPv6 is not programmed yet "
-        "(IPv4 only)",
-        "skipping EndpointSlice default/only-fqdn: addressType: FQDN endpoints are never "
-        "programmed (kube-proxy ignores them)",
-    ]) == warnings
+    assert ["skipping EndpointSlice default/only-fqdn: addressType: FQDN endpoints are never "
+            "programmed (kube-proxy ignores them)"] == warnings
     assert '"default/dual:http cluster IP"' in result.stdout
     assert '"default/only-v6-slices:http has no endpoints"' in result.stdout
     assert "fd00" not in result.stdout

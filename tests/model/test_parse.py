@@ -431,16 +431,16 @@ def test_bad_endpoint_drops_only_that_endpoint(bad: Any, field: str) -> None:
 
 
 def test_ipv4_address_in_ipv6_slice_is_dropped() -> None:
-    """An IPv6 slice drops an IPv4 endpoint and keeps the IPv6 ones."""
+    """An IPv6 slice drops an IPv4 endpoint, naming it, and keeps the IPv6 ones."""
     manifest = endpoint_slice(addressType="IPv6", endpoints=[
         {"addresses": ["fd00::1"]}, {"addresses": ["10.0.1.1"]}, {"addresses": ["fd00::2"]}])
     parsed = parse_object(manifest)
-    assert [("EndpointSlice", "ns1/web-abc", "addressType"),
-            ("EndpointSlice", "ns1/web-abc", "endpoints[1].addresses[0]")] == \
+    assert [("EndpointSlice", "ns1/web-abc", "endpoints[1].addresses[0]")] == \
         problem_fields(parsed)
     assert isinstance(parsed.value, EndpointSliceInfo)
     expected = [ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")]
     assert expected == [ep.ip for ep in parsed.value.endpoints]
+    assert ["[fd00::1]:0", "[fd00::2]:0"] == [ep.key for ep in parsed.value.endpoints]
 
 
 def test_every_bad_endpoint_gets_its_own_problem() -> None:
@@ -557,13 +557,13 @@ def test_fqdn_slice_has_no_family_and_no_endpoints() -> None:
     assert (None, ()) == (parsed.value.family, parsed.value.endpoints)
 
 
-def test_ipv6_slice_is_kept_but_reported_as_not_programmed() -> None:
-    """An IPv6 slice parses (its endpoints kept) with a warning naming addressType."""
+def test_ipv6_slice_is_parsed_without_problems() -> None:
+    """An IPv6 slice parses with its family and endpoints, and no warning."""
     parsed = parse_object(endpoint_slice(addressType="IPv6",
                                          endpoints=[{"addresses": ["fd00::1"]}]))
-    assert "skipping EndpointSlice ns1/web-abc: addressType: IPv6 is not programmed yet " \
-        "(IPv4 only)" == "; ".join(map(str, parsed.problems))
+    assert () == parsed.problems
     assert isinstance(parsed.value, EndpointSliceInfo)
+    assert IPFamily.IPV6 == parsed.value.family
     assert [ipaddress.ip_address("fd00::1")] == [ep.ip for ep in parsed.value.endpoints]
 
 
@@ -623,51 +623,98 @@ def test_service_without_rules_has_no_ports_and_a_reason(spec: Manifest, reason:
     pytest.param({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ipFamilies": ["IPv6"],
                   "ports": [{"port": 80}]}, id="single-stack"),
 ])
-def test_ipv6_service_is_skipped_with_a_warning(spec: Manifest) -> None:
-    """An IPv6 Service parses to no ports and a warning naming spec.clusterIP."""
+def test_ipv6_service_has_ipv6_ports(spec: Manifest) -> None:
+    """An IPv6 Service parses to IPv6 ports with no problem."""
     manifest = service()
     manifest["spec"] = spec
     parsed = parse_object(manifest)
-    assert ["skipping Service ns1/web: spec.clusterIP: IPv6 is not programmed yet (IPv4 only)"] \
-        == [str(p) for p in parsed.problems]
+    assert () == parsed.problems
     assert isinstance(parsed.value, ServiceInfo)
-    assert ((), "IPv6 services are not programmed yet") == (parsed.value.ports,
-                                                            parsed.value.skipped_reason)
+    assert [(IPFamily.IPV6, ipaddress.ip_address("fd00::10"))] == [
+        (p.family, p.cluster_ip) for p in parsed.value.ports]
 
 
-def test_ipv6_primary_dual_stack_service_programs_its_ipv4_cluster_ip() -> None:
-    """With ipFamilies [IPv6, IPv4] the IPv4 cluster IP (listed second) is programmed."""
+def test_ipv6_primary_dual_stack_service_has_ports_of_both_families() -> None:
+    """With ipFamilies [IPv6, IPv4] each port exists once per family, IPv6 first."""
     parsed = parse_object(service({"clusterIP": "fd00::10",
                                    "clusterIPs": ["fd00::10", "10.96.0.10"],
-                                   "ipFamilies": ["IPv6", "IPv4"]}))
-    assert ["Service ns1/web: dropping IPv6 address: spec.clusterIP: fd00::10: IPv6 is not "
-            "programmed yet (IPv4 only)"] == [str(p) for p in parsed.problems]
+                                   "ipFamilies": ["IPv6", "IPv4"],
+                                   "ipFamilyPolicy": "RequireDualStack"}))
+    assert () == parsed.problems
     assert isinstance(parsed.value, ServiceInfo)
-    assert [ipaddress.ip_address("10.96.0.10")] * 2 == [p.cluster_ip
-                                                        for p in parsed.value.ports]
+    assert [("http", "fd00::10"), ("https", "fd00::10"), ("http", "10.96.0.10"),
+            ("https", "10.96.0.10")] == [(p.name.port, str(p.cluster_ip))
+                                         for p in parsed.value.ports]
 
 
-def test_dual_stack_service_keeps_ipv4_and_reports_each_ipv6_address() -> None:
-    """The IPv6 half of a dual-stack Service is named field by field; the IPv4 half is kept."""
+def test_dual_stack_service_splits_every_address_by_family() -> None:
+    """External, load-balancer IPs and source ranges go to the port of their family."""
     parsed = parse_object(service({
         "type": "LoadBalancer", "clusterIPs": ["10.96.0.10", "fd00::10"],
         "ipFamilies": ["IPv4", "IPv6"], "externalIPs": ["192.0.2.1", "2001:db8::1"],
-        "loadBalancerSourceRanges": ["2001:db8::/32"]},
+        "loadBalancerSourceRanges": ["2001:db8::/32", "203.0.113.0/24"]},
         status={"loadBalancer": {"ingress": [{"ip": "2001:db8::5"}, {"ip": "198.51.100.1"}]}}))
-    assert [
-        "Service ns1/web: dropping IPv6 address: spec.clusterIPs[1]: fd00::10: IPv6 is not "
-        "programmed yet (IPv4 only)",
-        "Service ns1/web: dropping IPv6 address: spec.externalIPs[1]: 2001:db8::1: IPv6 is not "
-        "programmed yet (IPv4 only)",
-        "Service ns1/web: dropping IPv6 address: status.loadBalancer.ingress[0].ip: "
-        "2001:db8::5: IPv6 is not programmed yet (IPv4 only)",
-        "Service ns1/web: dropping IPv6 range: spec.loadBalancerSourceRanges[0]: 2001:db8::/32: "
-        "IPv6 is not programmed yet (IPv4 only)",
-    ] == [str(p) for p in parsed.problems]
+    assert () == parsed.problems
     assert isinstance(parsed.value, ServiceInfo)
-    port = parsed.value.ports[0]
-    assert ((ipaddress.ip_address("192.0.2.1"),), (ipaddress.ip_address("198.51.100.1"),)) == \
-        (port.external_ips, port.load_balancer_ips)
+    by_family = {p.family: p for p in parsed.value.ports if p.name.port == "http"}
+    assert (["192.0.2.1"], ["198.51.100.1"], ["203.0.113.0/24"]) == (
+        [str(ip) for ip in by_family[IPFamily.IPV4].external_ips],
+        [str(ip) for ip in by_family[IPFamily.IPV4].load_balancer_ips],
+        [str(n) for n in by_family[IPFamily.IPV4].load_balancer_source_ranges])
+    assert (["2001:db8::1"], ["2001:db8::5"], ["2001:db8::/32"]) == (
+        [str(ip) for ip in by_family[IPFamily.IPV6].external_ips],
+        [str(ip) for ip in by_family[IPFamily.IPV6].load_balancer_ips],
+        [str(n) for n in by_family[IPFamily.IPV6].load_balancer_source_ranges])
+
+
+def test_zero_source_range_allows_everyone_of_its_family() -> None:
+    """A 0.0.0.0/0 or ::/0 source range means no restriction, as kube-proxy reads it."""
+    parsed = parse_object(service({
+        "type": "LoadBalancer", "clusterIPs": ["10.96.0.10", "fd00::10"],
+        "ipFamilies": ["IPv4", "IPv6"],
+        "loadBalancerSourceRanges": ["0.0.0.0/0", "192.0.2.0/24", "2001:db8::/32"]}))
+    assert isinstance(parsed.value, ServiceInfo)
+    assert {IPFamily.IPV4: [], IPFamily.IPV6: ["2001:db8::/32"]} == {
+        p.family: [str(n) for n in p.load_balancer_source_ranges] for p in parsed.value.ports}
+
+
+@pytest.mark.parametrize(("spec", "field", "message"), [
+    pytest.param({"clusterIPs": ["10.96.0.10", "10.96.0.11"]}, "spec.clusterIPs",
+                 "must hold one address, or one IPv4 and one IPv6 address", id="same-family"),
+    pytest.param({"clusterIPs": ["10.96.0.11"]}, "spec.clusterIPs[0]",
+                 "10.96.0.11 differs from spec.clusterIP 10.96.0.10", id="first-differs"),
+    pytest.param({"clusterIPs": ["10.96.0.10", "fd00::10"], "ipFamilies": ["IPv6", "IPv4"]},
+                 "spec.ipFamilies[0]",
+                 "IPv6 does not match the cluster IP 10.96.0.10 (spec.clusterIPs[0])",
+                 id="family-mismatch"),
+    pytest.param({"clusterIPs": ["10.96.0.10", "fd00::10"], "ipFamilyPolicy": "SingleStack"},
+                 "spec.clusterIPs", "two addresses with ipFamilyPolicy SingleStack",
+                 id="single-stack-with-two"),
+    pytest.param({"ipFamilies": ["IPv5"]}, "spec.ipFamilies[0]",
+                 "must be IPv4 or IPv6, not 'IPv5'", id="bad-family"),
+    pytest.param({"ipFamilyPolicy": "Sometimes"}, "spec.ipFamilyPolicy",
+                 "must be SingleStack, PreferDualStack or RequireDualStack, not 'Sometimes'",
+                 id="bad-policy"),
+])
+def test_inconsistent_families_are_refused_naming_the_field(spec: Manifest, field: str,
+                                                            message: str) -> None:
+    """Cluster IPs and families that disagree reject the Service, naming the field."""
+    parsed = parse_object(service(spec))
+    assert parsed.value is None
+    assert [f"skipping Service ns1/web: {field}: {message}"] == [str(p) for p in parsed.problems]
+
+
+def test_single_stack_service_reports_other_family_addresses() -> None:
+    """An IPv4-only Service names each IPv6 address it cannot program."""
+    parsed = parse_object(service({"type": "LoadBalancer", "externalIPs": ["2001:db8::1"]},
+                                  status={"loadBalancer": {"ingress": [{"ip": "2001:db8::5"}]}}))
+    assert [
+        "Service ns1/web: dropping IPv6 address: spec.externalIPs[0]: 2001:db8::1: the Service "
+        "has no IPv6 cluster IP (spec.ipFamilies), so its IPv6 addresses are not programmed",
+        "Service ns1/web: dropping IPv6 address: status.loadBalancer.ingress[0].ip: 2001:db8::5: "
+        "the Service has no IPv6 cluster IP (spec.ipFamilies), so its IPv6 addresses are not "
+        "programmed",
+    ] == [str(p) for p in parsed.problems]
 
 
 def test_valid_service_has_no_skipped_reason() -> None:
