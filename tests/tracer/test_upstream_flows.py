@@ -49,6 +49,7 @@ def read_flows(name: str) -> list[Flow]:
 
 @cache
 def rules(name: str) -> Tables:
+    """The scenario's rules as the golden test renders them."""
     loaded = load_objects([SCENARIOS / f"{name}.yaml"])
     desired = desired_from_objects(loaded.objects, scenario_settings(name))
     assert expected_warnings(name) == [str(p) for p in loaded.problems + desired.problems]
@@ -71,8 +72,7 @@ def kube_proxy_answer(result: TraceResult) -> tuple[str, str]:
 
 @pytest.mark.parametrize("name", FLOWS)
 def test_packets_end_where_kube_proxy_expects(name: str) -> None:
-    """Every packet of the kube-proxy case reaches the endpoints (or verdict) it expects there,
-    masqueraded exactly when kube-proxy's test says so."""
+    """Each packet of the kube-proxy case ends, masqueraded or not, as kube-proxy's test expects."""
     settings = scenario_settings(name)
     expected, actual = [], []
     for flow_name, source, protocol, destination, output, masq in read_flows(name):
