@@ -1,5 +1,9 @@
 """List and watch Services, EndpointSlices and this node's Node from the Kubernetes API.
 
+Services and EndpointSlices are selected as kube-proxy selects them
+(:data:`iptsync.core.model.PROXY_LABEL_SELECTOR`), the Node by its name. Without a kubeconfig
+the pod's service account is used (:func:`in_cluster_configuration`).
+
 Each kind gets one thread doing what client-go's reflector does:
 
 - LIST, in pages (``limit``/``continue``: large clusters hold tens of thousands of objects),

@@ -10,6 +10,9 @@ be read, a file that does not parse, and a path given that yields no Kubernetes 
 *errors* (:attr:`LoadedObjects.errors`), which the one-shot commands refuse and which
 :class:`FilesSource` answers by keeping what that file or path last yielded. The same object
 (kind, namespace, name) defined twice is reported with both places; the last one wins.
+Services and EndpointSlices that kube-proxy's label selector leaves out (meant for another
+proxy, or a headless Service's slices) are left out here too, each such Service named in one
+INFO line.
 
 :class:`FilesSource` serves the agent without ``--once``: it polls the files instead of using
 inotify, because polling sees every way a file changes (edited in place, replaced by rename, a
