@@ -150,7 +150,9 @@ def test_list_then_watch_requests(apiserver: FakeApiServer, recorder: Recorder,
     assert [{"fieldSelector": f"metadata.name={NODE}", "watch": "true", "resourceVersion": rv,
              "allowWatchBookmarks": "true"}] \
         == [without_timeout(r.query) for r in requests_to(apiserver, NODES, watch=True)]
-    assert [{"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}] \
+    assert [{"labelSelector": "!service.kubernetes.io/headless,"
+                               "!service.kubernetes.io/service-proxy-name",
+             "watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}] \
         == [without_timeout(r.query) for r in requests_to(apiserver, SERVICES, watch=True)]
 
 
