@@ -426,7 +426,8 @@ def cleanup(backend: str, verbose: int) -> None:
               show_default=True, help="Protocol.")
 @click.option("--from", "origin", type=click.Choice(["pod", "node", "external"]),
               default=None, help="Where the packet enters: a pod, the node itself, outside "
-              "(default: node for a node address, pod inside --cluster-cidr, else external).")
+              "(default: node for a node address, pod inside --cluster-cidr (NodeCIDR: the "
+              "node's pod CIDR), else external).")
 @click.option("--live", is_flag=True,
               help="Trace the rules netfilter holds now in this network namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -450,13 +451,16 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
         else:
             desired = desired_from_params(params, as_json=as_json)
             tables, node_ips = tracer.from_desired(desired.tables), desired.settings.node_ips
-            problems = desired.problems
+            problems, settings = desired.problems, desired.settings
     except tracer.TraceError as err:
         raise click.UsageError(str(err)) from None
     except (NetfilterError, FileNotFoundError) as err:
         raise click.ClickException(f"cannot read the live rules: {err}") from None
-    chosen = origin or tracer.default_origin(packet.src, settings.cluster_cidrs, node_ips)
-    result = tracer.trace(tables, packet, origin=chosen, node_ips=node_ips)
+    detector = settings.local_detector
+    pods = (detector.cidr,) if detector and detector.cidr else settings.cluster_cidrs
+    chosen = origin or tracer.default_origin(packet.src, pods, node_ips)
+    result = tracer.trace(tables, packet, origin=chosen, node_ips=node_ips,
+                          pod_interface=detector.interface if detector else None)
     if as_json:
         print_json({**tracer.result_json(result), "problems": problems_json(problems)})
     else:

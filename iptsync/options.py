@@ -174,8 +174,10 @@ def build_settings(*, node_name: str, cluster_cidr: str | None, masquerade_all: 
 def with_node(settings: Settings, node: NodeInfo | None,
               interface_ips: Sequence[IPAddress] = ()) -> Settings:
     """Fill in node addresses of the settings' family: the Node object's first (primary),
-    then the interfaces'."""
+    then the interfaces'; and the Node's pod CIDRs (detect-local-mode NodeCIDR)."""
     family = settings.family
+    if node is not None:
+        settings = replace(settings, node_pod_cidrs=node.pod_cidrs)
     if settings.node_ips and not interface_ips:
         return settings
     ips = list(settings.node_ips) or [ip for ip in (node.addresses if node else ())

@@ -30,8 +30,9 @@ from iptsync.core import names
 from iptsync.core.model import Endpoint, IPAddress, IPFamily, IPNetwork, ServicePort
 from iptsync.core.state import is_local
 
-# Where a new connection comes from, as the rules can tell: a pod (inside --cluster-cidr),
-# the node itself (locally generated), or anything else.
+# Where a new connection comes from, as the rules can tell: a pod on this node (what the
+# local traffic detector matches: see LocalDetector), the node itself (locally generated), or
+# anything else.
 Origin = Literal["pod", "node", "external"]
 ORIGINS: tuple[Origin, ...] = ("pod", "node", "external")
 # What becomes of a new connection: DNATed to an endpoint, REJECTed, DROPped, or ACCEPTed
@@ -62,6 +63,10 @@ class Settings:
     conntrack_tcp_be_liberal: bool = False  # nf_conntrack_tcp_be_liberal: no INVALID drop
     large_cluster_endpoints: int = 1000  # above this many endpoints, drop per-endpoint comments
     family: IPFamily = IPFamily.IPV4  # the family these rules are for (iptables or ip6tables)
+    detect_local_mode: str = "ClusterCIDR"  # --detect-local-mode
+    bridge_interface: str = ""  # --pod-bridge-interface (detect-local-mode BridgeInterface)
+    interface_name_prefix: str = ""  # --pod-interface-name-prefix (InterfaceNamePrefix)
+    node_pod_cidrs: tuple[IPNetwork, ...] = ()  # the Node's spec.podCIDRs (options.with_node)
 
     def for_family(self, family: IPFamily) -> Settings:
         """This node's settings for ``family``: node addresses and NodePort CIDRs of that
@@ -82,6 +87,22 @@ class Settings:
         return next((c for c in self.cluster_cidrs if IPFamily.of(c) is self.family), None)
 
     @property
+    def local_detector(self) -> LocalDetector | None:
+        """kube-proxy's local traffic detector for this family (``getLocalDetector``); None:
+        its no-op detector, the mode's input is missing (:func:`local_detection_note`)."""
+        mode = self.detect_local_mode
+        if mode in ("ClusterCIDR", "NodeCIDR"):
+            cidrs = self.cluster_cidrs if mode == "ClusterCIDR" else self.node_pod_cidrs
+            cidr = next((c for c in cidrs if IPFamily.of(c) is self.family), None)
+            return None if cidr is None else LocalDetector(mode, "-s", str(cidr))
+        if mode == "BridgeInterface" and self.bridge_interface:
+            return LocalDetector(mode, "-i", self.bridge_interface)
+        if mode == "InterfaceNamePrefix" and self.interface_name_prefix:
+            # iptables' "+" suffix: any interface whose name starts with the prefix.
+            return LocalDetector(mode, "-i", self.interface_name_prefix + "+")
+        return None
+
+    @property
     def nodeports_on_localhost(self) -> bool:
         """kube-proxy turns localhost NodePorts off when --nodeport-addresses excludes 127/8,
         and never has them on IPv6 (there is no route_localnet for ::1)."""
@@ -90,6 +111,67 @@ class Settings:
         loopback = ipaddress.ip_address("127.0.0.1")
         return not self.nodeport_addresses or any(
             loopback in cidr for cidr in self.nodeport_addresses)
+
+
+@dataclass(frozen=True)
+class LocalDetector:
+    """How the rules tell traffic from this node's pods from the rest, for one IP family:
+    kube-proxy's LocalTrafficDetector (pkg/proxy/util/localdetector.go).
+
+    kube-proxy uses it twice: ``! <match>`` marks traffic to a cluster IP for masquerade, and
+    ``<match>`` sends pod traffic to an external destination past externalTrafficPolicy=Local.
+    """
+
+    mode: str  # ClusterCIDR, NodeCIDR (-s CIDR), BridgeInterface or InterfaceNamePrefix (-i)
+    option: Literal["-s", "-i"]
+    value: str  # the CIDR, the bridge, or the prefix with iptables' "+" wildcard
+
+    @property
+    def if_local(self) -> tuple[str, ...]:
+        return (self.option, self.value)
+
+    @property
+    def if_not_local(self) -> tuple[str, ...]:
+        return ("!", self.option, self.value)
+
+    @property
+    def cidr(self) -> IPNetwork | None:
+        """The pods' addresses, for the CIDR modes."""
+        return ipaddress.ip_network(self.value) if self.option == "-s" else None
+
+    @property
+    def interface(self) -> str | None:
+        """The ``-i`` argument pod traffic arrives on, for the interface modes."""
+        return self.value if self.option == "-i" else None
+
+    @property
+    def describe(self) -> str:
+        """What counts as a pod, in words (for explanations)."""
+        return {"ClusterCIDR": f"source inside --cluster-cidr {self.value}",
+                "NodeCIDR": f"source inside the node's pod CIDR {self.value}",
+                "BridgeInterface": f"arriving on bridge {self.value}",
+                "InterfaceNamePrefix": f"arriving on an interface named {self.value[:-1]}*",
+                }[self.mode]
+
+
+def local_detection_note(settings: Settings) -> str:
+    """How ``settings`` tell pod traffic apart, in words; or, when their mode's input is
+    missing (kube-proxy's no-op detector), what is missing and what follows."""
+    family, mode = settings.family.value, settings.detect_local_mode
+    detector = settings.local_detector
+    if detector is not None:
+        return (f"{family} local traffic detection: detect-local-mode {mode}, pod traffic is "
+                f"traffic {detector.describe} ({' '.join(detector.if_local)})")
+    missing = {
+        "ClusterCIDR": f"no {family} --cluster-cidr",
+        "NodeCIDR": f"the Node has no {family} pod CIDR (spec.podCIDRs)",
+        "BridgeInterface": "no --pod-bridge-interface (detectLocal.bridgeInterface)",
+        "InterfaceNamePrefix": "no --pod-interface-name-prefix "
+                               "(detectLocal.interfaceNamePrefix)",
+    }.get(mode, "an unknown mode")
+    return (f"{family}: detect-local-mode {mode}, but {missing}: pod traffic cannot be told "
+            "from other traffic, so traffic to cluster IPs is not masqueraded and pods are "
+            "not exempt from externalTrafficPolicy=Local")
 
 
 # --- which endpoints serve -------------------------------------------------------------------
@@ -218,16 +300,16 @@ def port_targets(port: ServicePort, sets: EndpointSets, settings: Settings) -> P
     )
 
 
-InternalMasquerade = Literal["all", "off-cluster", "none"]
+InternalMasquerade = Literal["all", "not-local", "none"]
 
 
 def internal_masquerade(settings: Settings) -> InternalMasquerade:
     """Which traffic to a cluster IP is masqueraded: all of it (--masquerade-all), what
-    comes from outside --cluster-cidr (the node's own address included), or none (without
-    --cluster-cidr pods cannot be told from other clients)."""
+    does not come from this node's pods (the node's own traffic included: see
+    :class:`LocalDetector`), or none (without a detector pods cannot be told from others)."""
     if settings.masquerade_all:
         return "all"
-    return "none" if settings.local_cidr is None else "off-cluster"
+    return "none" if settings.local_detector is None else "not-local"
 
 
 # --- per entry point and origin --------------------------------------------------------------
@@ -394,14 +476,19 @@ class _PortDecisions:
                      for origin in ORIGINS)
 
     def _cluster_ip_masquerade(self, origin: Origin) -> tuple[bool, str]:
-        masquerade = internal_masquerade(self.settings)
-        if masquerade == "all":
+        if internal_masquerade(self.settings) == "all":
             return True, "masqueraded (--masquerade-all)"
-        if masquerade == "none":
-            return False, "source kept (no --cluster-cidr: nothing is masqueraded)"
+        detector = self.settings.local_detector
+        if detector is None:
+            return False, (f"source kept (detect-local-mode {self.settings.detect_local_mode} "
+                           "without its input: nothing is masqueraded)")
+        if detector.mode == "ClusterCIDR":
+            if origin == "pod":
+                return False, "source kept (a pod address, inside --cluster-cidr)"
+            return True, "masqueraded (the source is outside --cluster-cidr)"
         if origin == "pod":
-            return False, "source kept (a pod address, inside --cluster-cidr)"
-        return True, "masqueraded (the source is outside --cluster-cidr)"
+            return False, f"source kept (a pod on this node: {detector.describe})"
+        return True, f"masqueraded (not a pod on this node: not {detector.describe})"
 
     def _external(self, ip: IPAddress | None, *, fw: bool) -> tuple[Decision, ...]:
         if self.targets.external_block == "REJECT":
@@ -421,12 +508,12 @@ class _PortDecisions:
         return self._reject(origin)
 
     def _ext_chain(self, origin: Origin, sources: str = "") -> Decision:
-        port, cidr = self.port, self.settings.local_cidr
+        port, detector = self.port, self.settings.local_detector
         if not port.external_policy_local:
             return self._dnat(origin, self._cluster_pool(), (
                 True, "masqueraded (externalTrafficPolicy=Cluster masquerades external "
                 "destinations)"), sources=sources)
-        if origin == "pod" and cidr is not None:
+        if origin == "pod" and detector is not None:
             return self._dnat(origin, self._cluster_pool(), (False, "source kept"),
                               sources=sources, why="pods are exempt from externalTrafficPolicy")
         if origin == "node":
@@ -442,14 +529,18 @@ class _PortDecisions:
     def _firewall(self, origin: Origin) -> tuple[Decision, ...]:
         ranges = self.port.load_balancer_source_ranges
         listed = ", ".join(map(str, ranges))
-        cidr = self.settings.local_cidr
+        # The pods' addresses: the detector's CIDR, or with an interface mode the cluster's.
+        detector = self.settings.local_detector
+        cidr = detector.cidr if detector and detector.cidr else self.settings.local_cidr
         if origin == "external":
             return (self._ext_chain(origin, listed),
                     self._fw_drop(origin, "the source is outside", "other addresses"))
         if origin == "pod":
             if cidr is not None and any(_inside(cidr, r) for r in ranges):
                 return (self._ext_chain(origin),)
-            return (self._fw_drop(origin, "pod addresses (--cluster-cidr) are not inside"),)
+            where = (f"the node's pod CIDR {cidr}" if detector and detector.mode == "NodeCIDR"
+                     else "--cluster-cidr")
+            return (self._fw_drop(origin, f"pod addresses ({where}) are not inside"),)
         if self.targets.fw_admits_node:
             return (self._ext_chain(origin),)
         if self.settings.node_ips:

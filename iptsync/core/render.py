@@ -150,14 +150,13 @@ def _internal_masquerade(out: PortRules, spn: str, chain: str, cluster_ip_match:
     """The masquerade mark at the head of the internal (SVC or SVL) chain, when the settings
     ask for one (:func:`iptsync.core.policy.internal_masquerade`)."""
     masq_args = ("-m", "comment", "--comment", f"{spn} cluster IP", *cluster_ip_match)
-    masquerade = internal_masquerade(settings)
-    if masquerade == "all":
+    detector = settings.local_detector
+    if internal_masquerade(settings) == "all":
         out.add(chain, *masq_args, "-j", names.KUBE_MARK_MASQ)
-    elif masquerade == "off-cluster":
-        # Off-cluster traffic to the service IP (e.g. via a static route to a node) may
-        # bounce to another node, so it is masqueraded.
-        out.add(chain, *masq_args, "!", "-s", str(settings.local_cidr),
-                "-j", names.KUBE_MARK_MASQ)
+    elif detector is not None:
+        # Traffic to the service IP from elsewhere than this node's pods (e.g. via a static
+        # route to a node) may bounce to another node, so it is masqueraded.
+        out.add(chain, *masq_args, *detector.if_not_local, "-j", names.KUBE_MARK_MASQ)
 
 
 def _ext_chain(out: PortRules, port: ServicePort, spn: str, settings: Settings, *, ext: str,
@@ -170,12 +169,13 @@ def _ext_chain(out: PortRules, port: ServicePort, spn: str, settings: Settings, 
         out.add(ext, "-m", "comment", "--comment",
                 f"masquerade traffic for {spn} external destinations", "-j", mark_masq)
     else:
-        if settings.local_cidr is not None:
+        detector = settings.local_detector
+        if detector is not None:
             # Pod -> external destination behaves as if it went out to the load balancer
             # and came back: subject to neither traffic policy.
             out.add(ext, "-m", "comment", "--comment",
-                    f"pod traffic for {spn} external destinations",
-                    "-s", str(settings.local_cidr), "-j", svc)
+                    f"pod traffic for {spn} external destinations", *detector.if_local,
+                    "-j", svc)
         # The node's own traffic gets a local source address: masquerade and route it
         # to the cluster-wide endpoints.
         out.add(ext, "-m", "comment", "--comment",

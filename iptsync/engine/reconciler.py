@@ -56,7 +56,7 @@ from iptsync.core.plan import (
     partial_plan,
     plan_table,
 )
-from iptsync.core.policy import Settings
+from iptsync.core.policy import Settings, local_detection_note
 from iptsync.core.render import (
     PortRules,
     base_ruleset,
@@ -157,6 +157,7 @@ class Engine:
         self._endpoint_total = 0
         self._large = False
         self._jumps: list[Jump] | None = None  # from settings; None: skeleton to build
+        self._detection_note = ""  # what was last said about local traffic detection
         self._top: TopChains = {}
         self.needs_full = True  # the kernel may not hold what the cache says
         self.synced_once = False
@@ -236,7 +237,7 @@ class Engine:
             return set()
         old = self.state.node
         dirty = self.state.upsert(node)
-        if old is None or old.addresses != node.addresses:
+        if old is None or (old.addresses, old.pod_cidrs) != (node.addresses, node.pod_cidrs):
             dirty |= self._settings_changed()
         self._dirty |= dirty
         return dirty
@@ -258,6 +259,7 @@ class Engine:
     def _skeleton(self) -> list[Jump]:
         """Build the top-level chains for the current settings (once); returns the jumps."""
         if self._jumps is None:
+            self._note_local_detection()
             base = base_ruleset(self.settings)
             tails = chain_tails(self.settings)
             self._top = {(table, chain): TopChain(list(rules), tails.get((table, chain), []))
@@ -268,6 +270,15 @@ class Engine:
                 for rule in rendered.top:
                     self._top[(rule.table, rule.chain)].insert(rule)
         return self._jumps
+
+    def _note_local_detection(self) -> None:
+        """Say once how this family's pod traffic is told apart, and again when it changes
+        (a NodeCIDR node given its pod CIDR); a missing input is a warning."""
+        note = local_detection_note(self.settings)
+        if note != self._detection_note:
+            missing = self.settings.local_detector is None
+            log.log(logging.WARNING if missing else logging.INFO, "%s", note)
+            self._detection_note = note
 
     def _render_dirty(self) -> list[ServiceChange]:
         """Re-render the changed services; returns (before, after) for each."""

@@ -34,6 +34,7 @@ from iptsync.core.policy import (
     Excluded,
     Settings,
     entry_decisions,
+    local_detection_note,
 )
 from iptsync.core.state import ClusterState, is_local
 
@@ -162,10 +163,10 @@ def _notes(port: ServicePort, endpoints: Sequence[Endpoint], settings: Settings,
     if port.health_check_node_port:
         notes.append(f"healthCheckNodePort {port.health_check_node_port} is always accepted; "
                      "it tells the load balancer which nodes have local endpoints")
-    if settings.local_cidr is None:
-        notes.append("no --cluster-cidr: pods cannot be told from other clients, so nothing "
-                     "sent to the cluster IP is masqueraded and pods are not exempt from "
-                     "externalTrafficPolicy=Local")
+    detector = settings.local_detector
+    if detector is None or detector.mode != "ClusterCIDR":
+        # What "pods" means below, or why they cannot be told apart.
+        notes.append(local_detection_note(settings))
     if port.node_port and settings.nodeport_addresses:
         cidrs = ", ".join(map(str, settings.nodeport_addresses))
         notes.append(f"NodePorts are open only on node addresses inside {cidrs}")

@@ -14,8 +14,12 @@ once (:func:`parse_rule`). The walk follows the kernel: rules in order, jumps an
 RETURN, a user chain's end returns, a built-in chain's end applies its policy; the nat table
 is consulted because the packet starts a connection, and a nat target ends that hook's nat
 traversal. ``-m statistic --mode random`` forks the walk, so outcomes form a distribution
-whose probabilities add up to 1. What is not modelled (interfaces, unknown matches or
-targets) is assumed to match or to fall through, and is reported as a warning.
+whose probabilities add up to 1. An input interface match (``-i``) is evaluated when the
+caller names the interface pattern pod traffic arrives on (kube-proxy's BridgeInterface and
+InterfaceNamePrefix local traffic detection): a ``pod`` packet arrives on it, an ``external``
+one on another interface, a ``node`` one on none. What is not modelled (other interfaces,
+unknown matches or targets) is assumed to match or to fall through, and is reported as a
+warning.
 
 Hooks crossed, by where the packet enters:
 
@@ -343,6 +347,8 @@ _End = Literal["RETURN", "NAT", "ACCEPT", "DROP", "REJECT"]
 class _Context:
     tables: Tables
     local: tuple[Address, ...]
+    origin: Origin
+    pod_interface: str | None  # the -i pattern pod traffic arrives on; None: not known
     hook: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -354,11 +360,13 @@ class _Context:
         return ip in self.local or ip in LOOPBACK
 
 
-def trace(tables: Tables, packet: Packet, *, origin: str,
-          node_ips: Sequence[Address]) -> TraceResult:
-    """Walk ``packet`` (a NEW connection entering at ``origin``) through ``tables``."""
+def trace(tables: Tables, packet: Packet, *, origin: str, node_ips: Sequence[Address],
+          pod_interface: str | None = None) -> TraceResult:
+    """Walk ``packet`` (a NEW connection entering at ``origin``) through ``tables``;
+    ``pod_interface``: the ``-i`` pattern pod traffic arrives on, when the rules tell pods by
+    interface (:attr:`iptsync.core.policy.LocalDetector.interface`)."""
     entry = _as_origin(origin)
-    ctx = _Context(tables, tuple(node_ips))
+    ctx = _Context(tables, tuple(node_ips), entry, pod_interface)
     start = _Flow(packet.src, packet.dst, packet.dport, packet.sport, packet.proto)
     outcomes: list[Outcome] = []
     if entry == "node":
@@ -574,8 +582,10 @@ def _evaluate(ctx: _Context, where: str, rule: TraceRule,
     results = [_match(ctx, match, flow) for match in rule.matches]
     if any(result is False for result in results):
         return []
-    unknown = [r.what for r in results if isinstance(r, _Unknown)]
-    unknown += [f"interface {text}" for text in rule.interfaces]
+    interfaces = [_interface_match(ctx, text) for text in rule.interfaces]
+    if any(result is False for result in interfaces):
+        return []
+    unknown = [r.what for r in (*results, *interfaces) if isinstance(r, _Unknown)]
     unknown += [f"{token!r}" for token in rule.unreadable]
     if unknown:
         ctx.warn(f"{where}: {', '.join(unknown)} not modelled, "
@@ -617,6 +627,18 @@ def _match(ctx: _Context, match: Match, flow: _Flow) -> _Result:
     if name in checks:
         return checks[name](ctx, match, flow)
     return _Unknown(f"-m {name}")
+
+
+def _interface_match(ctx: _Context, text: str) -> bool | _Unknown:
+    """``[!] -i NAME``: a locally generated packet has no input interface; a pod's arrives
+    on ``ctx.pod_interface``, an outside one on another. Anything else is not modelled."""
+    negated = text.startswith("! ")
+    option, _, name = text.removeprefix("! ").partition(" ")
+    if option == "-i" and ctx.hook in ("OUTPUT", "POSTROUTING"):
+        return negated
+    if option == "-i" and ctx.pod_interface is not None and name == ctx.pod_interface:
+        return (ctx.origin == "pod") != negated
+    return _Unknown(f"interface {text}")
 
 
 def _combine(results: Iterable[_Result]) -> _Result:

@@ -153,7 +153,7 @@ def test_render_writes_the_block_policy_decided() -> None:
 def test_cluster_ip_masquerade_follows_the_flags() -> None:
     """--masquerade-all masquerades all, --cluster-cidr what comes from outside it, and
     without a cluster CIDR nothing is masqueraded."""
-    assert ("all", "off-cluster", "none") == (
+    assert ("all", "not-local", "none") == (
         internal_masquerade(replace(SETTINGS, masquerade_all=True)),
         internal_masquerade(SETTINGS), internal_masquerade(replace(SETTINGS, cluster_cidrs=())))
 
