@@ -63,6 +63,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # No LocalTrafficDetector: kube-proxy's no-op detector is iptsync without --cluster-cidr.
     "upstream-internal-external-masquerade-no-local-traffic-detector": {"cluster_cidrs": ()},
     "upstream-internal-external-masquerade-masquerade-all": {"masquerade_all": True},
+    # kube-proxy's other detect-local modes (the Node objects give NodeCIDR its pod CIDR).
+    "detect-local-node-cidr": {"detect_local_mode": "NodeCIDR"},
+    "detect-local-node-cidr-missing": {"detect_local_mode": "NodeCIDR"},
+    "detect-local-bridge-interface": {"detect_local_mode": "BridgeInterface",
+                                      "bridge_interface": "cbr0"},
+    "detect-local-interface-name-prefix": {"detect_local_mode": "InterfaceNamePrefix",
+                                           "interface_name_prefix": "veth"},
     "upstream-internal-external-masquerade-masquerade-all-no-local-traffic-detector": {
         "masquerade_all": True, "cluster_cidrs": ()},
 }
