@@ -21,9 +21,10 @@ SETTINGS = Settings(node_name="node1",
 NODES = [
     {"apiVersion": "v1", "kind": "Node",
      "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+     "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
      "status": {"addresses": [{"type": "InternalIP", "address": address}]}}
-    for name, address, zone in (("node1", "10.100.0.2", "zone-a"),
-                                ("node2", "10.100.0.3", "zone-b"))
+    for name, address, zone, pod_cidr in (("node1", "10.100.0.2", "zone-a", "10.0.1.0/24"),
+                                          ("node2", "10.100.0.3", "zone-b", "10.0.2.0/24"))
 ]
 
 

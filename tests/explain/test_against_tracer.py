@@ -9,6 +9,7 @@ match what explain says.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -20,7 +21,17 @@ from iptsync.inspection.trace import from_desired, make_packet, trace
 from .objects import CASES, NODES, SETTINGS
 
 NODE_IP = "10.100.0.2"
-POD_IP = "10.3.255.250"  # inside the cluster CIDR, not an endpoint (no hairpin)
+POD_IP = "10.0.1.250"  # inside the cluster CIDR and node1's pod CIDR, not an endpoint
+# kube-proxy's detect-local modes (the pod arrives on cbr0 / a veth* interface), and its
+# no-op detector (no cluster CIDR).
+MODES = {
+    "ClusterCIDR": {},
+    "NodeCIDR": {"detect_local_mode": "NodeCIDR"},
+    "BridgeInterface": {"detect_local_mode": "BridgeInterface", "bridge_interface": "cbr0"},
+    "InterfaceNamePrefix": {"detect_local_mode": "InterfaceNamePrefix",
+                            "interface_name_prefix": "veth"},
+    "no-detector": {"cluster_cidrs": ()},
+}
 OUTSIDE_IP = "10.100.0.100"
 
 
@@ -35,12 +46,15 @@ def source_ip(outcome: Decision) -> str:
     return OUTSIDE_IP
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_explain_agrees_with_the_tracer_on_this_node(case: str) -> None:
-    """For each entry point and client, verdict, endpoint shares and masquerade match."""
-    desired = desired_from_objects([*NODES, *CASES[case]], SETTINGS)
+def test_explain_agrees_with_the_tracer_on_this_node(case: str, mode: str) -> None:
+    """For each entry point and client, verdict, endpoint shares and masquerade match, under
+    each way of telling pod traffic apart."""
+    desired = desired_from_objects([*NODES, *CASES[case]], replace(SETTINGS, **MODES[mode]))
     explanation = explain(desired.state, desired.settings, ServiceRef("default", case))
     tables = from_desired(desired.tables)
+    detector = desired.settings.local_detector
     view = next(v for v in explanation.ports[0].views if v.roles[0].this_node)
     checked = 0
     for entry in view.entries:
@@ -48,7 +62,8 @@ def test_explain_agrees_with_the_tracer_on_this_node(case: str) -> None:
         for outcome in entry.decisions:
             packet = make_packet(source_ip(outcome), dst)
             result = trace(tables, packet, origin=outcome.origin,
-                           node_ips=desired.settings.node_ips)
+                           node_ips=desired.settings.node_ips,
+                           pod_interface=detector.interface if detector else None)
             where = f"{entry.kind} from {outcome.origin} {outcome.sources}"
             assert outcome.verdict == result.verdict, where
             assert ({k: round(p, 6) for k, p in outcome.probabilities.items()}

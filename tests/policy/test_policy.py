@@ -26,6 +26,7 @@ from iptsync.core.policy import (
     categorize_endpoints,
     entry_decisions,
     internal_masquerade,
+    local_detection_note,
     port_targets,
 )
 from iptsync.core.render import render_service_port
@@ -156,6 +157,83 @@ def test_cluster_ip_masquerade_follows_the_flags() -> None:
     assert ("all", "not-local", "none") == (
         internal_masquerade(replace(SETTINGS, masquerade_all=True)),
         internal_masquerade(SETTINGS), internal_masquerade(replace(SETTINGS, cluster_cidrs=())))
+
+
+# --- local traffic detection ----------------------------------------------------------------
+
+DUAL = replace(SETTINGS, cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),
+                                        ipaddress.ip_network("fd00:10::/56")),
+               node_pod_cidrs=(ipaddress.ip_network("fd00:10:0:1::/64"),
+                               ipaddress.ip_network("10.0.1.0/24")))
+BRIDGE = replace(DUAL, detect_local_mode="BridgeInterface", bridge_interface="cbr0")
+PREFIX = replace(DUAL, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="veth")
+
+
+def test_local_detector_matches_per_mode_and_family() -> None:
+    """kube-proxy's getLocalDetector: the family's cluster CIDR, the family's node pod CIDR,
+    the bridge, or the prefix with iptables' + wildcard (the same on both families)."""
+    node_cidr = replace(DUAL, detect_local_mode="NodeCIDR")
+    detected = {}
+    for name, settings in (("ClusterCIDR", DUAL), ("NodeCIDR", node_cidr), ("Bridge", BRIDGE),
+                           ("Prefix", PREFIX)):
+        for family in IPFamily:
+            detector = settings.for_family(family).local_detector
+            assert detector is not None
+            detected[name, family.value] = (detector.if_local, detector.if_not_local)
+    assert {("ClusterCIDR", "IPv4"): (("-s", "10.0.0.0/14"), ("!", "-s", "10.0.0.0/14")),
+            ("ClusterCIDR", "IPv6"): (("-s", "fd00:10::/56"), ("!", "-s", "fd00:10::/56")),
+            ("NodeCIDR", "IPv4"): (("-s", "10.0.1.0/24"), ("!", "-s", "10.0.1.0/24")),
+            ("NodeCIDR", "IPv6"): (("-s", "fd00:10:0:1::/64"), ("!", "-s", "fd00:10:0:1::/64")),
+            ("Bridge", "IPv4"): (("-i", "cbr0"), ("!", "-i", "cbr0")),
+            ("Bridge", "IPv6"): (("-i", "cbr0"), ("!", "-i", "cbr0")),
+            ("Prefix", "IPv4"): (("-i", "veth+"), ("!", "-i", "veth+")),
+            ("Prefix", "IPv6"): (("-i", "veth+"), ("!", "-i", "veth+"))} == detected
+
+
+def test_missing_input_gives_no_detector_and_a_note_naming_family_and_mode() -> None:
+    """No CIDR of the family, no pod CIDR, or an empty name: kube-proxy's no-op detector, and
+    the note says which family, which mode and what is missing."""
+    v6 = IPFamily.IPV6
+    cases = {
+        "ClusterCIDR": replace(SETTINGS, family=v6),
+        "NodeCIDR": replace(SETTINGS, detect_local_mode="NodeCIDR"),
+        "BridgeInterface": replace(SETTINGS, detect_local_mode="BridgeInterface"),
+        "InterfaceNamePrefix": replace(SETTINGS, detect_local_mode="InterfaceNamePrefix"),
+    }
+    assert [None] * 4 == [settings.local_detector for settings in cases.values()]
+    assert [
+        "IPv6: detect-local-mode ClusterCIDR, but no IPv6 --cluster-cidr",
+        "IPv4: detect-local-mode NodeCIDR, but the Node has no IPv4 pod CIDR (spec.podCIDRs)",
+        "IPv4: detect-local-mode BridgeInterface, but no --pod-bridge-interface "
+        "(detectLocal.bridgeInterface)",
+        "IPv4: detect-local-mode InterfaceNamePrefix, but no --pod-interface-name-prefix "
+        "(detectLocal.interfaceNamePrefix)",
+    ] == [local_detection_note(settings).split(": pod traffic")[0]
+          for settings in cases.values()]
+    assert ["none"] * 4 == [internal_masquerade(settings) for settings in cases.values()]
+
+
+def test_interface_modes_decide_by_interface_and_say_so() -> None:
+    """Under BridgeInterface, cluster IP traffic from pods keeps its source, from the node or
+    outside it is masqueraded, and the reasons name the bridge."""
+    cluster_ip = entry_decisions(PORT, [endpoint("10.0.1.1")], BRIDGE, ZONE)[0]
+    assert [("pod", False, "source kept (a pod on this node: arriving on bridge cbr0)"),
+            ("node", True, "masqueraded (not a pod on this node: not arriving on bridge cbr0)"),
+            ("external", True,
+             "masqueraded (not a pod on this node: not arriving on bridge cbr0)")] == [
+        (d.origin, d.masquerade, d.reason.split("; ")[1]) for d in cluster_ip.decisions]
+
+
+def test_pods_are_exempt_from_etp_local_only_with_a_detector() -> None:
+    """ETP=Local: a pod reaches every endpoint under each mode; with the no-op detector
+    (NodeCIDR, no pod CIDR yet) it is treated as outside: this node's endpoints only."""
+    eps = [endpoint("10.0.1.1"), endpoint("10.0.2.1", "node2")]
+    no_pod_cidr = replace(SETTINGS, detect_local_mode="NodeCIDR")
+    pods = {name: entry_decisions(ETP_LOCAL, eps, settings, ZONE)[-1].decisions[0].endpoints
+            for name, settings in (("bridge", BRIDGE), ("prefix", PREFIX),
+                                   ("no-op", no_pod_cidr))}
+    everyone = ("10.0.1.1:8080", "10.0.2.1:8080")
+    assert {"bridge": everyone, "prefix": everyone, "no-op": ("10.0.1.1:8080",)} == pods
 
 
 # --- per entry point and origin --------------------------------------------------------------

@@ -36,12 +36,13 @@ MASQ = "-m mark --mark 0x4000/0x4000"
 def run(nat: dict[str, list[str]] | None = None, filt: dict[str, list[str]] | None = None,
         *, src: str = "10.0.1.3", dst: str = "10.96.0.10:80", proto: str = "tcp",
         origin: str = "pod", policies: dict[str, str] | None = None,
-        sport: int | None = None) -> TraceResult:
+        sport: int | None = None, pod_interface: str | None = None) -> TraceResult:
     """Trace one packet through the given nat and filter chains (canonical rule text)."""
     tables = {"nat": SavedTable("nat", dict(nat or {})),
               "filter": SavedTable("filter", dict(filt or {}), dict(policies or {}))}
     packet = make_packet(src, dst, proto, sport)
-    return trace(from_saved(tables), packet, origin=origin, node_ips=(NODE_IP,))
+    return trace(from_saved(tables), packet, origin=origin, node_ips=(NODE_IP,),
+                 pod_interface=pod_interface)
 
 
 def dnat(to: str) -> str:
@@ -223,6 +224,33 @@ def test_comment_is_kept_on_the_step() -> None:
     assert Step("nat", "PREROUTING", 1, '-m comment --comment "svc a" -j KUBE-SVC',
                 "svc a") == path[0]
     assert (None, "10.0.1.2:8080") == (path[1].comment, only(run(nat)).endpoint)
+
+
+@pytest.mark.parametrize("pattern", ["cbr0", "veth+"])
+def test_pod_interface_matches_pods_only(pattern: str) -> None:
+    """With the interface pods arrive on known (BridgeInterface, InterfaceNamePrefix), a pod
+    matches ``-i`` on it, an outside client does not, and the node's own traffic has no input
+    interface: ``! -i`` matches it. No warning."""
+    nat = {"PREROUTING": [f"! -i {pattern} -j KUBE-MARK-MASQ", f"-i {pattern} -j POD",
+                          dnat("10.0.2.2:8080")],
+           "OUTPUT": [f"-i {pattern} -j POD", f"! -i {pattern} -j KUBE-MARK-MASQ",
+                      dnat("10.0.2.2:8080")],
+           "POD": [dnat("10.0.1.2:8080")],
+           "KUBE-MARK-MASQ": [f"-j MARK --set-xmark {MASQ.split()[-1]}"],
+           "POSTROUTING": [f"{MASQ} -j MASQUERADE"]}
+    results = {origin: run(nat, origin=origin, pod_interface=pattern,
+                           src="10.100.0.2" if origin == "node" else "10.0.1.3")
+               for origin in ("pod", "external", "node")}
+    assert {"pod": ("10.0.1.2:8080", False), "external": ("10.0.2.2:8080", True),
+            "node": ("10.0.2.2:8080", True)} == {
+        origin: (only(r).endpoint, only(r).masquerade) for origin, r in results.items()}
+    assert [(), (), ()] == [r.warnings for r in results.values()]
+
+
+def test_other_interfaces_stay_unmodelled_with_a_pod_interface() -> None:
+    """An interface other than the pods' (or -o) is still assumed to match, with a warning."""
+    result = run(filt={"FORWARD": ["-i eth0 -j DROP"]}, pod_interface="cbr0")
+    assert ("DROP", 1) == (result.verdict, len(result.warnings))
 
 
 def test_unknown_match_and_interface_match_with_warnings() -> None:
