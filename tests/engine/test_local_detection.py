@@ -13,8 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from engine.world import SETTINGS, endpoint_slice, service
 
+from engine.world import SETTINGS, endpoint_slice, service
 from iptsync.core import names
 from iptsync.engine.reconciler import Engine
 from iptsync.kernel.port import NetfilterPort

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -174,6 +175,23 @@ def test_topology_hints_are_ignored_on_a_node_without_zone() -> None:
     assert ("endpoints carry topology hints, but node node3 has no zone label "
             "(topology.kubernetes.io/zone): the hints are not used there",) == (
         unzoned.ports[0].notes)
+
+
+def test_notes_say_how_pods_are_told_apart_unless_by_cluster_cidr() -> None:
+    """Under NodeCIDR a note names the node's pod CIDR; without a cluster CIDR it says pods
+    cannot be told apart; under ClusterCIDR (the usual case) there is no note."""
+    def notes(**settings: Any) -> tuple[str, ...]:
+        return explain_objects("basic", *CASES["basic"],
+                               settings=replace(SETTINGS, **settings)).ports[0].notes
+
+    assert (
+        (),
+        ("IPv4 local traffic detection: detect-local-mode NodeCIDR, pod traffic is traffic "
+         "source inside the node's pod CIDR 10.0.1.0/24 (-s 10.0.1.0/24)",),
+        ("IPv4: detect-local-mode ClusterCIDR, but no IPv4 --cluster-cidr: pod traffic cannot "
+         "be told from other traffic, so traffic to cluster IPs is not masqueraded and pods "
+         "are not exempt from externalTrafficPolicy=Local",),
+    ) == (notes(), notes(detect_local_mode="NodeCIDR"), notes(cluster_cidrs=()))
 
 
 def test_no_endpoints_rejects_at_every_entry_point() -> None:

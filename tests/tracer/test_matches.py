@@ -236,7 +236,7 @@ def test_pod_interface_matches_pods_only(pattern: str) -> None:
            "OUTPUT": [f"-i {pattern} -j POD", f"! -i {pattern} -j KUBE-MARK-MASQ",
                       dnat("10.0.2.2:8080")],
            "POD": [dnat("10.0.1.2:8080")],
-           "KUBE-MARK-MASQ": [f"-j MARK --set-xmark {MASQ.split()[-1]}"],
+           "KUBE-MARK-MASQ": ["-j MARK --set-xmark 0x4000/0x4000"],
            "POSTROUTING": [f"{MASQ} -j MASQUERADE"]}
     results = {origin: run(nat, origin=origin, pod_interface=pattern,
                            src="10.100.0.2" if origin == "node" else "10.0.1.3")
