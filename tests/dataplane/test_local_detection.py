@@ -45,25 +45,29 @@ class DetectLab:
     cluster: Cluster
     backend: Backend
 
-    def sync(self, node: str, *, pod_cidr: bool = True, **settings: Any) -> None:
-        """Sync ``node``'s rules under ``settings`` for one ClusterIP service whose endpoint
-        is the echo server on ``node``; its Node object has its pod CIDR if ``pod_cidr``."""
-        server = "server1" if node == "node1" else "server2"
+    def sync(self, node: str, server: str, *, pod_cidr: bool = True,
+             etp_local_node_port: int | None = None, **settings: Any) -> None:
+        """Sync ``node``'s rules under ``settings`` for one service whose endpoint is the
+        echo server ``server``: a ClusterIP one, or with ``etp_local_node_port`` a NodePort
+        one with externalTrafficPolicy Local. The Node has its pod CIDR if ``pod_cidr``."""
         engine = Engine(Netfilter(self.backend, netns=self.cluster.ns(node)), Settings(
             node_name=node, cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
             node_ips=(ipaddress.ip_address(NODE_IPS[node]),), **settings))
+        port: dict[str, Any] = {"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080}
+        spec: dict[str, Any] = {"clusterIP": SERVICE_IPS[node], "ports": [port]}
+        if etp_local_node_port:
+            port["nodePort"] = etp_local_node_port
+            spec.update(type="NodePort", externalTrafficPolicy="Local")
         engine.upsert({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
                        "spec": {"podCIDRs": [POD_CIDRS[node]]} if pod_cidr else {}})
         engine.upsert({"apiVersion": "v1", "kind": "Service",
-                       "metadata": {"name": "web", "namespace": "test"},
-                       "spec": {"clusterIP": SERVICE_IPS[node], "ports": [
-                           {"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+                       "metadata": {"name": "web", "namespace": "test"}, "spec": spec})
         engine.upsert({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                        "metadata": {"name": "web-1", "namespace": "test",
                                     "labels": {"kubernetes.io/service-name": "web"}},
                        "addressType": "IPv4",
                        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-                       "endpoints": [{"addresses": [PODS[server][1]], "nodeName": node,
+                       "endpoints": [{"addresses": [PODS[server][1]], "nodeName": PODS[server][0],
                                       "conditions": {"ready": True}}]})
         engine.sync()
 
@@ -127,7 +131,7 @@ def test_cluster_ip_masquerades_what_the_mode_does_not_call_a_pod(lab: DetectLab
     address; its address inside the cluster CIDR is a pod only to ClusterCIDR; and with the
     mode's input missing (kube-proxy's no-op detector) nothing is masqueraded."""
     node, settings, pod_cidr = MODES[mode]
-    lab.sync(node, pod_cidr=pod_cidr, **settings)
+    lab.sync(node, "server1" if node == "node1" else "server2", pod_cidr=pod_cidr, **settings)
     pod_ip = PODS["client1" if node == "node1" else "client2"][1]
     masqueraded = {NODE_IPS[node]}
     expected = {
@@ -137,3 +141,18 @@ def test_cluster_ip_masquerades_what_the_mode_does_not_call_a_pod(lab: DetectLab
                                        "in-cluster-cidr": {IN_CLUSTER_CIDR}},
     }.get(mode, {"pod": {pod_ip}, "outside": masqueraded, "in-cluster-cidr": masqueraded})
     assert expected == lab.seen(node)
+
+
+@pytest.mark.parametrize("mode", ["interface-name-prefix", "node-cidr-without-pod-cidr"])
+def test_pods_skip_etp_local_only_when_told_apart(lab: DetectLab, mode: str) -> None:
+    """A pod on node1 connecting to node1's NodePort of an externalTrafficPolicy=Local
+    service whose only endpoint is on node2 reaches it with its source kept when the mode
+    tells pods apart (-i vp+); with the no-op detector it is an outside client of a node
+    without a local endpoint, and is dropped."""
+    node, settings, pod_cidr = MODES[mode]
+    lab.sync(node, "server2", pod_cidr=pod_cidr, etp_local_node_port=30080, **settings)
+    replies = lab.cluster.ask("pod:client1", "tcp", NODE_IPS["node1"], 30080, count=2,
+                              timeout=0.5)
+    expected = ({("server2", PODS["client1"][1])} if mode == "interface-name-prefix"
+                else {(None, None)})
+    assert expected == {(r.server, r.seen_as_ip) for r in replies}
