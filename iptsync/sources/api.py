@@ -185,20 +185,24 @@ def _resources(client: kubernetes.client.ApiClient, node_name: str) -> tuple[_Re
     )
 
 
-def _client_from_config(kubeconfig: str | Path | None,
-                        settings: ApiSettings) -> kubernetes.client.ApiClient:
-    """An ApiClient from a kubeconfig file, or from the pod's service account without one."""
+def _client_from_config(kubeconfig: str | Path | None, settings: ApiSettings,
+                        master: str | None = None) -> kubernetes.client.ApiClient:
+    """An ApiClient from a kubeconfig file, or from the pod's service account without one;
+    ``master`` (kube-proxy's --master) replaces the server address, and with no kubeconfig
+    is the whole configuration (as client-go's BuildConfigFromFlags)."""
     configuration = kubernetes.client.Configuration()
     try:
-        if kubeconfig is None:
-            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration)
-        else:
+        if kubeconfig is not None:
             kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(kubeconfig), client_configuration=configuration)
+        elif not master:
+            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration)
     except kubernetes.config.ConfigException as err:
         where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration"
         raise ApiConfigError(f"cannot use {where}: {err}") from err
+    if master:
+        configuration.host = master
     # Retries are ours (backoff, one warning per outage); urllib3's would add three instant
     # attempts and a warning each to every failed request.
     configuration.retries = 0
@@ -225,11 +229,12 @@ class ApiSource:
         kubeconfig: str | Path | None = None,
         api_client: kubernetes.client.ApiClient | None = None,
         settings: ApiSettings = ApiSettings(),
+        master: str | None = None,
     ) -> None:
         self.status = SourceStatus()
         self._owns_client = api_client is None
         self._client = (api_client if api_client is not None
-                        else _client_from_config(kubeconfig, settings))
+                        else _client_from_config(kubeconfig, settings, master))
         self._tracker = _StatusTracker(self.status)
         self._stopping = threading.Event()
         self._sink_lock = threading.Lock()
