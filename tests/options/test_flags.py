@@ -29,6 +29,14 @@ def flags(*args: str, document: dict[str, Any] | None = None) -> ProxyConfig:
     return resolve(given, document)
 
 
+def periods(config: ProxyConfig) -> tuple[float, float]:
+    return config.sync_period, config.min_sync_period
+
+
+def addresses(config: ProxyConfig) -> tuple[str, str]:
+    return config.healthz_address(), config.metrics_address()
+
+
 def dump(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     objects = tmp_path / "objects.yaml"
     objects.write_text(yaml.safe_dump(SERVICE))
@@ -40,10 +48,9 @@ def dump(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_kube_proxys_names_and_iptsyncs_short_ones_are_read() -> None:
     """--iptables-sync-period and --iptables-min-sync-period, and the older --sync-period and
     --min-sync-period, set the same periods; Go durations are read as Go reads them."""
-    assert (60.0, 10.0) == (lambda c: (c.sync_period, c.min_sync_period))(
+    assert (60.0, 10.0) == periods(
         flags("--iptables-sync-period=1m", "--iptables-min-sync-period", "10s"))
-    assert (90.0, 0.25) == (lambda c: (c.sync_period, c.min_sync_period))(
-        flags("--sync-period", "1m30s", "--min-sync-period=250ms"))
+    assert (90.0, 0.25) == periods(flags("--sync-period", "1m30s", "--min-sync-period=250ms"))
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -104,12 +111,11 @@ def test_with_config_only_hostname_master_and_logging_flags_count() -> None:
 def test_addresses_take_kube_proxys_defaults_and_deprecated_ports() -> None:
     """A bare IP gets the default port (or --healthz-port's); port 0 and an empty address
     turn a server off; an IPv6 --bind-address moves the defaults to [::] and [::1]."""
-    assert ("127.0.0.1:10256", "") == (lambda c: (c.healthz_address(), c.metrics_address()))(
+    assert ("127.0.0.1:10256", "") == addresses(
         flags("--healthz-bind-address=127.0.0.1", "--metrics-bind-address="))
-    assert ("127.0.0.1:1234", "") == (lambda c: (c.healthz_address(), c.metrics_address()))(
+    assert ("127.0.0.1:1234", "") == addresses(
         flags("--healthz-bind-address=127.0.0.1", "--healthz-port=1234", "--metrics-port=0"))
-    assert ("[::]:10256", "[::1]:10249") == (
-        lambda c: (c.healthz_address(), c.metrics_address()))(flags("--bind-address=::"))
+    assert ("[::]:10256", "[::1]:10249") == addresses(flags("--bind-address=::"))
 
 
 @pytest.mark.parametrize(("args", "message"), [
