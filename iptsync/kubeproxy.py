@@ -366,8 +366,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("iptables-masquerade-bit", "iptables.masqueradeBit", INT, 14, "masquerade_bit",
            "the fwmark bit of KUBE-MARK-MASQ (14: 0x4000)", refuse=_refuse_bit),
     Option("iptables-localhost-nodeports", "iptables.localhostNodePorts", BOOL, True,
-           "localhost_nodeports", "NodePorts on 127.0.0.1 (IPv4; sets route_localnet)",
-           aliases=("no-iptables-localhost-nodeports",)),
+           "localhost_nodeports", "NodePorts on 127.0.0.1 (IPv4; sets route_localnet); "
+           "iptsync's older --no-iptables-localhost-nodeports is =false"),
     Option("iptables-sync-period", "iptables.syncPeriod", DURATION, 30.0, "sync_period",
            "time between full syncs (read the kernel, repair drift)", aliases=("sync-period",),
            zero_is_default=True, refuse=_refuse_positive),
@@ -506,11 +506,8 @@ def markdown_table() -> str:
              "|---|---|---|---|---|"]
     for option in OPTIONS:
         flags = ", ".join(f"`--{name}`" for name in (option.flag, *option.aliases) if name)
+        field = f"`{option.field}`" if option.field else ""
         handling = "**applied**" if option.applied else "ignored"
-        if option.refuse is not None and option.applied:
-            handling = "**applied** (refused: see note)" if option.flag == "proxy-mode" \
-                else "**applied**"
-        lines.append(f"| {flags} | {f'`{option.field}`' if option.field else ''} | "
-                     f"{option.kind.name} | `{option.kind.show(option.default)}` | "
-                     f"{handling}: {option.note} |")
+        lines.append(f"| {flags} | {field} | {option.kind.name} | "
+                     f"`{option.kind.show(option.default)}` | {handling}: {option.note} |")
     return "\n".join(lines) + "\n"
