@@ -171,7 +171,7 @@ def judge(call: Invocation) -> ProxyConfig:
     refused = tuple(Verdict(arg, "", "refused", "not a kube-proxy flag (kube-proxy refuses it "
                             "too)" if arg.startswith("-") else "kube-proxy takes no arguments")
                     for arg in others)
-    return ProxyConfig(config.values, refused + config.verdicts, config.document)
+    return ProxyConfig(config.values, refused + config.verdicts, config.ignored)
 
 
 def report(config: ProxyConfig) -> Iterable[str]:

@@ -82,7 +82,7 @@ class ProxyConfig:
 
     values: Mapping[str, Any] = field(default_factory=_defaults)
     verdicts: tuple[Verdict, ...] = ()
-    document: Mapping[str, Any] | None = None  # the --config file as read
+    ignored: Mapping[str, Any] = field(default_factory=dict)  # field -> value given, unused
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -163,6 +163,7 @@ class _Resolver:
                                      "metrics_bind_address": None}
         self.origin: dict[str, str] = {}
         self.verdicts: list[Verdict] = []
+        self.ignored: dict[str, Any] = {}
 
     def take(self, option: Option, raw: Any, name: str, what: str, *,
              from_file: bool = False) -> None:
@@ -182,6 +183,8 @@ class _Resolver:
             return
         is_default = value == option.default
         if option.key is None:
+            if option.field:
+                self.ignored[option.field] = value
             self.verdicts.append(Verdict(name, shown, "ignored", option.note, is_default))
             return
         if option.kind.repeated and not from_file and option.key in self.origin:
@@ -223,7 +226,7 @@ def resolve(flags: Sequence[tuple[str, Any]], document: Mapping[str, Any] | None
             continue
         resolver.take(option, raw, f"--{name}", f"--{name}")
     _validate(resolver)
-    return ProxyConfig(resolver.values, tuple(resolver.verdicts), document)
+    return ProxyConfig(resolver.values, tuple(resolver.verdicts), resolver.ignored)
 
 
 def _walk(resolver: _Resolver, doc: Mapping[str, Any], prefix: str, where: str) -> None:
@@ -301,29 +304,21 @@ def _check_nodeport_addresses(resolver: _Resolver, addresses: tuple[str, ...],
 
 def effective_document(config: ProxyConfig) -> dict[str, Any]:
     """The configuration in effect as a KubeProxyConfiguration (``--write-config-to``):
-    applied options at their values, the others as the file gave them or at their default."""
+    applied options at their values, the others as given or at kube-proxy's default."""
     doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": "KubeProxyConfiguration"}
-    given = {v.name: v for v in config.verdicts}
     for option in OPTIONS:
         if option.field is None:
             continue
-        if option.key is not None:
+        if option.key == "healthz_bind_address":
+            value: Any = config.healthz_address()
+        elif option.key == "metrics_bind_address":
+            value = config.metrics_address()
+        elif option.key is not None:
             value = option.kind.yaml(config.values[option.key])
-            if option.key.endswith("bind_address") and value is None:
-                value = (config.healthz_address() if option.key.startswith("healthz")
-                         else config.metrics_address())
         else:
-            value = _file_value(config.document, option.field) if option.field in given \
-                else option.kind.yaml(option.default)
+            value = option.kind.yaml(config.ignored.get(option.field, option.default))
         _put(doc, option.field, value)
     return doc
-
-
-def _file_value(document: Mapping[str, Any] | None, path: str) -> Any:
-    node: Any = document or {}
-    for part in path.split("."):
-        node = node.get(part) if isinstance(node, Mapping) else None
-    return node
 
 
 def _put(doc: dict[str, Any], path: str, value: Any) -> None:
