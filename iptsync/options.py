@@ -53,9 +53,6 @@ class Verdict:
     default: bool = False  # the value is kube-proxy's default (a field kubeadm writes anyway)
     suspicious: bool = False  # ignored, and probably a mistake: a warning, not an INFO line
 
-    def line(self) -> str:
-        return f"{self.name}={self.value}: {self.handling}: {self.reason}"
-
 
 @dataclass(frozen=True)
 class ConntrackConfig:

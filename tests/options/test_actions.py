@@ -34,7 +34,7 @@ def test_write_config_to_writes_what_reads_back_the_same(tmp_path: Path) -> None
         config.conntrack.max_per_core, config.healthz_address())
     assert {"oomScoreAdj": -998} == {k: v for k, v in config.ignored.items()
                                      if k == "oomScoreAdj"}
-    assert [] == [v.line() for v in config.verdicts
+    assert [] == [v.name for v in config.verdicts
                   if v.handling == "refused" or v.suspicious]
 
 
