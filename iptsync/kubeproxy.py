@@ -279,7 +279,8 @@ OPTIONS: tuple[Option, ...] = (
     # How kube-proxy is started.
     Option("config", None, STRING, "", "config_file",
            "reads this KubeProxyConfiguration file; other flags are then ignored, as by "
-           "kube-proxy (but --hostname-override, --master and the logging flags)",
+           "kube-proxy (but --hostname-override, --master and the logging flags). A change "
+           "to the file is read at the next start (kube-proxy exits on one)",
            with_config=True),
     Option("write-config-to", None, STRING, "", "write_config_to",
            "writes the configuration in effect (defaults, file, flags) to this file as a "

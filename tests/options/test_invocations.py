@@ -18,6 +18,7 @@ namespace's loopback), the agent process (``ip netns exec``), its rules and its 
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -156,9 +157,17 @@ def http_status(netns: str, url: str) -> int:
 
 
 # Each invocation, the node name it runs as (GKE passes no --hostname-override: the host's
-# name) and where its /healthz is (0.0.0.0:10256 but for k3s/RKE2's 127.0.0.1).
-INVOCATIONS = {"kubeadm": (kubeadm, "node1"), "gke": (gke, socket.gethostname().lower()),
-               "eks": (eks, "node1"), "k3s-rke2": (k3s, "node1")}
+# name), and what it sets that iptsync ignores (an INFO line each; EKS's udpIdleTimeout, a
+# field kube-proxy no longer has, a warning). /healthz is on port 10256 of the namespace's
+# loopback for all: 0.0.0.0:10256, and 127.0.0.1 for k3s/RKE2.
+INVOCATIONS = {
+    "kubeadm": (kubeadm, "node1", []),
+    "gke": (gke, socket.gethostname().lower(),
+            ["--feature-gates", "--oom-score-adj", "--ipvs-sync-period",
+             "--ipvs-min-sync-period"]),
+    "eks": (eks, "node1", ["oomScoreAdj", "udpIdleTimeout"]),
+    "k3s-rke2": (k3s, "node1", []),
+}
 HEALTHZ = "http://127.0.0.1:10256/healthz"
 
 
@@ -167,7 +176,7 @@ def test_kube_proxys_invocation_starts_syncs_and_serves_healthz(
         netfilter: Netfilter, apiserver_in: FakeApiServer, tmp_path: Path, name: str) -> None:
     """The invocation starts iptsync, which lists the API, programs the Service and answers
     /healthz 200; SIGTERM stops it with status 0."""
-    build, node = INVOCATIONS[name]
+    build, node, ignored = INVOCATIONS[name]
     kubelet = Kubelet(tmp_path, apiserver_in, node)
     args = build(kubelet)
     netns = str(netfilter.netns)
@@ -185,3 +194,5 @@ def test_kube_proxys_invocation_starts_syncs_and_serves_healthz(
         _out, err = agent.communicate(timeout=15)
     assert 0 == agent.returncode, err
     assert f"starting on node {node}" in err
+    assert ignored == [match[1] for line in err.splitlines()
+                       if (match := re.search(r" (\S+?)=\S* is ignored: ", line))]
