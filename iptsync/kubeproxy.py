@@ -249,6 +249,10 @@ def _refuse_format(fmt: str) -> str | None:
     return None if fmt in ("text", "json") else f"{fmt!r} is not supported: text or json"
 
 
+def _refuse_blank(name: str) -> str | None:
+    return "must not be empty" if not name.strip() else None
+
+
 def _refuse_negative(value: float) -> str | None:
     return "must be greater than or equal to 0" if value < 0 else None
 
@@ -320,7 +324,8 @@ OPTIONS: tuple[Option, ...] = (
     # The node.
     Option("hostname-override", "hostnameOverride", STRING, "", "hostname_override",
            "this node's name (lower-cased; default: the host name); the flag wins over the "
-           "file, as in kube-proxy", with_config=True),
+           "file, as in kube-proxy", zero_is_default=True, with_config=True,
+           refuse=_refuse_blank),
     Option("bind-address", "bindAddress", IP, "0.0.0.0", "bind_address",
            "unless 0.0.0.0 or ::, the node's primary IP of its family (instead of the Node "
            "object's); its family picks the default health and metrics addresses",

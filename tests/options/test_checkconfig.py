@@ -32,7 +32,8 @@ def test_kubeadm_daemonset_and_configmap_are_all_same_or_ignored() -> None:
     lines = result.stdout.splitlines()
     assert "same     --config=/var/lib/kube-proxy/config.conf: reads this " \
            "KubeProxyConfiguration file; other flags are then ignored, as by kube-proxy " \
-           "(but --hostname-override, --master and the logging flags)" in lines
+           "(but --hostname-override, --master and the logging flags). A change to the file " \
+           "is read at the next start (kube-proxy exits on one)" in lines
     assert "same     clientConnection.kubeconfig: /var/lib/kube-proxy/kubeconfig.conf: the " \
            "kubeconfig of the API server connection; empty: the pod's service account" in lines
     assert "ignored  ipvs.scheduler: \"\" (kube-proxy's default): only used in ipvs mode, " \
@@ -113,3 +114,14 @@ def test_daemonset_without_its_configmap_is_an_input_error() -> None:
             "ConfigMap kube-proxy: give that ConfigMap too (-f configmap.yaml)\n") == \
         result.stderr
     assert "" == result.stdout
+
+
+def test_migration_guides_example_is_what_check_config_prints() -> None:
+    """docs/migration.md's example output (kubeadm's pair) is check-config's, line for line."""
+    guide = (FIXTURES.parents[2] / "docs" / "migration.md").read_text()
+    example = guide.split("it ends like this", 1)[1].split("```\n", 2)[1]
+    result = check("-f", fixture("kubeadm-daemonset.yaml"), "-f",
+                   fixture("kubeadm-configmap.yaml"))
+    shown = [line for line in example.splitlines() if line != "..."]
+    assert shown == [line for line in result.stdout.splitlines() if line in shown]
+    assert 4 < len(shown)

@@ -146,6 +146,7 @@ def test_addresses_take_kube_proxys_defaults_and_deprecated_ports() -> None:
     (["--healthz-bind-address=localhost:10256"],
      "--healthz-bind-address: 'localhost:10256' must be IP:port"),
     (["--bind-address=node1"], "--bind-address: 'node1' is not an IP address"),
+    (["--hostname-override= "], "--hostname-override: must not be empty"),
     (["--logging-format=xml"], "--logging-format: 'xml' is not supported: text or json"),
 ])
 def test_invalid_values_are_refused_naming_the_flag(args: list[str], message: str) -> None:
