@@ -12,15 +12,18 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import IO, Any, TypeVar
 
 import click
 
 from iptsync.agent.health import (
+    BIND_RETRY_INTERVAL,
     HealthServer,
     HealthState,
     HttpServer,
     MetricsServer,
+    PendingServer,
     ServiceHealthServers,
     parse_bind_address,
 )
@@ -45,6 +48,7 @@ from iptsync.kernel.netfilter import Netfilter, detect_backend
 from iptsync.kernel.nodeinfo import interface_addresses
 from iptsync.kernel.port import Backend, NetfilterError
 from iptsync.kernel.sysctl import ensure_proxy_sysctls
+from iptsync.kernel.watch import ChangeWatch
 from iptsync.logs import setup_logging
 from iptsync.options import (
     OptionError,
@@ -193,6 +197,9 @@ def resolve_backend(choice: str) -> Backend:
 @node_options
 @backend_option("auto")
 @click.option("--once", is_flag=True, help="Sync this network namespace once and exit.")
+@click.option("--full-sync-period", default="1h", show_default=True,
+              help="Time between full compares of every rule, while the change watch sees "
+                   "nothing (kube-proxy's hourly full sync).")
 @click.option("--canary-interval", default="5s", show_default=True, hidden=True,
               help="How often to look for the canary chain.")
 @click.option("--progress-interval", default="5s", show_default=True, hidden=True,
@@ -230,7 +237,8 @@ def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
     engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
                     flows=None if no_conntrack_cleanup else clear_stale_flows,
                     stage_lines=STAGE_LINES[netfilter.backend],
-                    progress_interval=progress_interval)
+                    progress_interval=progress_interval,
+                    watch=None if once else open_change_watch(netfilter))
     if once:
         if not params["objects"]:
             raise click.UsageError("--once needs --objects")
@@ -238,13 +246,25 @@ def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
     try:
         timing = Timing(
             min_sync_period=config.min_sync_period, sync_period=config.sync_period,
-            canary_interval=parse_duration(params["canary_interval"], "--canary-interval"))
+            canary_interval=parse_duration(params["canary_interval"], "--canary-interval"),
+            full_sync_period=parse_duration(params["full_sync_period"], "--full-sync-period"))
         healthz = bind_address(config.healthz_address(), "--healthz-bind-address")
         metrics_at = bind_address(config.metrics_address(), "--metrics-bind-address")
     except (OptionError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     run_agent(engine, make_sources(params["objects"], config, settings.node_name),
-              timing, healthz, metrics_at)
+              timing, healthz, metrics_at, hard_fail=config.bind_address_hard_fail)
+
+
+def open_change_watch(netfilter: Netfilter) -> ChangeWatch | None:
+    """The backend's change watch; without one, everything is compared every sync period."""
+    try:
+        return netfilter.change_watch()
+    except OSError as err:
+        logging.getLogger("iptsync").warning(
+            "cannot watch the kernel for changes by other programs (%s); comparing every "
+            "rule every sync period instead", err)
+        return None
 
 
 def write_config(config: ProxyConfig) -> int:
@@ -298,13 +318,14 @@ def make_sources(objects: tuple[str, ...], config: ProxyConfig,
 
 
 def run_agent(engine: Engine, sources: list[Source], timing: Timing,
-              healthz: tuple[str, int] | None, metrics_at: tuple[str, int] | None) -> None:
+              healthz: tuple[str, int] | None, metrics_at: tuple[str, int] | None, *,
+              hard_fail: bool = False) -> None:
     """Serve health and metrics, run the loop until SIGTERM or SIGINT; rules stay in place."""
     metrics = Metrics()
     health = HealthState(2 * timing.sync_period)
-    servers: list[HttpServer] = []
+    servers: list[HttpServer | PendingServer] = []
     wanted: list[tuple[str, tuple[str, int] | None, Callable[[tuple[str, int]], HttpServer]]] = [
-        ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health)),
+        ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health, metrics)),
         ("--metrics-bind-address", metrics_at,
          lambda at: MetricsServer(at, metrics.registry, health))]
     for flag, address, serve in wanted:
@@ -313,13 +334,21 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
         try:
             servers.append(serve(address))
         except OSError as err:
+            host, port = address
+            what = f"{flag} {host or '0.0.0.0'}:{port}"
+            why = (f"cannot listen there: {err.strerror or err} (another process, or another "
+                   f"iptsync or kube-proxy, may hold the port")
+            if not hard_fail:
+                # kube-proxy's default: keep proxying, and take the port once it is free.
+                logging.getLogger("iptsync").error(
+                    "%s: %s); trying again every %.0fs (--bind-address-hard-fail makes this "
+                    "fatal)", what, why, BIND_RETRY_INTERVAL)
+                servers.append(PendingServer(partial(serve, address), what))
+                continue
             for server in servers:
                 server.close()
-            host, port = address
             raise click.ClickException(
-                f"{flag} {host or '0.0.0.0'}:{port}: cannot listen there: "
-                f"{err.strerror or err} (another process, or another iptsync or kube-proxy, "
-                f"may hold the port; choose another address or an empty one to disable "
+                f"{what}: {why}; choose another address or an empty one to disable "
                 f"it)") from None
     agent = Agent(engine, sources, timing=timing, metrics=metrics, health=health,
                   service_health=ServiceHealthServers(proxy_healthy=health.healthy))

@@ -375,7 +375,8 @@ OPTIONS: tuple[Option, ...] = (
            "localhost_nodeports", "NodePorts on 127.0.0.1 (IPv4; sets route_localnet); "
            "iptsync's older --no-iptables-localhost-nodeports is =false"),
     Option("iptables-sync-period", "iptables.syncPeriod", DURATION, 30.0, "sync_period",
-           "time between full syncs (read the kernel, repair drift)", aliases=("sync-period",),
+           "/healthz turns 503 when a change waited twice this; without a change watch, "
+           "also the time between full syncs", aliases=("sync-period",),
            zero_is_default=True, refuse=_refuse_positive),
     Option("iptables-min-sync-period", "iptables.minSyncPeriod", DURATION, 1.0,
            "min_sync_period", "least time between two syncs; 0: every change at once",

@@ -28,6 +28,16 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+# The cluster autoscaler's taint on a node it is about to delete (KEP-3836: the proxy's
+# /healthz fails while it is there, so load balancers drain the node first).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+# Objects carrying either label are left to another proxy: kube-proxy lists Services and
+# EndpointSlices with "!<label>" for both (the EndpointSlice controller puts the headless
+# label on the slices of headless Services).
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+NOT_OURS_LABELS = (HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL)
+PROXY_LABEL_SELECTOR = ",".join(f"!{label}" for label in NOT_OURS_LABELS)
 
 
 class IPFamily(enum.Enum):
@@ -143,6 +153,7 @@ class Endpoint:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    node_hints: frozenset[str] = frozenset()  # hints.forNodes (trafficDistribution PreferSameNode)
     # The address as text, and ``ip:port``, kube-proxy's endpoint string (brackets for
     # IPv6): computed once, because rendering uses them for sorting, hashing and comments.
     address: str = field(default="", compare=False, repr=False)
@@ -189,10 +200,22 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     addresses: tuple[IPAddress, ...] = ()
     pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs (at most one per family)
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    taints: frozenset[str] = frozenset()  # the keys of spec.taints
 
     @property
     def zone(self) -> str | None:
         return self.labels.get(ZONE_LABEL) or None
+
+    @property
+    def draining(self) -> str | None:
+        """Why load balancers should stop sending this node new connections (KEP-3836: being
+        deleted, or tainted by the cluster autoscaler, any effect), or None."""
+        if self.deleting:
+            return "it is being deleted (metadata.deletionTimestamp is set)"
+        if TO_BE_DELETED_TAINT in self.taints:
+            return f"it has the {TO_BE_DELETED_TAINT} taint"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +288,20 @@ def object_ref(manifest: Mapping[str, Any]) -> str:
     return f"{printable(namespace or 'default')}/{printable(name or '<unnamed>')}"
 
 
+def other_proxy_label(manifest: Mapping[str, Any]) -> str | None:
+    """``label=value`` when kube-proxy's label selector leaves a Service or EndpointSlice out
+    (:data:`PROXY_LABEL_SELECTOR`: another proxy programs it, or it belongs to a headless
+    Service), else None."""
+    meta = manifest.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return None
+    for label in NOT_OURS_LABELS:
+        if label in labels:
+            return f"{label}={printable(labels[label])}"
+    return None
+
+
 def printable(value: object, limit: int = 100) -> str:
     """``value`` as text fit for one log line: escaped when unusual, cut when long."""
     text = value if isinstance(value, str) else repr(value)
@@ -313,7 +350,7 @@ def parse_endpoint_slice(manifest: Mapping[str, Any]) -> Parsed:
 
 
 def parse_node(manifest: Mapping[str, Any]) -> Parsed:
-    """Parse a Node: name, labels (zone) and status addresses."""
+    """Parse a Node: name, labels (zone), status addresses, and whether it is draining."""
     ref = object_ref(manifest)
     try:
         meta = _mapping(manifest, "metadata", required=True)
@@ -326,13 +363,18 @@ def parse_node(manifest: Mapping[str, Any]) -> Parsed:
             entry = _as_mapping(item, f"status.addresses[{i}]")
             if entry.get("type") in ("InternalIP", "ExternalIP"):
                 addresses.append(_ip(entry.get("address"), f"status.addresses[{i}].address"))
+        deleting = bool(_string(meta, "deletionTimestamp", "metadata.deletionTimestamp"))
         spec = _mapping(manifest, "spec")
         pod_cidrs = tuple(_cidr(text, f"spec.podCIDRs[{i}]")
                           for i, text in enumerate(_list(spec, "podCIDRs", "spec.podCIDRs")))
         if not pod_cidrs and spec.get("podCIDR"):
             pod_cidrs = (_cidr(spec.get("podCIDR"), "spec.podCIDR"),)
+        taints = frozenset(
+            _string(_as_mapping(item, f"spec.taints[{i}]"), "key", f"spec.taints[{i}].key",
+                    required=True)
+            for i, item in enumerate(_list(spec, "taints", "spec.taints")))
         return Parsed(NodeInfo(name=name, labels=labels, addresses=tuple(addresses),
-                               pod_cidrs=pod_cidrs))
+                               pod_cidrs=pod_cidrs, deleting=deleting, taints=taints))
     except InvalidField as err:
         return Parsed(None, (Problem("Node", ref, err.path, err.message),))
 
@@ -645,7 +687,7 @@ def _plain_endpoint(spec: Mapping[str, Any], family: IPFamily) -> Endpoint | Non
         return None
     return Endpoint(ipaddress.IPv4Address(a << 24 | b << 16 | c << 8 | d), 0, node or None,
                     zone or None, frozenset(), ready is not False, serving is not False,
-                    terminating is True, text)
+                    terminating is True, frozenset(), text)
 
 
 def _endpoint(spec: Mapping[str, Any], path: str, family: IPFamily | None) -> Endpoint | None:
@@ -667,16 +709,17 @@ def _endpoint(spec: Mapping[str, Any], path: str, family: IPFamily | None) -> En
     serving = _optional_bool(conditions, "serving", f"{path}.conditions.serving")
     terminating = _optional_bool(conditions, "terminating", f"{path}.conditions.terminating")
     hints = _mapping(spec, "hints", f"{path}.hints")
-    zones = frozenset(
-        _string(_as_mapping(item, f"{path}.hints.forZones[{i}]"), "name",
-                f"{path}.hints.forZones[{i}].name", required=True)
-        for i, item in enumerate(_list(hints, "forZones", f"{path}.hints.forZones"))
-    )
+    zones, nodes = (frozenset(
+        _string(_as_mapping(item, f"{path}.hints.{key}[{i}]"), "name",
+                f"{path}.hints.{key}[{i}].name", required=True)
+        for i, item in enumerate(_list(hints, key, f"{path}.hints.{key}"))
+    ) for key in ("forZones", "forNodes"))
     return Endpoint(
         ip=ip, port=0,
         node_name=_string(spec, "nodeName", f"{path}.nodeName") or None,
         zone=_string(spec, "zone", f"{path}.zone") or None,
         zone_hints=zones,
+        node_hints=nodes,
         # kube-proxy's defaults: a missing condition means ready/serving, not terminating.
         ready=True if ready is None else ready,
         serving=True if serving is None else serving,
@@ -829,9 +872,11 @@ _CANONICAL_QUAD = re.compile(r"(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,
 def _ip(value: Any, path: str) -> IPAddress:
     if not isinstance(value, str):
         raise InvalidField(path, f"must be an IP address string, not {value!r}")
-    quad = _DOTTED_QUAD.fullmatch(value)
-    if quad is not None and not any(len(o) > 1 and o[0] == "0" for o in quad.groups()):
-        # The common case, without ipaddress's general parser (5x faster at 100k endpoints).
+    quad = _DOTTED_QUAD.fullmatch(value.strip())
+    if quad is not None:
+        # Also the fast path (5x faster than ipaddress's parser at 100k endpoints). Leading
+        # zeros are decimal, as kube-proxy's ParseIPSloppy reads them: API servers before
+        # 1.33's stricter validation stored such addresses, and they still come back.
         a, b, c, d = map(int, quad.groups())
         if a < 256 and b < 256 and c < 256 and d < 256:
             return ipaddress.IPv4Address(a << 24 | b << 16 | c << 8 | d)
@@ -844,10 +889,13 @@ def _ip(value: Any, path: str) -> IPAddress:
 def _cidr(value: Any, path: str) -> IPNetwork:
     if not isinstance(value, str):
         raise InvalidField(path, f"must be a CIDR string, not {value!r}")
+    address, slash, length = value.strip().partition("/")
+    if slash and _DOTTED_QUAD.fullmatch(address):
+        address = str(_ip(address, path))  # leading zeros are decimal, as in _ip
     try:
         # Like kube-proxy: surrounding blanks are tolerated and host bits are masked off.
-        return ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError:
+        return ipaddress.ip_network(f"{address}{slash}{length}", strict=False)
+    except (ValueError, InvalidField):
         raise InvalidField(path, f"{value!r} is not a valid CIDR") from None
 
 

@@ -31,6 +31,7 @@ from iptsync.core.model import (
     ServiceInfo,
     ServicePortName,
     SlicePort,
+    other_proxy_label,
     parse_all,
     parse_endpoint_slice,
     parse_node,
@@ -840,6 +841,40 @@ def test_node_with_bad_address_is_reported() -> None:
     assert [("Node", "default/node1", "status.addresses[0].address")] == problem_fields(parsed)
 
 
+def test_node_draining_reads_deletion_timestamp_and_autoscaler_taint() -> None:
+    """A Node is draining while it has a deletionTimestamp or the cluster autoscaler's
+    ToBeDeletedByClusterAutoscaler taint (any effect); other taints do not count."""
+    def draining(**overrides: Any) -> str | None:
+        parsed = parse_object(node(**overrides))
+        assert isinstance(parsed.value, NodeInfo)
+        return parsed.value.draining
+
+    tainted = {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000",
+                           "effect": "NoSchedule"}]}
+    deleting = {"name": "node1", "deletionTimestamp": "2026-12-01T12:00:00Z"}
+    other = {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}
+    assert [None, None, "it has the ToBeDeletedByClusterAutoscaler taint",
+            "it is being deleted (metadata.deletionTimestamp is set)"] == [
+        draining(), draining(spec=other), draining(spec=tainted), draining(metadata=deleting)]
+
+
+def test_node_with_a_taint_without_key_is_reported() -> None:
+    """A taint without a key rejects the Node naming the field."""
+    parsed = parse_object(node(spec={"taints": [{"effect": "NoSchedule"}]}))
+    assert [("Node", "default/node1", "spec.taints[0].key")] == problem_fields(parsed)
+
+
+def test_other_proxy_label_names_the_label() -> None:
+    """Objects kube-proxy's label selector leaves out are named with the label and value."""
+    labelled = service()
+    labelled["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "cilium"}
+    headless_slice = endpoint_slice()
+    headless_slice["metadata"]["labels"]["service.kubernetes.io/headless"] = ""
+    assert [None, "service.kubernetes.io/service-proxy-name=cilium",
+            "service.kubernetes.io/headless="] == [
+        other_proxy_label(o) for o in (service(), labelled, headless_slice)]
+
+
 def test_unknown_kinds_are_ignored_silently() -> None:
     """Objects of other kinds (Pods, ConfigMaps, no kind) parse to nothing, without problems."""
     for obj in ({"kind": "Pod", "metadata": {"name": "p"}}, {"metadata": {"name": "x"}},
@@ -999,3 +1034,21 @@ def test_client_timestamps_become_strings() -> None:
     manifest = to_manifest(svc)
     assert "2024-05-01T10:20:30+00:00" == manifest["metadata"]["creationTimestamp"]
     assert parse_object(dict_service()) == parse_object(svc)
+
+
+def test_leading_zero_addresses_are_read_as_decimal() -> None:
+    """Addresses stored before the API server's stricter validation (10.96.0.010) are read as
+    kube-proxy's ParseIPSloppy reads them: each part decimal, so 010 is 10."""
+    parsed = parse_object(service({
+        "type": "LoadBalancer", "clusterIP": "10.96.0.010", "clusterIPs": ["10.96.0.010"],
+        "externalIPs": ["192.0.2.001"], "loadBalancerSourceRanges": ["203.0.113.000/24"]},
+        status={"loadBalancer": {"ingress": [{"ip": "198.051.100.1"}]}}))
+    assert () == parsed.problems
+    assert isinstance(parsed.value, ServiceInfo)
+    port = parsed.value.ports[0]
+    assert ("10.96.0.10", ["192.0.2.1"], ["198.51.100.1"], ["203.0.113.0/24"]) == (
+        str(port.cluster_ip), [str(ip) for ip in port.external_ips],
+        [str(ip) for ip in port.load_balancer_ips],
+        [str(net) for net in port.load_balancer_source_ranges])
+    endpoints = slice_info(endpoint_slice(endpoints=[{"addresses": ["10.0.1.010"]}])).endpoints
+    assert ["10.0.1.10:0"] == [ep.key for ep in endpoints]
