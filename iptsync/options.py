@@ -205,7 +205,7 @@ def _zero(raw: Any) -> bool:
 def resolve(flags: Sequence[tuple[str, Any]], document: Mapping[str, Any] | None,
             where: str = "--config") -> ProxyConfig:
     """The configuration kube-proxy would run with, given ``flags`` (name without dashes,
-    raw value, in command-line order) and the ``--config`` file's ``document`` (None: no
+    raw value, as given) and the ``--config`` file's ``document`` (None: no
     file; ``where`` names it in messages)."""
     resolver = _Resolver()
     if document is not None:
