@@ -19,6 +19,7 @@ import pytest
 from apiserver import FakeApiServer
 from lockholder import HoldLock, holding
 
+from iptsync.core.model import IPFamily
 from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel.port import Backend
 from iptsync.lab.netns import netns_required, netns_unavailable_reason, temporary_netns
@@ -74,6 +75,13 @@ def netns() -> Iterator[str]:
 def netfilter(request: pytest.FixtureRequest, netns: str) -> Netfilter:
     """Both kernel backends, each in its own fresh namespace."""
     return Netfilter(request.param, netns=netns)
+
+
+@pytest.fixture(params=[Backend.NFT, Backend.LEGACY], ids=["nft", "legacy"])
+def netfilter6(request: pytest.FixtureRequest, netns: str) -> Netfilter:
+    """Both kernel backends' ip6tables (``ip6tables-nft-*``, ``ip6tables-legacy-*``), each in
+    a fresh namespace of its own."""
+    return Netfilter(request.param, netns=netns, family=IPFamily.IPV6)
 
 
 @pytest.fixture(params=[
