@@ -97,6 +97,19 @@ def kernel(request: pytest.FixtureRequest) -> FakeNetfilter | Netfilter:
     return Netfilter(request.param, netns=request.getfixturevalue("netns"))
 
 
+@pytest.fixture(params=[
+    pytest.param(None, id="fake"),
+    pytest.param(Backend.NFT, id="nft", marks=pytest.mark.netns),
+    pytest.param(Backend.LEGACY, id="legacy", marks=pytest.mark.netns),
+])
+def kernel6(request: pytest.FixtureRequest) -> FakeNetfilter | Netfilter:
+    """:func:`kernel` for IPv6: the fake as ip6tables, then ip6tables on both backends."""
+    if request.param is None:
+        return FakeNetfilter(family=IPFamily.IPV6)
+    return Netfilter(request.param, netns=request.getfixturevalue("netns"),
+                     family=IPFamily.IPV6)
+
+
 @pytest.fixture
 def apiserver() -> Iterator[FakeApiServer]:
     """A running fake API server without periodic bookmarks, stopped afterwards; a 500 from

@@ -20,9 +20,8 @@ from iptsync.core.plan import cleanup_plan, comparable
 from iptsync.engine.apply import apply_plan
 from iptsync.engine.reconciler import Engine
 from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel.port import NetfilterPort
 from iptsync.sources.files import load_objects
-
-pytestmark = pytest.mark.netns
 
 # Every rule shape on IPv6: affinity (recent), REJECT on each entry point, DROP for no local
 # endpoint, the load-balancer firewall, ITP Local, the terminating fallback, UDP and TCP.
@@ -38,7 +37,7 @@ GONE_SLICE: dict[str, Any] = {
     "endpoints": [{"addresses": ["fd00:10:0:2::50"], "nodeName": "node2"}]}
 
 
-def engine(netfilter: Netfilter, family: IPFamily = IPFamily.IPV6) -> Engine:
+def engine(netfilter: NetfilterPort, family: IPFamily = IPFamily.IPV6) -> Engine:
     """An engine for ``family`` holding OBJECTS, as the agent builds one per family."""
     built = Engine(netfilter, scenario_settings("dualstack", family))
     for obj in OBJECTS:
@@ -46,11 +45,11 @@ def engine(netfilter: Netfilter, family: IPFamily = IPFamily.IPV6) -> Engine:
     return built
 
 
-def live(netfilter: Netfilter) -> dict[str, dict[str, list[str]]]:
+def live(netfilter: NetfilterPort) -> dict[str, dict[str, list[str]]]:
     return {table: saved.chains for table, saved in netfilter.save().items()}
 
 
-def assert_kernel_holds_desired(netfilter: Netfilter, synced: Engine) -> None:
+def assert_kernel_holds_desired(netfilter: NetfilterPort, synced: Engine) -> None:
     """The kernel's save equals the desired rules in their family's canonical spelling (in
     order, but for the services' rules of a top-level chain: see ChainContent)."""
     tables = live(netfilter)
@@ -61,40 +60,41 @@ def assert_kernel_holds_desired(netfilter: Netfilter, synced: Engine) -> None:
                 table, chain, comparable(tables[table].get(chain, []), content.free))
 
 
-def test_ipv6_rules_read_back_in_the_ip6tables_spelling(netfilter6: Netfilter) -> None:
-    """After one IPv6 sync ip6tables-save shows exactly the rendered rules, REJECT with
-    icmp6-port-unreachable and the recent match with the IPv6 mask."""
-    synced = engine(netfilter6)
+def test_ipv6_rules_read_back_in_the_ip6tables_spelling(kernel6: NetfilterPort) -> None:
+    """After one IPv6 sync ip6tables-save (and the fake kernel as ip6tables) shows exactly the
+    rendered rules, REJECT with icmp6-port-unreachable and the recent match with the IPv6
+    mask."""
+    synced = engine(kernel6)
     assert not synced.sync().plan.empty
-    assert_kernel_holds_desired(netfilter6, synced)
-    rules = [rule for chains in live(netfilter6).values() for rules in chains.values()
+    assert_kernel_holds_desired(kernel6, synced)
+    rules = [rule for chains in live(kernel6).values() for rules in chains.values()
              for rule in rules]
     assert 5 == sum("-j REJECT --reject-with icmp6-port-unreachable" in r for r in rules)
     assert 4 == sum("--mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" in r for r in rules)
 
 
-def test_ipv6_resync_and_restart_change_nothing(netfilter6: Netfilter) -> None:
+def test_ipv6_resync_and_restart_change_nothing(kernel6: NetfilterPort) -> None:
     """A full resync of unchanged IPv6 state, and a restarted engine's first sync onto the
     rules it left, plan no change and report no drift."""
-    synced = engine(netfilter6)
+    synced = engine(kernel6)
     synced.sync()
     again = synced.sync(full=True)
     assert ("no changes", []) == (again.plan.summary(), again.drifted)
-    restarted = engine(netfilter6).sync()
+    restarted = engine(kernel6).sync()
     assert "no changes" == restarted.plan.summary()
 
 
-def test_ipv6_partial_syncs_leave_nothing_for_a_full_sync(netfilter6: Netfilter) -> None:
+def test_ipv6_partial_syncs_leave_nothing_for_a_full_sync(kernel6: NetfilterPort) -> None:
     """A Service gaining endpoints (its REJECTs deleted, chains added) and losing them again,
     synced partially, leaves the kernel as a full sync would write it."""
-    synced = engine(netfilter6)
+    synced = engine(kernel6)
     synced.sync()
     for change in (synced.upsert, synced.delete):
         change(GONE_SLICE)
         partial = synced.sync()
         assert (False, ["filter", "nat"]) == (partial.full, [t.table for t in partial.plan.tables])
         assert "no changes" == synced.sync(full=True).plan.summary()
-        assert_kernel_holds_desired(netfilter6, synced)
+        assert_kernel_holds_desired(kernel6, synced)
 
 
 def test_each_family_keeps_its_own_tables(netfilter6: Netfilter) -> None:
