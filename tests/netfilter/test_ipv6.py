@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from render.golden import SCENARIOS, scenario_settings
 
 from iptsync.core import names
