@@ -98,7 +98,8 @@ def test_ipv6_partial_syncs_leave_nothing_for_a_full_sync(kernel6: NetfilterPort
 
 def test_each_family_keeps_its_own_tables(netfilter6: Netfilter) -> None:
     """Both families' engines on one node: the same chain names live in iptables and in
-    ip6tables, each resync changes nothing, and removing the IPv6 rules leaves IPv4 alone."""
+    ip6tables, each resync changes nothing, a chain gone stale in one family is deleted from
+    that family's table only, and removing the IPv6 rules leaves IPv4 alone."""
     netfilter4 = Netfilter(netfilter6.backend, netns=netfilter6.netns)
     ipv4, ipv6 = engine(netfilter4, IPFamily.IPV4), engine(netfilter6)
     ipv4.sync()
@@ -108,6 +109,12 @@ def test_each_family_keeps_its_own_tables(netfilter6: Netfilter) -> None:
             names.fw_chain("prod/shop:https", "tcp")} <= shared
     assert "no changes" == ipv4.sync(full=True).plan.summary()
     assert "no changes" == ipv6.sync(full=True).plan.summary()
+    web = names.svc_chain("prod/web:http", "tcp")
+    ipv6.delete(next(o for o in OBJECTS if o["metadata"]["name"] == "web-v6"))  # no endpoints
+    deleted = {t.table: t.deleted for t in ipv6.sync(full=True).plan.tables}
+    assert web in deleted["nat"]
+    assert (web in live(netfilter4)["nat"], web in live(netfilter6)["nat"]) == (True, False)
+    assert "no changes" == ipv4.sync(full=True).plan.summary()
     before = live(netfilter4)
     apply_plan(netfilter6, cleanup_plan(netfilter6.save(), IPFamily.IPV6))
     assert [] == [c for t, chains in live(netfilter6).items() for c in chains

@@ -17,6 +17,8 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iptsync.core import names
 from iptsync.core.model import IPFamily
@@ -141,3 +143,58 @@ def test_dual_stack_ipv4_rules_equal_the_ipv4_only_service(name: str) -> None:
     single = ipv4_only(loaded.objects)
     assert single != loaded.objects  # the scenario has something to take away
     assert render_objects(single, settings, []) == render_scenario(name, IPFamily.IPV4)
+
+
+@st.composite
+def dual_stack_objects(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A dual-stack Service of any shape (either family first, each feature on or off) with
+    endpoints of both families spread over this node and another."""
+    kind = draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"]))
+    v6_first = draw(st.booleans())
+    pair = ["10.96.0.10", "fd00:96::10"]
+    spec: dict[str, Any] = {
+        "type": kind, "clusterIP": pair[v6_first], "clusterIPs": pair[::-1] if v6_first else pair,
+        "ipFamilies": ["IPv6", "IPv4"] if v6_first else ["IPv4", "IPv6"],
+        "ipFamilyPolicy": "RequireDualStack",
+        "externalIPs": draw(st.lists(st.sampled_from(["203.0.113.10", "2001:db8::10"]),
+                                     unique=True)),
+        "ports": [{"name": "p", "port": 80, **({"nodePort": 30080} if kind != "ClusterIP"
+                                               else {})}]}
+    if draw(st.booleans()):
+        spec["sessionAffinity"] = "ClientIP"
+    if draw(st.booleans()):
+        spec["internalTrafficPolicy"] = "Local"
+    status: dict[str, Any] = {}
+    if kind == "LoadBalancer":
+        ingress = draw(st.lists(st.sampled_from(["198.51.100.10", "2001:db8:1::10"]), unique=True))
+        status = {"loadBalancer": {"ingress": [{"ip": a} for a in ingress]}}
+        spec["loadBalancerSourceRanges"] = draw(st.lists(st.sampled_from(
+            ["203.0.113.0/25", "10.100.0.0/24", "2001:db8:ff::/64", "fd00:100::/64"]),
+            unique=True))
+        if draw(st.booleans()):
+            spec["externalTrafficPolicy"], spec["healthCheckNodePort"] = "Local", 32000
+    objects: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Service",
+                                      "metadata": {"name": "svc", "namespace": "ns"},
+                                      "spec": spec, "status": status}]
+    for family, prefix in (("IPv4", "10.0.{}.{}"), ("IPv6", "fd00:10:0:{}::{}")):
+        endpoints = [{"addresses": [prefix.format(node, i + 1)], "nodeName": f"node{node}",
+                      "conditions": {"ready": ready, "serving": ready or serving,
+                                     "terminating": not ready}}
+                     for i, (node, ready, serving) in enumerate(draw(st.lists(
+                         st.tuples(st.sampled_from([1, 2]), st.booleans(), st.booleans()),
+                         max_size=3)))]
+        objects.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": f"svc-{family.lower()}", "namespace": "ns",
+                                     "labels": {"kubernetes.io/service-name": "svc"}},
+                        "addressType": family, "ports": [{"name": "p", "port": 8080}],
+                        "endpoints": endpoints})
+    return objects
+
+
+@settings(max_examples=200, deadline=None)
+@given(dual_stack_objects())
+def test_any_dual_stack_service_has_the_ipv4_only_rules(objects: list[dict[str, Any]]) -> None:
+    """Whatever its shape, a dual-stack Service's IPv4 rules equal the IPv4-only Service's."""
+    settings = scenario_settings("dual-stack", IPFamily.IPV4)
+    assert render_objects(ipv4_only(objects), settings, []) == render_objects(
+        objects, settings, [])
