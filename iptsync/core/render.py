@@ -27,7 +27,8 @@ from iptsync.core.policy import (
 )
 from iptsync.core.ruleset import Jump, Rule, Ruleset
 
-# What kube-proxy keeps NodePorts off when localhost NodePorts are off (always, on IPv6).
+# The loopback range kube-proxy keeps NodePorts off: IPv4's when localhost NodePorts are off,
+# IPv6's always.
 LOOPBACK = {IPFamily.IPV4: ipaddress.ip_network("127.0.0.0/8"),
             IPFamily.IPV6: ipaddress.ip_network("::1/128")}
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
