@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import os
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -198,3 +199,12 @@ def test_any_dual_stack_service_has_the_ipv4_only_rules(objects: list[dict[str, 
     settings = scenario_settings("dual-stack", IPFamily.IPV4)
     assert render_objects(ipv4_only(objects), settings, []) == render_objects(
         objects, settings, [])
+
+
+def test_localhost_nodeports_flag_changes_nothing_on_ipv6() -> None:
+    """kube-proxy's TestDisableLocalhostNodePortsIPv6 expects the rules of
+    TestEnableLocalhostNodePortsIPv6: --iptables-localhost-nodeports means nothing to IPv6."""
+    name = "upstream-localhost-nodeports-ipv6"
+    loaded = load_objects([SCENARIOS / f"{name}.yaml"])
+    off = replace(scenario_settings(name, IPFamily.IPV6), localhost_nodeports=False)
+    assert render_scenario(name, IPFamily.IPV6) == render_objects(loaded.objects, off, [])
