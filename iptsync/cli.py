@@ -238,7 +238,7 @@ def resolve_backend(choice: str) -> Backend:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
-              help="Do not delete stale UDP/SCTP conntrack entries after syncs.")
+              help="Do not delete stale UDP conntrack entries after syncs.")
 def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
         no_conntrack_cleanup: bool, **params: Any) -> None:
     """Keep the node's iptables rules in sync with the Services and EndpointSlices.
