@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import IO, Any, TypeVar
 
 import click
@@ -37,7 +38,12 @@ from iptsync.kernel.conntrack import clear_stale_flows
 from iptsync.kernel.netfilter import Netfilter, detect_backend
 from iptsync.kernel.nodeinfo import interface_addresses
 from iptsync.kernel.port import Backend, NetfilterError
-from iptsync.kernel.sysctl import ensure_proxy_sysctls
+from iptsync.kernel.sysctl import (
+    ConntrackConfig,
+    apply_conntrack,
+    ensure_proxy_sysctls,
+    tcp_be_liberal,
+)
 from iptsync.logs import setup_logging
 from iptsync.options import (
     OptionError,
@@ -250,6 +256,9 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     config = proxy_config(params)
     settings = settings_from(params, config)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
+    apply_conntrack(ConntrackConfig())
+    # Read after applying (tcpBeLiberal may have set it): 1 leaves out the INVALID drop rule.
+    settings = replace(settings, conntrack_tcp_be_liberal=tcp_be_liberal())
     netfilter = Netfilter(resolve_backend(backend))
     try:
         progress_interval = parse_duration(params["progress_interval"], "--progress-interval")

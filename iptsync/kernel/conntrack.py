@@ -65,10 +65,17 @@ class NewEntry:
 
 @dataclass(frozen=True)
 class _Entry:
-    """A dumped entry: its flow, and what a deletion names it by (raw attributes)."""
+    """A dumped entry: its flow, and its attributes as the kernel sent them."""
 
     flow: Flow
-    key: bytes  # CTA_TUPLE_ORIG, CTA_ZONE and CTA_ID as the kernel sent them
+    attrs: bytes
+
+    @property
+    def key(self) -> bytes:
+        """What a deletion names the entry by: CTA_TUPLE_ORIG, CTA_ZONE and CTA_ID."""
+        return b"".join(self.attrs[first - _NLA.size:first + ((last - first + 3) & ~3)]
+                        for kind, first, last in _attrs(self.attrs, 0, len(self.attrs))
+                        if kind in (CTA_TUPLE_ORIG, CTA_ID, CTA_ZONE))
 
 
 def clear_stale_flows(targets: FlowTargets) -> int:
@@ -246,62 +253,72 @@ def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
 
 
 def _parse_entry(data: bytes, start: int, end: int) -> _Entry | None:
-    # Written out rather than with _attrs: this runs once per dumped entry (docs/performance.md).
-    orig = reply = None
-    key = b""
+    # The kernel sends the original tuple first and the reply tuple second (ctnetlink_fill_info);
+    # the rest of the entry is read only if it is to be deleted (_Entry.key).
+    tuples = []
     pos = start
-    while pos + 4 <= end:
-        length, kind = _NLA.unpack_from(data, pos)
-        if length < 4:
-            break
-        kind &= NLA_TYPE_MASK
-        if kind == CTA_TUPLE_ORIG:
-            orig = _parse_tuple(data, pos + 4, pos + length)
-        elif kind == CTA_TUPLE_REPLY:
-            reply = _parse_tuple(data, pos + 4, pos + length)
-        if kind in _KEY_ATTRS:  # what names the entry to delete it
-            key += data[pos:pos + ((length + 3) & ~3)]
+    for kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+        if pos + _NLA.size > end:
+            return None
+        length, found = _NLA.unpack_from(data, pos)
+        if found & NLA_TYPE_MASK != kind or length < _NLA.size:
+            return None
+        tuples.append(_parse_tuple(data, pos + _NLA.size, pos + length))
         pos += (length + 3) & ~3
-    if orig is None or reply is None or orig[1] is None or reply[0] is None:
+    (_, orig_dst, proto, _, dport), (reply_src, _, _, sport, _) = tuples
+    if orig_dst is None or reply_src is None:
         return None
-    return _Entry(Flow(orig[2], orig[1], orig[4], reply[0], reply[3]), key)
+    return _Entry(Flow(proto, orig_dst, dport, reply_src, sport), data[start:end])
 
 
-_KEY_ATTRS = frozenset({CTA_TUPLE_ORIG, CTA_ID, CTA_ZONE})
+# A TCP or UDP tuple without a zone, as the kernel lays it out: the nested headers (length and
+# type) and the values at fixed places. Read in one unpack, it costs a fifth of the general walk.
+_FIXED_BY_SIZE = {
+    layout.size: (layout, family, shape) for layout, family, shape in (
+        (struct.Struct("=HHHH4sHH4sHHHHB3xHHH2xHHH2x"), socket.AF_INET,
+         (20, 1, 8, 1, 8, 2, 28, 2, 5, 1, 6, 2, 6, 3)),
+        (struct.Struct("=HHHH16sHH16sHHHHB3xHHH2xHHH2x"), socket.AF_INET6,
+         (44, 1, 20, 3, 20, 4, 28, 2, 5, 1, 6, 2, 6, 3)))}
 
 
 def _parse_tuple(data: bytes, start: int, end: int
                  ) -> tuple[str | None, str | None, int, int, int]:
     """(source, destination, protocol, source port, destination port) of a CTA_TUPLE_*."""
+    fixed = _FIXED_BY_SIZE.get(end - start)
+    if fixed is not None:
+        layout, family, shape = fixed
+        (ip_len, ip_kind, src_len, src_kind, src, dst_len, dst_kind, dst, proto_len,
+         proto_kind, num_len, num_kind, proto, sport_len, sport_kind, sport, dport_len,
+         dport_kind, dport) = layout.unpack_from(data, start)
+        if (ip_len, ip_kind & NLA_TYPE_MASK, src_len, src_kind, dst_len, dst_kind, proto_len,
+                proto_kind & NLA_TYPE_MASK, num_len, num_kind, sport_len, sport_kind,
+                dport_len, dport_kind) == shape:
+            return (socket.inet_ntop(family, src), socket.inet_ntop(family, dst), proto,
+                    socket.ntohs(sport), socket.ntohs(dport))
+    return _walk_tuple(data, start, end)
+
+
+def _walk_tuple(data: bytes, start: int, end: int
+                ) -> tuple[str | None, str | None, int, int, int]:
     src = dst = None
     proto = sport = dport = 0
-    pos = start
-    while pos + 4 <= end:
-        length, kind = _NLA.unpack_from(data, pos)
-        if length < 4:
-            break
-        inner, stop = pos + 4, pos + length
-        while inner + 4 <= stop:
-            size, field = _NLA.unpack_from(data, inner)
-            if size < 4:
-                break
-            value = inner + 4
-            if kind & NLA_TYPE_MASK == CTA_TUPLE_IP:
-                address = socket.inet_ntop(socket.AF_INET if size == 8 else socket.AF_INET6,
-                                           data[value:inner + size])
-                if field & 1:  # CTA_IP_V4_SRC = 1, CTA_IP_V6_SRC = 3
+    for kind, first, last in _attrs(data, start, end):
+        if kind == CTA_TUPLE_IP:
+            for ip_kind, a, b in _attrs(data, first, last):
+                address = socket.inet_ntop(socket.AF_INET if b - a == 4 else socket.AF_INET6,
+                                           data[a:b])
+                if ip_kind & 1:  # CTA_IP_V4_SRC = 1, CTA_IP_V6_SRC = 3
                     src = address
                 else:
                     dst = address
-            elif kind & NLA_TYPE_MASK == CTA_TUPLE_PROTO:
-                if field == CTA_PROTO_NUM:
-                    proto = data[value]
-                elif field == CTA_PROTO_SRC_PORT:
-                    sport = _PORT.unpack_from(data, value)[0]
-                elif field == CTA_PROTO_DST_PORT:
-                    dport = _PORT.unpack_from(data, value)[0]
-            inner += (size + 3) & ~3
-        pos += (length + 3) & ~3
+        elif kind == CTA_TUPLE_PROTO:
+            for proto_kind, a, _b in _attrs(data, first, last):
+                if proto_kind == CTA_PROTO_NUM:
+                    proto = data[a]
+                elif proto_kind == CTA_PROTO_SRC_PORT:
+                    sport = _PORT.unpack_from(data, a)[0]
+                elif proto_kind == CTA_PROTO_DST_PORT:
+                    dport = _PORT.unpack_from(data, a)[0]
     return src, dst, proto, sport, dport
 
 
