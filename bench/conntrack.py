@@ -1,9 +1,10 @@
 """Stale-flow cleanup with a full conntrack table (issue 16): kernel-filtered vs a full dump.
 
 A fresh network namespace (created here, deleted on exit) gets ``--flows`` unrelated UDP
-conntrack entries (a quarter to DNS servers on port 53, the rest to other ports, never DNATed),
-created over ctnetlink in batches, plus, for each of ``--services`` UDP services, flows pinned
-to a serving endpoint and flows pinned to a removed one. Then, in the same run:
+conntrack entries (answered; a quarter to DNS servers on port 53, the services' port, the rest
+to other ports; never DNATed), created over ctnetlink in batches, plus, for each of
+``--services`` UDP services (all on port 53), unanswered flows pinned to a serving endpoint and
+flows pinned to a removed one. Then, in the same run:
 
 - **partial**: what a sync that changed one service does (``clear_stale_flows`` with that
   service's destinations: one kernel-filtered dump per destination port);
@@ -103,13 +104,14 @@ def udp_service(family: IPFamily, index: int) -> list[Manifest]:
 
 
 def unrelated(family: IPFamily, count: int) -> Iterator[NewEntry]:
-    """UDP flows to servers outside the cluster: a quarter to port 53, never DNATed."""
+    """UDP flows to servers outside the cluster, answered: a quarter to port 53 (the
+    services' port), never DNATed."""
     for index in range(count):
         port = PORT if index % 4 == 0 else 1024 + index % 50000
         server = (f"192.0.2.{index % 250 + 1}" if family is IPFamily.IPV4
                   else f"2001:db8::{index % 250 + 1:x}")
         yield NewEntry(Flow(UDP, server, port, server, port), client_ip(family, index // 50),
-                       1024 + index % 50)
+                       1024 + index % 50, replied=True)
 
 
 def service_flows(family: IPFamily, services: int) -> tuple[list[NewEntry], list[NewEntry]]:

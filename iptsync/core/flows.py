@@ -53,11 +53,15 @@ class Flow:
 
 @dataclass(frozen=True)
 class FlowTargets:
-    """Where one IP family's UDP service traffic may lead: the IPs of the serving endpoints."""
+    """Where one IP family's UDP service traffic may lead: the IPs of the serving endpoints.
+
+    ``partial``: only the services a partial sync changed (see :func:`flow_queries`).
+    """
 
     family: IPFamily
     services: Mapping[tuple[str, int], frozenset[str]] = field(default_factory=dict)
     node_ports: Mapping[int, frozenset[str]] = field(default_factory=dict)
+    partial: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.services or self.node_ports)
@@ -65,12 +69,14 @@ class FlowTargets:
 
 @dataclass(frozen=True)
 class FlowQuery:
-    """One kernel-side filter on the original direction: flows of ``proto`` to ``address``
-    and ``port`` (None: any)."""
+    """One kernel-side filter: flows of ``proto`` to ``address`` and ``port`` in the original
+    direction (None: any); with ``dnat`` True only DNATed flows, with False only flows neither
+    DNATed nor answered."""
 
     proto: int
     address: str | None = None
     port: int | None = None
+    dnat: bool | None = None
 
 
 def flow_targets(state: ClusterState, settings: Settings,
@@ -96,7 +102,7 @@ def flow_targets(state: ClusterState, settings: Settings,
             by_address[(str(address), port.port)] = serving
         if port.node_port:
             by_node_port[port.node_port] = serving
-    return FlowTargets(settings.family, by_address, by_node_port)
+    return FlowTargets(settings.family, by_address, by_node_port, partial=services is not None)
 
 
 def stale(flow: Flow, targets: FlowTargets) -> bool:
@@ -113,11 +119,15 @@ def stale(flow: Flow, targets: FlowTargets) -> bool:
 
 def flow_queries(targets: FlowTargets, *, by_address: bool = True,
                  limit: int = QUERY_LIMIT) -> list[FlowQuery]:
-    """The kernel-side filters that return every flow :func:`stale` may condemn (and more).
+    """The kernel-side filters that return the flows :func:`stale` may condemn (and more).
 
-    One per destination port, naming the address too when ``by_address`` and only one
-    destination has that port (several addresses on one port cost one walk of the table, not
-    one each); one for every UDP flow when there are more than ``limit`` ports.
+    A destination port with one address is asked for by address and port (when
+    ``by_address``). A port with several addresses, a NodePort (any address) or, without
+    ``by_address``, any port is asked for by port alone: in a full sync all its flows, in a
+    partial one only the DNATed flows and those nobody answered, two small sets where the
+    port's unrelated traffic (DNS to servers outside the cluster) is neither; a flow that
+    was never DNATed yet was answered is left to the next full sync. Past ``limit`` ports,
+    the same by protocol alone.
     """
     addresses: dict[int, set[str | None]] = {}
     for address, port in targets.services:
@@ -125,6 +135,18 @@ def flow_queries(targets: FlowTargets, *, by_address: bool = True,
     for port in targets.node_ports:
         addresses.setdefault(port, set()).add(None)  # a NodePort: any address
     if len(addresses) > limit:
-        return [FlowQuery(UDP)]
-    return [FlowQuery(UDP, next(iter(on_port)) if by_address and len(on_port) == 1 else None,
-                      port) for port, on_port in sorted(addresses.items())]
+        return _unnamed(targets, None)
+    queries = []
+    for port, on_port in sorted(addresses.items(), key=lambda item: item[0]):
+        only = next(iter(on_port))
+        if by_address and len(on_port) == 1 and only is not None:
+            queries.append(FlowQuery(UDP, only, port))
+        else:
+            queries += _unnamed(targets, port)
+    return queries
+
+
+def _unnamed(targets: FlowTargets, port: int | None) -> list[FlowQuery]:
+    if not targets.partial:
+        return [FlowQuery(UDP, None, port)]
+    return [FlowQuery(UDP, None, port, dnat=True), FlowQuery(UDP, None, port, dnat=False)]

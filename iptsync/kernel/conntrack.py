@@ -36,7 +36,10 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 NLA_F_NESTED, NLA_TYPE_MASK = 0x8000, 0x3FFF
 CT_NEW, CT_GET, CT_DELETE = (1 << 8 | kind for kind in range(3))  # NFNL_SUBSYS_CTNETLINK = 1
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_TIMEOUT, CTA_ID, CTA_ZONE, CTA_FILTER = 1, 2, 7, 12, 18, 25
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_TIMEOUT, CTA_ID = 1, 2, 3, 7, 12
+CTA_ZONE, CTA_FILTER, CTA_STATUS_MASK = 18, 25, 26
+# linux/netfilter/nf_conntrack_common.h
+IPS_SEEN_REPLY, IPS_CONFIRMED, IPS_DST_NAT = 1 << 1, 1 << 3, 1 << 5
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_FILTER_ORIG_FLAGS = 1
@@ -55,12 +58,13 @@ BATCH = 256  # messages sent before their acknowledgements are read
 
 @dataclass(frozen=True)
 class NewEntry:
-    """An entry to create: ``client``:``client_port`` sent ``flow``; a reply source other than
-    the original destination records it as DNATed there, as a service's rules make it."""
+    """An entry to create: ``client``:``client_port`` sent ``flow``, whose reply source says
+    where it went (without the DNAT status bit: only NAT itself sets that)."""
 
     flow: Flow
     client: str
     client_port: int
+    replied: bool = False  # the entry has seen a reply (IPS_SEEN_REPLY)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ def insert_flows(family: IPFamily, entries: Iterable[NewEntry], timeout: int = 6
                 CT_NEW, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, len(batch), family,
                 _attr(CTA_TUPLE_ORIG, orig, nested=True)
                 + _attr(CTA_TUPLE_REPLY, reply, nested=True)
+                # A created entry is confirmed already: a status without the bit is refused.
+                + (_attr(CTA_STATUS, struct.pack("!I", IPS_SEEN_REPLY | IPS_CONFIRMED))
+                   if new.replied else b"")
                 + _attr(CTA_TIMEOUT, struct.pack("!I", timeout))))
             if len(batch) == BATCH:
                 _acknowledged(sock, batch)
@@ -154,6 +161,11 @@ def dump_request(family: IPFamily, query: FlowQuery | None) -> bytes:
                                               dport=query.port), nested=True)
                  + _attr(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flags)),
                          nested=True))
+        if query.dnat is not None:  # the status filter: Linux 5.15 and later
+            status, mask = ((IPS_DST_NAT, IPS_DST_NAT) if query.dnat
+                            else (0, IPS_DST_NAT | IPS_SEEN_REPLY))
+            attrs += (_attr(CTA_STATUS, struct.pack("!I", status))
+                      + _attr(CTA_STATUS_MASK, struct.pack("!I", mask)))
     return _message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, family, attrs)
 
 

@@ -129,3 +129,19 @@ def test_kernel_queries_name_one_address_per_port_else_the_port_alone() -> None:
     assert [FlowQuery(UDP, None, 53), FlowQuery(UDP, None, 123),
             FlowQuery(UDP, None, 30053)] == flow_queries(found, by_address=False)
     assert [FlowQuery(UDP)] == flow_queries(found, limit=2)
+
+
+def test_a_partial_sync_asks_by_port_only_for_dnated_and_unanswered_flows() -> None:
+    """Where a partial sync cannot name the address, it asks for the port's DNATed flows
+    and for those nobody answered, not for the port's other traffic; past the limit, the
+    same for every UDP flow."""
+    ips = frozenset({"fd00:1::1"})
+    found = FlowTargets(IPFamily.IPV6, {("fd00:96::10", 53): ips}, {30053: ips}, partial=True)
+    assert [FlowQuery(UDP, None, 53, dnat=True), FlowQuery(UDP, None, 53, dnat=False),
+            FlowQuery(UDP, None, 30053, dnat=True), FlowQuery(UDP, None, 30053, dnat=False),
+            ] == flow_queries(found, by_address=False)
+    assert [FlowQuery(UDP, dnat=True), FlowQuery(UDP, dnat=False)] == flow_queries(
+        found, by_address=False, limit=1)
+    engine = Engine(None, settings(IPFamily.IPV4))
+    assert (False, True) == (flow_targets(engine.state, engine.settings).partial,
+                             flow_targets(engine.state, engine.settings, set()).partial)

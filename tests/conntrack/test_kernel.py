@@ -35,7 +35,7 @@ from iptsync.core.model import IPFamily
 from iptsync.engine.reconciler import Engine
 from iptsync.kernel.conntrack import NewEntry, clear_stale_flows, insert_flows, list_flows
 from iptsync.kernel.netfilter import Netfilter
-from iptsync.lab.netns import ip, thread_in_netns
+from iptsync.lab.netns import ip, ns_exec, thread_in_netns
 
 FAMILIES = pytest.mark.parametrize("family", list(IPFamily), ids=lambda f: f.value)
 PREFIX = {IPFamily.IPV4: 32, IPFamily.IPV6: 128}
@@ -76,11 +76,13 @@ class Node:
                                f"{target}:{TARGET_PORT}")
 
     def sync(self, *objects: dict[str, Any]) -> int:
-        """Take the objects and clean up as a sync does; returns the flows deleted."""
+        """Take the objects and clean up as a partial sync of the service does; returns the
+        flows deleted."""
         for obj in objects:
             self.engine.upsert(obj)
         with thread_in_netns(self.netns):
-            return clear_stale_flows(flow_targets(self.engine.state, self.engine.settings))
+            return clear_stale_flows(flow_targets(self.engine.state, self.engine.settings,
+                                                  {("default", "dns")}))
 
     def send(self, address: str, port: int, client_port: int) -> None:
         """One datagram from the node's address and ``client_port``."""
@@ -124,13 +126,14 @@ def test_flows_to_a_terminating_but_serving_endpoint_survive_until_it_goes(
 
 
 def unrelated(family: IPFamily, count: int) -> Iterator[NewEntry]:
-    """``count`` UDP flows to DNS servers outside the cluster, never DNATed."""
+    """``count`` UDP flows to DNS servers outside the cluster, answered, never DNATed."""
     for index in range(count):
         server = (f"192.0.2.{index % 250 + 1}" if family is IPFamily.IPV4
                   else f"2001:db8:53::{index % 250 + 1:x}")
         client = (f"10.1.{index // 250 % 250}.{index % 250 + 1}" if family is IPFamily.IPV4
                   else f"fd00:2::{index + 1:x}")
-        yield NewEntry(Flow(UDP, server, PORT, server, PORT), client, 20000 + index % 40000)
+        yield NewEntry(Flow(UDP, server, PORT, server, PORT), client, 20000 + index % 40000,
+                       replied=True)
 
 
 @FAMILIES
@@ -138,7 +141,7 @@ def test_cleanup_deletes_only_stale_entries_among_unrelated_ones(
         netns: str, family: IPFamily) -> None:
     """Among 2,000 unrelated UDP flows to port 53 elsewhere, only the flows to the service
     (cluster IP, NodePort on the node's address) that no serving endpoint answers are
-    deleted, those to a serving endpoint stay."""
+    deleted, those to a serving endpoint stay; in a full sync and in a partial one."""
     client = NODE_IP[family]
     serving, gone = pod_ip(family, 1), pod_ip(family, 9)
     service_flows = [
@@ -147,22 +150,26 @@ def test_cleanup_deletes_only_stale_entries_among_unrelated_ones(
         NewEntry(Flow(UDP, NODE_IP[family], NODE_PORT, gone, TARGET_PORT), client, 40003),
         NewEntry(Flow(UDP, CLUSTER_IP[family], PORT, CLUSTER_IP[family], PORT), client, 40004),
     ]
-    targets = FlowTargets(family, {(CLUSTER_IP[family], PORT): frozenset({serving})},
-                          {NODE_PORT: frozenset({serving})})
-    with thread_in_netns(netns):
-        insert_flows(family, [*unrelated(family, 2000), *service_flows])
-        deleted = clear_stale_flows(targets)
-        left = list_flows(family)
-    assert 3 == deleted
-    assert 2001 == len(left)
-    assert [Flow(UDP, CLUSTER_IP[family], PORT, serving, TARGET_PORT)] == [
-        flow for flow in left if flow.orig_dport != PORT or flow.orig_dst == CLUSTER_IP[family]]
+    for partial in (False, True):
+        targets = FlowTargets(family, {(CLUSTER_IP[family], PORT): frozenset({serving})},
+                              {NODE_PORT: frozenset({serving})}, partial=partial)
+        with thread_in_netns(netns):
+            insert_flows(family, [*unrelated(family, 2000), *service_flows])
+            deleted = clear_stale_flows(targets)
+            left = list_flows(family)
+        ns_exec(netns, ["conntrack", "-F", "-f", family.value.lower()])
+        assert 3 == deleted
+        assert 2001 == len(left)
+        assert [Flow(UDP, CLUSTER_IP[family], PORT, serving, TARGET_PORT)] == [
+            flow for flow in left
+            if flow.orig_dport != PORT or flow.orig_dst == CLUSTER_IP[family]]
 
 
 def test_the_kernel_returns_only_the_flows_a_query_names(netns: str) -> None:
     """The kernel-side filter by address, port and protocol returns exactly the matching
-    IPv4 flows; by port alone, the IPv6 ones."""
-    v4 = [NewEntry(Flow(UDP, dst, port, dst, port), "10.1.0.1", 40000 + i)
+    IPv4 flows; by port alone, the IPv6 ones; by status, the DNATed flows or those neither
+    DNATed nor answered."""
+    v4 = [NewEntry(Flow(UDP, dst, port, dst, port), "10.1.0.1", 40000 + i, replied=i == 0)
           for i, (dst, port) in enumerate([("10.96.0.10", 53), ("10.96.0.10", 54),
                                            ("10.96.0.11", 53)])]
     v6 = [NewEntry(Flow(UDP, dst, port, dst, port), "fd00:2::1", 40000 + i)
@@ -174,7 +181,10 @@ def test_the_kernel_returns_only_the_flows_a_query_names(netns: str) -> None:
         by_port = list_flows(IPFamily.IPV4, FlowQuery(UDP, None, 53))
         v6_by_port = list_flows(IPFamily.IPV6, FlowQuery(UDP, None, 53))
         tcp = list_flows(IPFamily.IPV4, FlowQuery(6))
+        dnat = list_flows(IPFamily.IPV4, FlowQuery(UDP, None, 53, dnat=True))
+        unanswered = list_flows(IPFamily.IPV4, FlowQuery(UDP, None, 53, dnat=False))
     assert [v4[0].flow] == by_address
     assert {v4[0].flow, v4[2].flow} == set(by_port)
     assert [v6[0].flow] == v6_by_port
     assert [] == tcp
+    assert ([], [v4[2].flow]) == (dnat, unanswered)  # v4[0] was answered
