@@ -36,7 +36,7 @@ from iptsync.core.state import ClusterState, ServiceKey
 UDP = 17  # IANA protocol number (socket.IPPROTO_UDP), as conntrack reports it
 # Above this many destination ports one kernel-side filter by protocol replaces the per-port
 # filters: the kernel walks its whole table once per filter (about 30 ms of CPU per 100,000
-# entries here), while reading one flow into Python costs about 25 us (docs/performance.md).
+# entries here), while reading one flow into Python costs 15 to 25 us (docs/performance.md).
 QUERY_LIMIT = 32
 
 

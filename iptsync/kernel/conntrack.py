@@ -2,16 +2,18 @@
 
 Which entries are stale is decided by :mod:`iptsync.core.flows` (pure). This module asks the
 current network namespace's conntrack table for the flows of one IP family that go to the
-destinations a sync changed, with ctnetlink's kernel-side dump filter (``CTA_FILTER`` on the
-original tuple: protocol, destination address, destination port; Linux 5.8 and later), and
-deletes the stale ones by tuple, zone and entry id, so that an entry created meanwhile for the
-same tuple is never hit. A kernel without the filter returns every entry of the family; each
-one is still judged by :func:`iptsync.core.flows.stale`, so only the cost changes.
+destinations a sync changed, with ctnetlink's kernel-side dump filters (``CTA_FILTER`` on the
+original tuple: protocol, destination address, destination port, Linux 5.8 and later; the
+status filter, DNATed or unanswered, 5.15 and later; :func:`iptsync.core.flows.flow_queries`
+says which), and deletes the stale ones by tuple, zone and entry id, so that an entry created
+meanwhile for the same tuple is never hit. A kernel without the filters returns every entry of
+the family; each one is still judged by :func:`iptsync.core.flows.stale`, so only the cost
+changes.
 
 The messages are packed and parsed here with :mod:`struct`, in pyroute2's layout
 (``pyroute2.netlink.nfnetlink.nfctsocket``, which the tests use to check them): pyroute2's
-generic codec costs about 1 ms per conntrack message on these machines, 100 s for a table of
-100,000 flows, where this parser reads one in a few microseconds (docs/performance.md).
+generic codec costs about 1 ms of CPU per conntrack message on these machines, 90 s for a
+table of 100,000 flows, where this parser reads one in 15 to 25 us (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def _dump(sock: socket.socket, family: IPFamily, query: FlowQuery | None) -> Ite
             if kind == NLMSG_DONE:
                 return
             if kind == NLMSG_ERROR:
-                _raise_error(data, start)
+                _error(data, start)
                 continue
             entry = _parse_entry(data, start + _NFGEN.size, end)
             if entry is not None:
@@ -206,17 +208,18 @@ def _acknowledged(sock: socket.socket, batch: list[bytes],
         data = sock.recv(RECV_SIZE)
         for kind, start, _end in _messages(data):
             if kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, start)[0]
-                if code and code not in tolerated:
-                    raise OSError(code, os.strerror(code))
-                codes[_NLMSG.unpack_from(data, start - _NLMSG.size)[3]] = code
+                codes[_NLMSG.unpack_from(data, start - _NLMSG.size)[3]] = _error(
+                    data, start, tolerated)
     return [codes[seq] for seq in range(len(batch))]
 
 
-def _raise_error(data: bytes, start: int) -> None:
-    code = -struct.unpack_from("=i", data, start)[0]
-    if code:
+def _error(data: bytes, start: int, tolerated: tuple[int, ...] = ()) -> int:
+    """The code of an NLMSG_ERROR message (0: an acknowledgement); an error other than
+    ``tolerated`` is raised."""
+    code: int = -struct.unpack_from("=i", data, start)[0]
+    if code and code not in tolerated:
         raise OSError(code, os.strerror(code))
+    return code
 
 
 # --- the wire format ------------------------------------------------------------------------
