@@ -25,6 +25,7 @@ from conntrack.objects import (
 from iptsync.core.flows import UDP, Flow, FlowQuery, FlowTargets, flow_queries, flow_targets, stale
 from iptsync.core.model import IPFamily
 from iptsync.engine.reconciler import Engine
+from iptsync.testing import FakeConntrack, FakeNetfilter
 
 FAMILIES = pytest.mark.parametrize("family", list(IPFamily), ids=lambda f: f.value)
 
@@ -145,3 +146,23 @@ def test_a_partial_sync_asks_by_port_only_for_dnated_and_unanswered_flows() -> N
     engine = Engine(None, settings(IPFamily.IPV4))
     assert (False, True) == (flow_targets(engine.state, engine.settings).partial,
                              flow_targets(engine.state, engine.settings, set()).partial)
+
+
+def test_an_ipv6_engine_hands_its_cleaner_ipv6_targets_only() -> None:
+    """A dual-stack service's IPv6 engine asks its cleaner about IPv6 destinations only, and
+    the flow to the removed IPv6 endpoint is the one deleted."""
+    family = IPFamily.IPV6
+    gone = Flow(UDP, CLUSTER_IP[family], PORT, pod_ip(family, 9), TARGET_PORT)
+    kept = Flow(UDP, CLUSTER_IP[family], PORT, pod_ip(family, 1), TARGET_PORT)
+    cleaner = FakeConntrack([gone, kept])
+    engine = Engine(FakeNetfilter(), settings(family), flows=cleaner)
+    service = dns_service(family)
+    service["spec"] |= {"clusterIPs": [CLUSTER_IP[family], "10.96.0.10"],
+                        "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack"}
+    for obj in (service, dns_slice(family, endpoint(family, 1)),
+                dns_slice(IPFamily.IPV4, endpoint(IPFamily.IPV4, 1))):
+        engine.upsert(obj)
+    assert 1 == engine.sync().stale_flows
+    assert [kept] == cleaner.flows
+    assert (family, {CLUSTER_IP[family], EXTERNAL_IP[family]}) == (
+        cleaner.calls[-1].family, {address for address, _ in cleaner.calls[-1].services})
