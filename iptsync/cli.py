@@ -426,11 +426,12 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
     setup_logging(params.pop("verbose"))
     if live == bool(params["objects"]):
         raise click.UsageError("give either --live or --objects")
-    settings = settings_from(params)
     problems: list[Problem] = []
     try:
         packet = tracer.make_packet(src, dst, proto)
         if live:
+            # Read once: reading the flags takes them out of params.
+            settings = settings_from(params)
             tables = tracer.from_saved(Netfilter(resolve_backend(backend)).save(("filter", "nat")))
             node_ips = tuple(dict.fromkeys((*settings.node_ips, *interface_addresses())))
         else:
