@@ -1,9 +1,9 @@
 """kube-proxy's detect-local flags through the one-shot commands: ``dump`` writes the mode's
 match, ``trace`` evaluates it for the packet's origin, ``explain`` names it.
 
-Conventions: Service default/web (10.96.0.10:80) with one endpoint 10.0.1.10:8080 on node1;
-node1's Node object has the pod CIDR 10.0.1.0/24 and the address 10.100.0.2; the cluster CIDR
-is 10.0.0.0/14. A pod of node1 is 10.0.1.3.
+Conventions: Service default/web (10.96.0.10:80) with one endpoint 10.0.1.10:8080 (as in
+``test_objects_input``); node1's Node object has the pod CIDR 10.0.1.0/24 and the address
+10.100.0.2; the cluster CIDR is 10.0.0.0/14. A pod of node1 is 10.0.1.3.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from click.testing import CliRunner, Result
 
 from iptsync.cli import main
 
+from .test_objects_input import GOOD
+
 OBJECTS = """\
 apiVersion: v1
 kind: Node
@@ -23,18 +25,7 @@ metadata: {name: node1}
 spec: {podCIDRs: [10.0.1.0/24]}
 status: {addresses: [{type: InternalIP, address: 10.100.0.2}]}
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.0.1.10], nodeName: node1, conditions: {ready: true}}]
-"""
+""" + GOOD
 NODE_FLAGS = ("--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14")
 BRIDGE = ("--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "cbr0")
 
