@@ -90,6 +90,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # kube-proxy's other detect-local modes (the Node objects give NodeCIDR its pod CIDR).
     "detect-local-node-cidr": {"detect_local_mode": "NodeCIDR"},
     "detect-local-node-cidr-missing": {"detect_local_mode": "NodeCIDR"},
+    "detect-local-node-cidr-dualstack": {"detect_local_mode": "NodeCIDR"},
     "detect-local-bridge-interface": {"detect_local_mode": "BridgeInterface",
                                       "bridge_interface": "cbr0"},
     "detect-local-interface-name-prefix": {"detect_local_mode": "InterfaceNamePrefix",
