@@ -53,6 +53,7 @@ class Settings:
     masquerade_all: bool = False  # --masquerade-all
     masquerade_bit: int = 14  # --iptables-masquerade-bit
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # --nodeport-addresses; empty: all
+    nodeport_primary: bool = False  # --nodeport-addresses primary (resolved per family)
     node_ips: tuple[IPAddress, ...] = ()  # this node's addresses (first = primary node IP)
     localhost_nodeports: bool = True  # --iptables-localhost-nodeports
     random_fully: bool = True  # MASQUERADE --random-fully (iptables >= 1.6.2)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from iptsync.core import names
-from iptsync.core.model import Endpoint, ServicePort
+from iptsync.core.model import Endpoint, IPFamily, ServicePort
 from iptsync.core.policy import (
     PortTargets,
     Settings,
@@ -320,7 +320,9 @@ def nodeports_jumps(settings: Settings) -> list[Rule]:
     comment = ("-m", "comment", "--comment", NODEPORTS_COMMENT)
     if not settings.nodeport_addresses:
         destination: tuple[str, ...] = ("-m", "addrtype", "--dst-type", "LOCAL")
-        if not settings.nodeports_on_localhost:
+        if settings.family is IPFamily.IPV6:
+            destination += ("!", "-d", "::1/128")  # kube-proxy's: IPv6 never has them
+        elif not settings.nodeports_on_localhost:
             destination += ("!", "-d", str(LOOPBACK_V4))
         return [Rule(names.KUBE_SERVICES, (*comment, *destination, "-j", names.KUBE_NODEPORTS))]
     rules = []
