@@ -178,7 +178,7 @@ class Agent:
                 continue  # its retry is not due; the other family goes on
             full = (sync.failed or family in missing or not sync.engine.synced_once
                     or now - sync.last_full >= self.timing.sync_period)
-            if full or due:
+            if full or (due and sync.engine.pending):
                 wanted[family] = full
         if wanted:
             self._sync(wanted)
@@ -205,7 +205,7 @@ class Agent:
             deadlines.append(sync.last_full + self.timing.sync_period)
             if sync.failed:
                 deadlines.append(sync.last_attempt + self.timing.retry_after)
-            elif self._changed_since is not None:
+            elif self._changed_since is not None and sync.engine.pending:
                 deadlines.append(self._last_sync + self.timing.min_sync_period)
         return max(now, min(deadlines))
 

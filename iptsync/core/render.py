@@ -327,7 +327,8 @@ def nodeports_jumps(settings: Settings) -> list[Rule]:
         return [Rule(names.KUBE_SERVICES, (*comment, *destination, "-j", names.KUBE_NODEPORTS))]
     rules = []
     for ip in settings.node_ips:
-        if ip.version != 4 or not any(ip in cidr for cidr in settings.nodeport_addresses):
+        if IPFamily.of(ip) is not settings.family or not any(
+                ip in cidr for cidr in settings.nodeport_addresses):
             continue
         if ip.is_loopback and not settings.nodeports_on_localhost:
             continue

@@ -233,6 +233,11 @@ class Engine:
         self.needs_full = True
         return set(self.state.services)
 
+    @property
+    def pending(self) -> bool:
+        """Some service's rules may have changed since they were last rendered."""
+        return bool(self._dirty)
+
     # --- rendering -----------------------------------------------------------------------
 
     def _skeleton(self) -> list[Jump]:
