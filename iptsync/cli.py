@@ -334,14 +334,17 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
 
 
 def installed_families(choice: FamilyChoice, backend: Backend) -> FamilyChoice:
-    """``choice`` without the families whose restore command is missing (kube-proxy runs
-    single-stack without ip6tables); none left is an error."""
+    """``choice`` without the families whose restore command is missing, each named in a
+    warning (kube-proxy runs single-stack without ip6tables); none left is an error."""
     missing = {family: f"{Netfilter(backend, family=family).command}-restore is not installed"
                for family in choice.families if not Netfilter(backend, family=family).present()}
     families = tuple(family for family in choice.families if family not in missing)
     if not families:
         raise click.ClickException("; ".join(missing.values()))
-    return FamilyChoice(families, {**choice.left_out, **missing})
+    for family, why in missing.items():
+        logging.getLogger("iptsync").warning("%s is not programmed: %s (the node has an %s "
+                                             "address)", family.value, why, family.value)
+    return FamilyChoice(families, choice.left_out)
 
 
 def bind_address(flag: str | None, configured: str | None, default: str,
