@@ -145,3 +145,31 @@ def test_off_the_node_the_node_object_or_else_the_cluster_cidrs_decide() -> None
                   offline_families(settings, ipv4_node).left_out[IPFamily.IPV6])
     assert (IPFamily.IPV4, IPFamily.IPV6) == offline_families(settings, None).families
     assert (IPFamily.IPV4,) == offline_families(Settings(node_name="node1"), None).families
+
+
+def test_the_config_file_takes_the_same_per_family_values(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A KubeProxyConfiguration's clusterCIDR pair and nodePortAddresses [primary] act as the
+    flags do: each family gets its CIDR, and NodePorts only the node's primary address of
+    each family (from the Node object)."""
+    config = tmp_path_factory.mktemp("config") / "config.yaml"
+    config.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                      "kind: KubeProxyConfiguration\n"
+                      "clusterCIDR: 10.0.0.0/14,fd00:10:244::/56\n"
+                      "nodePortAddresses: [primary]\n")
+    objects = tmp_path_factory.mktemp("objects") / "node.yaml"
+    objects.write_text(SERVICE + "---\napiVersion: v1\nkind: Node\nmetadata: {name: node1}\n"
+                       "status: {addresses: [{type: InternalIP, address: 10.100.0.2}, "
+                       "{type: InternalIP, address: 'fd00:100::2'}]}\n")
+    result = CliRunner().invoke(main, ["dump", "--objects", str(objects), "--config",
+                                       str(config), "--hostname-override", "node1"])
+    assert 0 == result.exit_code, result.stderr
+    _, ipv4, ipv6 = result.stdout.split("# ")
+    nodeports = ('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: '
+                 'this must be the last rule in this chain" -d {} -j KUBE-NODEPORTS')
+    for payload, address, cidr in ((ipv4, "10.100.0.2", "10.0.0.0/14"),
+                                   (ipv6, "fd00:100::2", "fd00:10:244::/56")):
+        assert [nodeports.format(address)] == [
+            line for line in payload.splitlines() if line.startswith("-A KUBE-SERVICES")
+            and line.endswith("-j KUBE-NODEPORTS")]
+        assert f"! -s {cidr} -j KUBE-MARK-MASQ" in payload
