@@ -26,7 +26,7 @@ from iptsync.agent.health import (
 )
 from iptsync.agent.loop import Agent, Timing
 from iptsync.agent.metrics import Metrics
-from iptsync.core.model import IPFamily, Problem
+from iptsync.core.model import IPAddress, IPFamily, Problem
 from iptsync.core.plan import cleanup_plan
 from iptsync.core.policy import Settings
 from iptsync.core.ruleset import RulesetError
@@ -571,35 +571,36 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, ip_family: str | No
         raise click.UsageError("give either --live or --saved FILE")
     if not params["objects"]:
         raise click.UsageError("--objects is required")
+    families = [IPFamily(ip_family)] if ip_family else None
+    interface_ips: list[IPAddress] = []
     try:
         if saved is not None:
-            text, interface_ips = saved.read(), []
-            families = [IPFamily(ip_family)] if ip_family else None
+            saved_tables = parse_save(saved.read())
         else:
             chosen = resolve_backend(backend)
             interface_ips = interface_addresses()  # as `iptsync run` renders for this node
-            families = ([IPFamily(ip_family)] if ip_family else list(installed_families(
-                node_families(settings_from(params), interface_ips), chosen).families))
-        desired_found = desired_per_family_from_params(params, families, as_json=as_json,
-                                                       interface_ips=interface_ips)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(2)
-    if saved is not None:
-        desired_found = desired_found[:1]  # one file: one family's rules
-    reports = []
-    try:
-        for desired in desired_found:
+            if families is None:
+                families = list(installed_families(
+                    node_families(settings_from(params), interface_ips), chosen).families)
+        found = desired_per_family_from_params(params, families, as_json=as_json,
+                                               interface_ips=interface_ips)
+        if saved is not None:
+            found = found[:1]  # one file: one family's rules (the primary's by default)
+        reports = []
+        for desired in found:
             family = desired.settings.family
             if saved is not None:
-                current, label = parse_save(text), f"rules in {saved.name}"
+                current, label = saved_tables, f"rules in {saved.name}"
             else:
                 netfilter = Netfilter(chosen, family=family)
                 current = netfilter.save()
-                label = (f"live rules ({netfilter.backend.value})" if len(desired_found) == 1
+                label = (f"live rules ({netfilter.backend.value})" if len(found) == 1
                          else f"live {family.value} rules ({netfilter.backend.value})")
             reports.append((desired, label, diffview.diff_report(
                 make_plan(desired.tables, current), current, desired.tables)))
+    except click.ClickException as err:
+        err.show()
+        sys.exit(2)
     except (NetfilterError, RulesetError, OSError) as err:
         click.echo(f"Error: cannot read the rules: {err}", err=True)
         sys.exit(2)

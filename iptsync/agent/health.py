@@ -66,11 +66,8 @@ class HealthState:
                 self._queued[name] = None
 
     def _families(self, family: str | None) -> list[str]:
-        if family is None:
-            return list(self._queued)
-        if family not in self._queued:
-            self._queued[family], self._updated[family] = None, None
-        return [family]
+        """The tracked families ``family`` names (None: all); an untracked one is none."""
+        return list(self._queued) if family is None else [f for f in self._queued if f == family]
 
     @property
     def last_updated(self) -> float | None:

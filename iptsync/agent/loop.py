@@ -227,8 +227,18 @@ class Agent:
         """A source's message, in the source's thread. The update it may need is owed from
         now (as kube-proxy's event handlers say), not from when the loop reads it: a loop
         stuck in a sync then turns /healthz 503 instead of hiding behind an unread queue."""
-        self.health.queued()
+        for family in self._concerned(message):
+            self.health.queued(family.value)
         self.queue.put(message)
+
+    def _concerned(self, message: Message) -> list[IPFamily]:
+        """The programmed families a message may change: an EndpointSlice event only its
+        address type's (kube-proxy's meta-proxier hands it to that proxier alone), anything
+        else every family."""
+        if isinstance(message, Change) and message.kind == "EndpointSlice":
+            kind = message.obj.get("addressType")
+            return [f for f in self.families if f.value == kind or kind not in ("IPv4", "IPv6")]
+        return list(self.families)
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Snapshot):
@@ -240,34 +250,34 @@ class Agent:
             dirty = self.engines.delete(message.obj)
         else:
             dirty = self.engines.upsert(message.obj)
+        concerned = self._concerned(message)
         if isinstance(message, Change) and message.kind == "EndpointSlice":
-            self._note_trigger(message.obj)
+            self._note_trigger(message.obj, concerned)
         if dirty:
             kind = message.kind if message.kind in self._pending else "Service"
             self._pending[kind] += len(dirty)
             (self.metrics.endpoint_changes if kind == "EndpointSlice"
              else self.metrics.service_changes).inc(len(dirty))
-            self._queued()
+            self._queued(concerned)
         self._update_pending_metrics()
         self.metrics.invalid_objects.clear()
         for kind in KINDS:
             count = sum(1 for ident in self.engines.problems if ident[0] == kind)
             self.metrics.invalid_objects.labels(kind).set(count)
 
-    def _note_trigger(self, obj: Mapping[str, object]) -> None:
+    def _note_trigger(self, obj: Mapping[str, object], families: list[IPFamily]) -> None:
+        """A slice's change is programmed by its family's sync: its latency is measured
+        there."""
         stamp = trigger_time(obj)
-        # A slice is of one family (its addressType): its change is programmed by that
-        # family's sync, which is when its latency is measured.
-        sync = self.families.get(IPFamily.IPV6 if obj.get("addressType") == "IPv6"
-                                 else IPFamily.IPV4)
-        if stamp is not None and sync is not None:
-            sync.triggers.append(stamp)
+        if stamp is not None:
+            for family in families:
+                self.families[family].triggers.append(stamp)
 
-    def _queued(self) -> None:
+    def _queued(self, families: list[IPFamily]) -> None:
         if self._changed_since is None:
             self._changed_since = self.clock.monotonic()
-        self.health.queued()
-        for family in self.families:
+        for family in families:
+            self.health.queued(family.value)
             self.metrics.last_queued.labels(family.value).set(self.clock.time())
 
     def _update_pending_metrics(self) -> None:

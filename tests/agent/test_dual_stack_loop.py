@@ -159,3 +159,23 @@ def test_problems_are_reported_once_for_both_families(
     assert 1.0 == node.metric("iptsync_invalid_objects", kind="Service")
     node.engines.replace_kind("Service", [dual_service()])
     assert {} == node.engines.problems
+
+
+def test_a_slice_of_a_family_not_programmed_leaves_the_others_alone() -> None:
+    """On an IPv4-only node an IPv6 EndpointSlice change costs IPv4 nothing: no sync, and no
+    change owed, so /healthz stays healthy however long IPv4 has nothing to sync."""
+    clock = FakeClock(START)
+    engine = Engine(FakeNetfilter(), SETTINGS.for_family(IPFamily.IPV4))
+    source = ScriptedSource([dual_service(), dual_slice("IPv4", "10.0.1.20")])
+    health = HealthState(5.0, clock=clock.time)
+    agent = Agent(engine, [source], clock=clock, health=health,
+                  timing=Timing(min_sync_period=1.0, sync_period=600.0, canary_interval=600.0))
+    for second in (2.0, 3.0):
+        clock.call_at(START + second, lambda: source.upsert(
+            dual_slice("IPv6", "fd00:10:244:1::20")))
+    clock.call_at(START + 12.0, agent.stop)
+    agent.run()
+    assert (True, ["IPv4"]) == (health.healthy(), list(health.body()["status"]))
+    assert 1.0 == (agent.metrics.registry.get_sample_value(
+        "iptsync_syncs_total", {"kind": "full", "result": "success", "ip_family": "IPv4"}))
+    assert [] == [report for report in agent.reports if not report.full]
