@@ -53,7 +53,7 @@ class Settings:
     """
 
     node_name: str  # --hostname-override
-    cluster_cidrs: tuple[IPNetwork, ...] = ()  # --cluster-cidr; empty: no local detection
+    cluster_cidrs: tuple[IPNetwork, ...] = ()  # --cluster-cidr (detect-local-mode ClusterCIDR)
     masquerade_all: bool = False  # --masquerade-all
     masquerade_bit: int = 14  # --iptables-masquerade-bit
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # --nodeport-addresses; empty: all
