@@ -26,7 +26,7 @@ from iptsync.agent.health import (
 )
 from iptsync.agent.loop import Agent, Timing
 from iptsync.agent.metrics import Metrics
-from iptsync.core.model import Problem
+from iptsync.core.model import IPFamily, Problem
 from iptsync.core.plan import cleanup_plan
 from iptsync.core.policy import Settings
 from iptsync.core.ruleset import RulesetError
@@ -387,8 +387,10 @@ def cleanup(backend: str, verbose: int) -> None:
 @main.command()
 @node_options
 @backend_option("auto")
-@click.option("--src", required=True, help="Source IP of the connection.")
-@click.option("--dst", required=True, help="Destination IP:PORT (service, node or LB IP).")
+@click.option("--src", required=True, help="Source IP of the connection (IPv4 or IPv6).")
+@click.option("--dst", required=True,
+              help="Destination IP:PORT, or [IPv6]:PORT (service, node or LB IP); its family "
+                   "picks the rules traced (iptables or ip6tables).")
 @click.option("--proto", type=click.Choice(["tcp", "udp", "sctp"]), default="tcp",
               show_default=True, help="Protocol.")
 @click.option("--from", "origin", type=click.Choice(["pod", "node", "external"]),
@@ -401,23 +403,29 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
           as_json: bool, **params: Any) -> None:
     """Trace a new connection through the rules: endpoints and odds, masquerade, or where it
     is dropped or rejected, with the rules that decided it. --live reads this namespace's
-    rules (root); --objects renders them from manifests (no root)."""
+    rules (root); --objects renders them from manifests (no root). The destination's IP family
+    picks the rules: iptables for IPv4, ip6tables for IPv6 (--dst [fd00::1]:80)."""
     from iptsync.inspection import trace as tracer  # noqa: PLC0415  (keeps this command's imports local)
 
     setup_logging(params.pop("verbose"))
     if live == bool(params["objects"]):
         raise click.UsageError("give either --live or --objects")
-    settings = settings_from(params)
     problems: list[Problem] = []
     try:
         packet = tracer.make_packet(src, dst, proto)
+        settings = settings_from(params).for_family(packet.family)
         if live:
-            tables = tracer.from_saved(Netfilter(resolve_backend(backend)).save(("filter", "nat")))
-            node_ips = tuple(dict.fromkeys((*settings.node_ips, *interface_addresses())))
+            netfilter = Netfilter(resolve_backend(backend), family=packet.family)
+            tables = tracer.from_saved(netfilter.save(("filter", "nat")))
+            node_ips = tuple(ip for ip in dict.fromkeys((*settings.node_ips,
+                                                         *interface_addresses()))
+                             if IPFamily.of(ip) is packet.family)
         else:
-            desired = desired_from_params(params, as_json=as_json)
+            loaded = load_checked(params["objects"], as_json=as_json)
+            desired = desired_from_objects(loaded.objects, settings)
+            problems = [*loaded.problems, *desired.problems]
+            report(problems)
             tables, node_ips = tracer.from_desired(desired.tables), desired.settings.node_ips
-            problems = desired.problems
     except tracer.TraceError as err:
         raise click.UsageError(str(err)) from None
     except (NetfilterError, FileNotFoundError) as err:
@@ -441,7 +449,8 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
     point (cluster IP, external and load-balancer IPs, NodePort) and each kind of client
     (pods, the node, outside): which endpoints get the traffic and with what probability,
     whether it is masqueraded, or why it is rejected or dropped, and why each endpoint left
-    out is left out. Reads --objects; needs no root.
+    out is left out; a dual-stack Service in each of its IP families. Reads --objects; needs
+    no root.
     """
     from iptsync.inspection import explain as explainer  # noqa: PLC0415  (keeps this command's imports local)
 
@@ -452,14 +461,20 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
         ref = explainer.parse_service_ref(service)
     except explainer.ExplainError as err:
         raise click.UsageError(str(err)) from None
-    desired = desired_from_params(params, as_json=as_json)
+    settings = settings_from(params)
+    loaded = load_checked(params["objects"], as_json=as_json)
+    # Each family's rules are rendered by an engine of their own, as `run` programs them.
+    families = [desired_from_objects(loaded.objects, settings.for_family(family))
+                for family in IPFamily]
+    problems = [*loaded.problems, *families[0].problems]
+    report(problems)
     try:
-        result = explainer.explain(desired.state, desired.settings, ref)
+        result = explainer.explain([(d.state, d.settings) for d in families], ref)
     except explainer.ExplainError as err:
         raise click.ClickException(str(err)) from None
     if as_json:
         print_json({**explainer.explanation_json(result),
-                    "problems": problems_json(desired.problems)})
+                    "problems": problems_json(problems)})
     else:
         sys.stdout.write(explainer.render_text(result))
 
