@@ -10,12 +10,15 @@ the addresses do (``[ip]:port`` for IPv6).
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from iptsync.cli import main
 from iptsync.core.model import IPAddress, IPFamily, host_port
 from iptsync.core.names import is_service_chain
 from iptsync.core.policy import Settings
@@ -241,3 +244,36 @@ def test_ipv6_text_and_json_print_bracketed_endpoints() -> None:
         data["packet"]["family"], data["packet"]["dst"], data["packet"]["dport"])
     assert {"[fd00:10:244:1::10]:8080", "[fd00:10:244:2::10]:8080",
             "[fd00:10:244:2::11]:8080"} == set(data["endpoints"])
+
+
+OBJECTS_FLAGS = ("--objects", str(OBJECTS), "--hostname-override", "node1",
+                 "--cluster-cidr", "10.0.0.0/14,fd00:10:244::/56")
+
+
+def test_cli_traces_ipv6_rules_for_an_ipv6_destination() -> None:
+    """`trace --objects --dst [ip]:port` renders and walks the IPv6 rules, node1's IPv6
+    address from its Node object, the origin guessed from the IPv6 cluster CIDR."""
+    out = CliRunner().invoke(main, ["trace", *OBJECTS_FLAGS, "--src", "fd00:10:244:1::3",
+                                    "--dst", "[fd00:96::10]:80", "--json"])
+    assert 0 == out.exit_code, out.output
+    data = json.loads(out.output)
+    assert ("IPv6", "pod", ["fd00:100::2"]) == (
+        data["packet"]["family"], data["packet"]["from"], data["node_ips"])
+    assert {"[fd00:10:244:1::10]:8080", "[fd00:10:244:2::10]:8080",
+            "[fd00:10:244:2::11]:8080"} == set(data["endpoints"])
+    v4 = CliRunner().invoke(main, ["trace", *OBJECTS_FLAGS, "--src", "10.100.0.100",
+                                   "--dst", "10.100.0.2:30080", "--json"])
+    assert ("IPv4", ["10.100.0.2"], True) == (
+        json.loads(v4.output)["packet"]["family"], json.loads(v4.output)["node_ips"],
+        json.loads(v4.output)["masquerade"])
+
+
+@pytest.mark.parametrize(("src", "dst", "message"), [
+    ("fd00::5", "fd00:96::10", "--dst 'fd00:96::10': an IPv6 destination needs brackets"),
+    ("10.0.1.3", "[fd00:96::10]:80", "--src 10.0.1.3 is an IPv4 address but --dst"),
+])
+def test_cli_refuses_a_bare_ipv6_destination_and_mixed_families(src: str, dst: str,
+                                                                 message: str) -> None:
+    """A usage error (exit 2) naming the flag, before any rule is read."""
+    out = CliRunner().invoke(main, ["trace", *OBJECTS_FLAGS, "--src", src, "--dst", dst])
+    assert (2, True) == (out.exit_code, message in out.output), out.output
