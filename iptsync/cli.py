@@ -395,7 +395,8 @@ def cleanup(backend: str, verbose: int) -> None:
               show_default=True, help="Protocol.")
 @click.option("--from", "origin", type=click.Choice(["pod", "node", "external"]),
               default=None, help="Where the packet enters: a pod, the node itself, outside "
-              "(default: node for a node address, pod inside --cluster-cidr, else external).")
+              "(default: node for a node or loopback address, pod inside --cluster-cidr, "
+              "else external).")
 @click.option("--live", is_flag=True,
               help="Trace the rules netfilter holds now in this network namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -256,9 +256,9 @@ def _host_and_port(dst: str) -> tuple[str, str]:
 
 def default_origin(src: Address, cluster_cidrs: Iterable[Network],
                    node_ips: Iterable[Address] = ()) -> Origin:
-    """``node`` for one of the node's addresses, ``pod`` inside the cluster CIDR, else
-    ``external``."""
-    if src in set(node_ips):
+    """``node`` for one of the node's addresses or a loopback one (only the node itself sends
+    from 127/8 or ::1), ``pod`` inside the cluster CIDR, else ``external``."""
+    if src.is_loopback or src in set(node_ips):
         return "node"
     return "pod" if any(src in cidr for cidr in cluster_cidrs) else "external"
 

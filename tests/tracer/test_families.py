@@ -27,6 +27,7 @@ from iptsync.inspection.trace import (
     Tables,
     TraceError,
     TraceResult,
+    default_origin,
     from_desired,
     make_packet,
     render_text,
@@ -229,6 +230,16 @@ def test_bad_ipv6_packets_are_refused_naming_the_flag(src: str, dst: str, messag
     with pytest.raises(TraceError) as err:
         make_packet(src, dst)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("src", "expected"), [
+    ("fd00:100::2", "node"), ("::1", "node"), ("127.0.0.1", "node"),
+    ("fd00:10:244:1::3", "pod"), ("fd00:100::100", "external")])
+def test_default_origin_in_both_families(src: str, expected: str) -> None:
+    """A node or loopback address is the node itself, the IPv6 cluster CIDR pods, the rest
+    outside; the cluster CIDR of the other family changes nothing."""
+    assert expected == default_origin(ipaddress.ip_address(src), SETTINGS.cluster_cidrs,
+                                      (ipaddress.ip_address("fd00:100::2"),))
 
 
 def test_ipv6_text_and_json_print_bracketed_endpoints() -> None:
