@@ -226,10 +226,10 @@ def _port_lines(explanation: PortExplanation, labelled: bool) -> list[str]:
     port = explanation.port
     etp = "Local" if port.external_policy_local else "Cluster"
     itp = "Local" if port.internal_policy_local else "Cluster"
-    family = f"{port.family.value} " if labelled else ""
-    lines = [f"{port.name} {port.port}/{port.protocol.value}"
-             + (f", {port.family.value}" if labelled else "")
-             + f": externalTrafficPolicy={etp}, internalTrafficPolicy={itp}"]
+    of_family = f", {port.family.value}" if labelled else ""  # after the port's protocol
+    family = f" {port.family.value}" if labelled else ""  # "the node's IPv6 addresses"
+    lines = [f"{port.name} {port.port}/{port.protocol.value}{of_family}: "
+             f"externalTrafficPolicy={etp}, internalTrafficPolicy={itp}"]
     lines.append(f"endpoints ({len(explanation.endpoints)}):" if explanation.endpoints
                  else "endpoints: none")
     width = max([22, *(len(ep.key) for ep in explanation.endpoints)])
@@ -240,7 +240,7 @@ def _port_lines(explanation: PortExplanation, labelled: bool) -> list[str]:
         lines.append("")
         lines.append("on " + "; ".join(_role_label(role) for role in view.roles) + ":")
         for entry in view.entries:
-            where = (f"{entry.address[1:]} on the node's {family}addresses"
+            where = (f"{entry.address[1:]} on the node's{family} addresses"
                      if entry.kind == "node-port" else entry.address)
             lines.append(f"  {ENTRY_LABELS[entry.kind]} {where}")
             lines.extend(_entry_lines(entry))
