@@ -287,6 +287,9 @@ def test_json_holds_roles_entries_outcomes_and_exclusions() -> None:
 def test_text_names_each_node_entry_client_and_exclusion() -> None:
     """The text form lists nodes, entry points, client groups, and each left-out endpoint."""
     text = render_text(explain_case("etp-local-remote"))
+    # An IPv4-only Service's ports are not labelled with their family.
+    assert ("default/etp-local-remote 80/TCP: externalTrafficPolicy=Local, "
+            "internalTrafficPolicy=Cluster") == text.splitlines()[0]
     assert ("on node1 (this node, no local ready endpoint, zone zone-a); any other node "
             "(no endpoints there):") in text.splitlines()
     assert "  NodePort 30401 on the node's addresses" in text
