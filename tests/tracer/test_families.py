@@ -214,6 +214,15 @@ def test_ipv6_only_service_is_in_the_ipv6_rules_only() -> None:
                    for rule in chain)
 
 
+def test_node_port_is_not_open_on_ipv6_loopback() -> None:
+    """kube-proxy opens no NodePort on ::1 (no route_localnet for IPv6): the node's own
+    connection to [::1]:NODEPORT is not DNATed, where 127.0.0.1:NODEPORT is."""
+    v6 = run(IPFamily.IPV6, "::1", "[::1]:30080", "node")
+    assert ("ACCEPT", {}) == (v6.verdict, v6.endpoints)
+    v4 = run(IPFamily.IPV4, "127.0.0.1", "127.0.0.1:30080", "node")
+    assert ("DNAT", 3) == (v4.verdict, len(v4.endpoints))
+
+
 @pytest.mark.parametrize(("src", "dst", "message"), [
     ("10.0.1.3", "[fd00:96::10]:80", "--src 10.0.1.3 is an IPv4 address but --dst "
      "[fd00:96::10]:80 is IPv6"),
