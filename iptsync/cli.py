@@ -94,14 +94,23 @@ def settings_from(params: dict[str, Any], config: ProxyConfig | None = None) -> 
     """Settings for this node from the configuration in effect (read from ``params`` when
     not given) and iptsync's --node-ip flags."""
     if config is None:
+        # proxy_config takes kube-proxy's flags out of params: a command that asks twice
+        # (diff, trace) gets the settings of the first time, not the defaults.
+        if isinstance(known := params.get(_SETTINGS), Settings):
+            return known
         config = proxy_config(params)
         log_verdicts(config, config_path(config))
     try:
-        return settings_from_config(
+        settings = settings_from_config(
             config, node_name=(config.hostname_override.strip() or socket.gethostname()).lower(),
             node_ips=parse_ips(params["node_ips"], "--node-ip"))
     except OptionError as err:
         raise click.UsageError(str(err)) from None
+    params[_SETTINGS] = settings
+    return settings
+
+
+_SETTINGS = "_settings"  # where settings_from keeps what it read in a command's params
 
 
 def config_path(config: ProxyConfig) -> str | None:
