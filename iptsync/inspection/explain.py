@@ -136,13 +136,15 @@ def explain(families: Iterable[tuple[ClusterState, Settings]],
 
 def _with_family_note(explanation: PortExplanation, settings: Settings,
                       addressed: set[IPFamily]) -> PortExplanation:
-    """Say so when this node has addresses of another family but none of this port's."""
+    """Say so when this node is known by addresses of another family but none of this
+    port's (the agent programs a family only on a node with an address of it)."""
     family = settings.family
     if family in addressed or not addressed:
         return explanation
-    note = (f"node {settings.node_name} has no {family.value} address (its Node object's "
-            f"status.addresses, --node-ip): the agent programs no {family.value} rules "
-            f"there, so this port's {family.value} entry points do nothing on it")
+    note = (f"no {family.value} address of node {settings.node_name} is known here (its Node "
+            f"object's status.addresses, --node-ip): if it has none, iptsync there programs "
+            f"no {family.value} rules and this port's {family.value} entry points do nothing "
+            f"on it")
     return replace(explanation, notes=(*explanation.notes, note))
 
 

@@ -156,11 +156,11 @@ def test_a_node_without_an_address_of_the_family_is_noted() -> None:
     families = rendered(settings, with_node=False)
     ports = explain([(d.state, d.settings) for d in families],
                     ServiceRef("default", "web")).ports
-    notes = {p.port.family: [n for n in p.notes if "no IPv6 address" in n] for p in ports}
+    notes = {p.port.family: [n for n in p.notes if "IPv6 address" in n] for p in ports}
     assert {IPFamily.IPV4: [], IPFamily.IPV6: [
-        "node node1 has no IPv6 address (its Node object's status.addresses, --node-ip): the "
-        "agent programs no IPv6 rules there, so this port's IPv6 entry points do nothing on "
-        "it"]} == notes
+        "no IPv6 address of node node1 is known here (its Node object's status.addresses, "
+        "--node-ip): if it has none, iptsync there programs no IPv6 rules and this port's IPv6 "
+        "entry points do nothing on it"]} == notes
 
 
 def source_ip(family: IPFamily, outcome: Decision) -> str:
