@@ -255,7 +255,6 @@ class Engine:
     def _skeleton(self) -> list[Jump]:
         """Build the top-level chains for the current settings (once); returns the jumps."""
         if self._jumps is None:
-            self._note_local_detection()
             base = base_ruleset(self.settings)
             tails = chain_tails(self.settings)
             self._top = {(table, chain): TopChain(list(rules), tails.get((table, chain), []),
@@ -269,9 +268,10 @@ class Engine:
         return self._jumps
 
     def _note_local_detection(self) -> None:
-        """Say once how this family's pod traffic is told apart, and again when it changes
-        (a NodeCIDR node given its pod CIDR): a missing input is a warning, a mode other
-        than the default worth an INFO line."""
+        """Say at the first sync how this family's pod traffic is told apart, and again when
+        it changes (a NodeCIDR node given its pod CIDR): a missing input is a warning, a mode
+        other than the default worth an INFO line. (Commands that only render, such as
+        ``dump`` and ``explain``, say it in their output instead.)"""
         note = local_detection_note(self.settings)
         if note != self._detection_note:
             detector = self.settings.local_detector
@@ -381,6 +381,7 @@ class Engine:
         """
         if self.netfilter is None:
             raise RuntimeError("this engine has no netfilter to sync")
+        self._note_local_detection()
         phases: dict[str, float] = {}
         started = self.clock()
         progress = Progress(self.progress_interval, self.clock, started)

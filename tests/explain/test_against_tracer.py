@@ -52,7 +52,7 @@ def test_explain_agrees_with_the_tracer_on_this_node(case: str, mode: str) -> No
     """For each entry point and client, verdict, endpoint shares and masquerade match, under
     each way of telling pod traffic apart."""
     desired = desired_from_objects([*NODES, *CASES[case]], replace(SETTINGS, **MODES[mode]))
-    explanation = explain(desired.state, desired.settings, ServiceRef("default", case))
+    explanation = explain([(desired.state, desired.settings)], ServiceRef("default", case))
     tables = from_desired(desired.tables)
     detector = desired.settings.local_detector
     view = next(v for v in explanation.ports[0].views if v.roles[0].this_node)

@@ -125,9 +125,8 @@ def test_each_ignored_field_is_named_with_its_reason(tmp_path: Path) -> None:
 def test_cli_logs_one_info_line_per_ignored_field(tmp_path: Path) -> None:
     """The command still runs; -v shows one INFO line per ignored field set to something
     other than kube-proxy's default, and an unknown field is a warning."""
-    path = write_config(tmp_path, clusterCIDR="10.0.0.0/14", oomScoreAdj=-998,
-                        ipvs={"scheduler": "rr"}, conntrack={"maxPerCore": 0},
-                        udpIdleTimeout="250ms")
+    path = write_config(tmp_path, oomScoreAdj=-998, ipvs={"scheduler": "rr"},
+                        conntrack={"maxPerCore": 0}, udpIdleTimeout="250ms")
     result = dump(tmp_path, path, "-v")
     assert 0 == result.returncode, result.stderr
     assert [f"--config {path}: ipvs.scheduler=rr is ignored: only used in ipvs mode, which "
