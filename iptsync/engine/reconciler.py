@@ -270,8 +270,8 @@ class Engine:
     def _note_local_detection(self) -> None:
         """Say at the first sync how this family's pod traffic is told apart, and again when
         it changes (a NodeCIDR node given its pod CIDR): a missing input is a warning, a mode
-        other than the default worth an INFO line. (Commands that only render, such as
-        ``dump`` and ``explain``, say it in their output instead.)"""
+        other than the default worth an INFO line. Commands that only render (``dump``,
+        ``explain`` of every family) do not log it; ``explain`` notes it per port."""
         note = local_detection_note(self.settings)
         if note != self._detection_note:
             detector = self.settings.local_detector
