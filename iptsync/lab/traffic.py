@@ -2,20 +2,33 @@
 
 Why: these are the two things the lab does to its namespaces before it judges them. Each
 returns plain data (:class:`NodeSync`, :class:`Probe`) that the checks and the report read;
-nothing here decides whether what came back is right.
+nothing here decides whether what came back is right. Every service address is asked in each
+IP family the service has: an IPv6 cluster IP from the client pod's IPv6 address, a NodePort
+on each node's IPv6 address, an IPv6 load-balancer IP from the external client's.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from iptsync.core.model import IPFamily
+from iptsync.core.ruleset import RulesetError
+from iptsync.engine.apply import SyncError
+from iptsync.engine.reconciler import Engine
+from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel.port import Backend, NetfilterError
 from iptsync.lab import netns
+from iptsync.lab.echo import join_host_port
 from iptsync.lab.scenario import Scenario
 from iptsync.lab.topology import Cluster, Reply
+from iptsync.options import build_settings
+from iptsync.sources.files import load_objects
 
 REQUEST_TIMEOUT = 1.0
 """Seconds one request may take; the echo servers answer in well under a millisecond."""
@@ -40,6 +53,8 @@ class Probe:
 
     section: str
     """``cluster-ip``, ``nodeport`` or ``load-balancer``."""
+    family: str
+    """``IPv4`` or ``IPv6``: the family of the address asked."""
     service: str
     source: str
     """Namespace key the requests were sent from (``pod:client1``, ``client``)."""
@@ -58,7 +73,7 @@ class Probe:
 
     @property
     def target(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
     @property
     def ok_count(self) -> int:
@@ -86,25 +101,53 @@ _TIMINGS = re.compile(r";?\s*(?:\w+=[\d.]+ms\s*)+$")
 
 
 def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> NodeSync:
-    """Run ``iptsync run --once`` inside ``node``'s namespace, like the data-plane tests do."""
+    """Run ``iptsync run --once`` inside ``node``'s namespace, like the data-plane tests do,
+    then its IPv6 half (:func:`sync_ipv6_in_process`)."""
     argv = netns.python_argv(
         "iptsync.cli", "run", "--once", "--iptables-backend", backend,
         "--objects", str(scenario.manifests), "--hostname-override", node,
-        "--cluster-cidr", scenario.cluster_cidr,
+        "--cluster-cidr", scenario.cluster_cidrs,
     )
     start = time.monotonic()
     try:
         proc = cluster.exec(node, argv, check=False, timeout=SYNC_TIMEOUT)
     except netns.NetnsError as exc:
         return NodeSync(node, False, time.monotonic() - start, str(exc))
-    seconds = time.monotonic() - start
     lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
     messages = [m.group(1) if (m := _LOG_LINE.match(line)) else line for line in lines]
     messages = [_TIMINGS.sub("", message) for message in messages]
     if proc.returncode != 0:
         detail = "; ".join(messages[-3:]) or f"exit status {proc.returncode}"
-        return NodeSync(node, False, seconds, detail)
-    return NodeSync(node, True, seconds, messages[-1] if messages else "")
+        return NodeSync(node, False, time.monotonic() - start, detail)
+    ip6 = scenario.node_ips6.get(node)
+    if ip6 is None:
+        return NodeSync(node, True, time.monotonic() - start, messages[-1] if messages else "")
+    try:
+        ipv6 = sync_ipv6_in_process(cluster, node, backend, [scenario.manifests],
+                                    cluster_cidrs=scenario.cluster_cidrs, node_ip6=ip6)
+    except (SyncError, NetfilterError, RulesetError, OSError) as exc:
+        return NodeSync(node, False, time.monotonic() - start, f"IPv6: {exc}")
+    detail = "; ".join([f"IPv4 {messages[-1]}" if messages else "IPv4 synced", f"IPv6 {ipv6}"])
+    return NodeSync(node, True, time.monotonic() - start, detail)
+
+
+def sync_ipv6_in_process(cluster: Cluster, node: str, backend: str, paths: Sequence[Path], *,
+                         cluster_cidrs: str, node_ip6: str, masquerade_all: bool = False) -> str:
+    """Program ``node``'s IPv6 rules for the manifests at ``paths`` with an IPv6 engine of
+    this process writing into the node's namespace; returns its sync line.
+
+    ``iptsync run`` programs IPv4 only until its agent runs one engine per family; this does
+    what that engine will do, without conntrack cleanup.
+    """
+    settings = build_settings(
+        node_name=node, cluster_cidr=cluster_cidrs, masquerade_all=masquerade_all,
+        masquerade_bit=14, nodeport_addresses=None, node_ips=(ipaddress.ip_address(node_ip6),),
+        localhost_nodeports=True)
+    netfilter = Netfilter(Backend(backend), netns=cluster.ns(node), family=IPFamily.IPV6)
+    engine = Engine(netfilter, settings.for_family(IPFamily.IPV6))
+    for obj in load_objects(paths).objects:
+        engine.upsert(obj)
+    return _TIMINGS.sub("", engine.sync(full=True).line())
 
 
 def probe(cluster: Cluster, *, section: str, service: str, source: str, source_ip: str,
@@ -121,7 +164,8 @@ def probe(cluster: Cluster, *, section: str, service: str, source: str, source_i
         replies += cluster.ask(source, "tcp", ip, port, count=count - first,
                                timeout=REQUEST_TIMEOUT)
     return Probe(
-        section=section, service=service, source=source, source_ip=source_ip, ip=ip,
+        section=section, family="IPv6" if ":" in ip else "IPv4", service=service,
+        source=source, source_ip=source_ip, ip=ip,
         port=port, expected=expected, sent=len(replies),
         answered=dict(Counter(r.server for r in replies if r.ok and r.server)),
         errors=dict(Counter(r.error or "unknown" for r in replies if not r.ok)),
@@ -130,21 +174,30 @@ def probe(cluster: Cluster, *, section: str, service: str, source: str, source_i
 
 
 def probe_services(cluster: Cluster, scenario: Scenario, requests: int) -> tuple[Probe, ...]:
-    """Every service address from where a user would use it: each cluster IP from the
-    in-cluster client pod, each NodePort on every node and each load-balancer IP from the
-    external client."""
+    """Every service address, in each family the service has, from where a user would use
+    it: each cluster IP from the in-cluster client pod, each NodePort on every node address
+    and each load-balancer IP from the external client."""
     client = scenario.client_pod
-    probes = [probe(cluster, section="cluster-ip", service=s.name, source=f"pod:{client.name}",
-                    source_ip=client.ip, ip=s.cluster_ip, port=s.port,
-                    expected=scenario.pods_of(s.name), count=requests)
-              for s in scenario.services if s.cluster_ip is not None and s.port is not None]
+    client_ips = {"IPv4": client.ip, "IPv6": client.ip6}
+    outside = {"IPv4": scenario.client_ip, "IPv6": scenario.client_ip6}
+    probes: list[Probe] = []
+    for s in scenario.services:
+        for family in s.families:
+            ip, source_ip = s.cluster_ip_of(family), client_ips[family]
+            if ip is not None and source_ip is not None and s.port is not None:
+                probes.append(probe(cluster, section="cluster-ip", service=s.name,
+                                    source=f"pod:{client.name}", source_ip=source_ip, ip=ip,
+                                    port=s.port, expected=scenario.pods_of(s.name),
+                                    count=requests))
     probes += [probe(cluster, section="nodeport", service=s.name, source="client",
-                     source_ip=scenario.client_ip, ip=node.ip, port=s.node_port,
+                     source_ip=outside[family], ip=node_ip, port=s.node_port,
                      expected=scenario.pods_of(s.name), count=requests)
                for s in scenario.services if s.node_port is not None
-               for node in scenario.nodes]
+               for family in s.families
+               for node_ip in scenario.node_ips_of(family).values()]
     probes += [probe(cluster, section="load-balancer", service=s.name, source="client",
-                     source_ip=scenario.client_ip, ip=s.lb_ip, port=s.port,
+                     source_ip=outside[family], ip=lb_ip, port=s.port,
                      expected=scenario.pods_of(s.name), count=requests)
-               for s in scenario.services if s.lb_ip is not None and s.port is not None]
+               for s in scenario.services for family in s.families
+               if (lb_ip := s.lb_ip_of(family)) is not None and s.port is not None]
     return tuple(probes)
