@@ -268,6 +268,7 @@ def keep_hint(result: LabResult) -> str:
         "The lab stays up until you press Enter (or Ctrl-C). From another shell, as root:",
         *(f"  ip netns exec {node} {save_command(result.backend, 'nat', family)}"
           for family in ("IPv4", "IPv6")),
+        f"  ip netns exec {node} conntrack -L",
         f"  ip netns exec {node} conntrack -L -f ipv6",
         *(f"  ip netns exec {client_pod} {echo} --to {join_host_port(ip, service.port)} --count 5"
           for family in service.families
