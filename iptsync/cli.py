@@ -38,6 +38,7 @@ from iptsync.kernel.netfilter import Netfilter, detect_backend
 from iptsync.kernel.nodeinfo import interface_addresses
 from iptsync.kernel.port import Backend, NetfilterError
 from iptsync.kernel.sysctl import ensure_proxy_sysctls
+from iptsync.kernel.watch import ChangeWatch
 from iptsync.logs import setup_logging
 from iptsync.options import (
     OptionError,
@@ -231,6 +232,9 @@ def resolve_backend(choice: str) -> Backend:
               help="HOST:PORT of /healthz and /livez; empty disables.  [default: 0.0.0.0:10256]")
 @click.option("--metrics-bind-address", default=None,
               help="HOST:PORT of /metrics; empty disables.  [default: 127.0.0.1:10249]")
+@click.option("--full-sync-period", default="1h", show_default=True,
+              help="Time between full compares of every rule, while the change watch sees "
+                   "nothing (kube-proxy's hourly full sync).")
 @click.option("--canary-interval", default="5s", show_default=True, hidden=True,
               help="How often to look for the canary chain.")
 @click.option("--progress-interval", default="5s", show_default=True, hidden=True,
@@ -258,7 +262,8 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
                     flows=None if no_conntrack_cleanup else clear_stale_flows,
                     stage_lines=STAGE_LINES[netfilter.backend],
-                    progress_interval=progress_interval)
+                    progress_interval=progress_interval,
+                    watch=None if once else open_change_watch(netfilter))
     if once:
         if not params["objects"]:
             raise click.UsageError("--once needs --objects")
@@ -270,7 +275,8 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
                 "--min-sync-period"),
             sync_period=parse_duration(params["sync_period"] or config.sync_period or 30.0,
                                        "--sync-period"),
-            canary_interval=parse_duration(params["canary_interval"], "--canary-interval"))
+            canary_interval=parse_duration(params["canary_interval"], "--canary-interval"),
+            full_sync_period=parse_duration(params["full_sync_period"], "--full-sync-period"))
         healthz = bind_address(params["healthz_bind_address"], config.healthz_bind_address,
                                "0.0.0.0:10256", "--healthz-bind-address")
         metrics_at = bind_address(params["metrics_bind_address"], config.metrics_bind_address,
@@ -279,6 +285,17 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
         raise click.UsageError(str(err)) from None
     run_agent(engine, make_sources(params["objects"], kubeconfig, settings.node_name),
               timing, healthz, metrics_at)
+
+
+def open_change_watch(netfilter: Netfilter) -> ChangeWatch | None:
+    """The backend's change watch; without one, everything is compared every sync period."""
+    try:
+        return netfilter.change_watch()
+    except OSError as err:
+        logging.getLogger("iptsync").warning(
+            "cannot watch the kernel for changes by other programs (%s); comparing every "
+            "rule every sync period instead", err)
+        return None
 
 
 def bind_address(flag: str | None, configured: str | None, default: str,

@@ -80,6 +80,11 @@ class Timing:
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     canary_interval: float = 5.0
+    # With a change watch (iptsync.kernel.watch): how often it is asked (a netlink read or a
+    # getsockopt), and how often everything is compared anyway, as kube-proxy's hourly
+    # full sync. Without one, everything is compared every sync_period.
+    check_interval: float = 1.0
+    full_sync_period: float = 3600.0
 
     @property
     def retry_after(self) -> float:
@@ -107,6 +112,7 @@ class Agent:
         self._last_sync = float("-inf")  # last sync attempt (monotonic)
         self._last_full = float("-inf")
         self._last_canary = self.clock.monotonic()
+        self._last_check = self._last_canary
         self._failed = False
         self._read_errors = 0  # sources' read_errors already counted in the metrics
         self._pending = {"Service": 0, "EndpointSlice": 0}
@@ -145,8 +151,13 @@ class Agent:
         if not self.ready:
             return
         now = self.clock.monotonic()
-        full = self._failed or now - self._last_full >= self.timing.sync_period
-        if now - self._last_canary >= self.timing.canary_interval:
+        full = self._failed or now - self._last_full >= self._full_period
+        if self.engine.watch is not None:
+            if now - self._last_check >= self.timing.check_interval and not full:
+                self._last_check = now
+                self._check()
+                now = self.clock.monotonic()
+        elif now - self._last_canary >= self.timing.canary_interval:
             self._last_canary = now
             try:
                 if self.engine.synced_once and not self._canary_present():
@@ -163,6 +174,28 @@ class Agent:
             return
         if full or due or not self.engine.synced_once:
             self._sync(full=full or not self.engine.synced_once)
+
+    @property
+    def _full_period(self) -> float:
+        return (self.timing.full_sync_period if self.engine.watch is not None
+                else self.timing.sync_period)
+
+    def _check(self) -> None:
+        """The quiet path: ask the change watch; repair what other programs changed."""
+        started = self.clock.monotonic()
+        try:
+            report = self.engine.check()
+        except (SyncError, NetfilterError, RulesetError) as err:
+            self._last_sync = started
+            self._failed_sync("full", err, "repairing changes made outside iptsync failed")
+            return
+        if report is None:
+            return
+        self._last_sync = started
+        if report.full:
+            self._last_full = started
+        self.metrics.outside_changes.labels("full" if report.full else "chains").inc()
+        self._record(report)
 
     def _publish_source_status(self) -> None:
         connected = all(source.status.connected for source in self.sources)
@@ -181,8 +214,10 @@ class Agent:
             # Nothing is due before every source has listed (the last full sync is still
             # at minus infinity): wait for messages instead of spinning.
             return now + 1.0
-        deadlines = [self._last_canary + self.timing.canary_interval,
-                     self._last_full + self.timing.sync_period]
+        deadlines = [self._last_full + self._full_period,
+                     self._last_check + self.timing.check_interval
+                     if self.engine.watch is not None
+                     else self._last_canary + self.timing.canary_interval]
         if self._failed:
             deadlines.append(self._last_sync + self.timing.retry_after)
         elif self._changed_since is not None:

@@ -84,6 +84,11 @@ class Metrics:
             "iptsync_undo_failures_total",
             "Tables whose undo after a failed restore was rejected too (they keep part of "
             "the failed batch until the next full sync)", ["table"], registry=r)
+        self.outside_changes = Counter(
+            "iptsync_outside_changes_total",
+            "Changes by other programs the change watch reported, by how they were handled: "
+            "chains (those chains read and repaired) or full (everything compared)", ["how"],
+            registry=r)
         self.canary_missing = Counter(
             "iptsync_canary_missing_total",
             "Times the canary chain was found missing (tables flushed)", registry=r)

@@ -38,6 +38,9 @@ ORIGINS: tuple[Origin, ...] = ("pod", "node", "external")
 # untouched (not handled by the service rules).
 Verdict = Literal["DNAT", "ACCEPT", "DROP", "REJECT"]
 EntryKind = Literal["cluster-ip", "external-ip", "load-balancer-ip", "node-port"]
+# Which endpoint hints narrow the cluster endpoints: none, node hints (trafficDistribution
+# PreferSameNode) or zone hints (PreferSameZone / PreferClose, topology-aware routing).
+Topology = Literal["", "node", "zone"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class EndpointSets:
     local: tuple[Endpoint, ...]  # used with Local traffic policy
     reachable: tuple[Endpoint, ...]  # every endpoint that gets a SEP chain
     has_any: bool  # usable endpoints exist anywhere in the cluster
-    topology: bool  # cluster endpoints were narrowed by zone hints
+    topology: Topology  # how cluster endpoints were narrowed by hints ("": not at all)
 
 
 def categorize_endpoints(port: ServicePort, endpoints: Sequence[Endpoint], node_name: str,
@@ -107,16 +110,19 @@ def categorize_endpoints(port: ServicePort, endpoints: Sequence[Endpoint], node_
     """Pick cluster, local and reachable endpoints as kube-proxy does.
 
     Ready endpoints are used; when none are, serving-and-terminating ones are (separately for
-    cluster and local). Zone hints narrow the cluster endpoints only when every ready endpoint
-    has hints and one of them names this node's zone.
+    cluster and local). Hints narrow the cluster endpoints (:func:`topology_mode`).
     """
     cluster: tuple[Endpoint, ...] = ()
     has_any = False
-    topology = False
+    topology: Topology = ""
     if port.uses_cluster_endpoints:
-        topology = _can_use_topology(endpoints, zone)
-        cluster = tuple(ep for ep in endpoints
-                        if ep.ready and (not topology or (zone in ep.zone_hints)))
+        topology = topology_mode(endpoints, node_name, zone)
+        if topology == "node":
+            cluster = tuple(ep for ep in endpoints if ep.ready and node_name in ep.node_hints)
+        elif topology == "zone":
+            cluster = tuple(ep for ep in endpoints if ep.ready and zone in ep.zone_hints)
+        else:
+            cluster = tuple(ep for ep in endpoints if ep.ready)
         if not cluster:
             # Best effort to keep connections alive: topology is ignored here.
             cluster = tuple(ep for ep in endpoints if serving_terminating(ep))
@@ -145,12 +151,22 @@ def categorize_endpoints(port: ServicePort, endpoints: Sequence[Endpoint], node_
                         topology)
 
 
-def _can_use_topology(endpoints: Sequence[Endpoint], zone: str | None) -> bool:
-    if not zone:
-        return False
+def topology_mode(endpoints: Sequence[Endpoint], node_name: str, zone: str | None) -> Topology:
+    """Which hints kube-proxy follows for these endpoints on this node.
+
+    Node hints (``hints.forNodes``, set for trafficDistribution PreferSameNode) when every
+    ready endpoint has some and one names this node; else zone hints when every ready endpoint
+    has some and one names this node's zone; else none (every ready endpoint).
+    """
     ready = [ep for ep in endpoints if ep.ready]
-    return bool(ready) and all(ep.zone_hints for ep in ready) and any(
-        zone in ep.zone_hints for ep in ready)
+    if not ready:
+        return ""
+    if all(ep.node_hints for ep in ready) and any(node_name in ep.node_hints for ep in ready):
+        return "node"
+    if zone and all(ep.zone_hints for ep in ready) and any(zone in ep.zone_hints
+                                                           for ep in ready):
+        return "zone"
+    return ""
 
 
 def serving_terminating(ep: Endpoint) -> bool:
@@ -316,6 +332,8 @@ class _PortDecisions:
                       "cluster-wide") + " (terminating fallback: none is ready)")
         elif pool.local:
             picked = "the ready endpoints on this node"
+        elif self.sets.topology == "node":
+            picked = "the ready endpoints hinted for this node (PreferSameNode hints)"
         elif self.sets.topology:
             picked = f"the ready endpoints hinted for zone {self.zone} (topology hints)"
         else:

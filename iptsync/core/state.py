@@ -141,7 +141,8 @@ class ClusterState:
 def with_port(endpoint: Endpoint, port: int) -> Endpoint:
     """``dataclasses.replace(endpoint, port=port)``, without its per-call introspection."""
     return Endpoint(endpoint.ip, port, endpoint.node_name, endpoint.zone, endpoint.zone_hints,
-                    endpoint.ready, endpoint.serving, endpoint.terminating, endpoint.address)
+                    endpoint.ready, endpoint.serving, endpoint.terminating, endpoint.node_hints,
+                    endpoint.address)
 
 
 def is_local(endpoint: Endpoint, node_name: str) -> bool:

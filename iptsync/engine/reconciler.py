@@ -23,10 +23,11 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from iptsync.core import names
 from iptsync.core.flows import flow_targets
 from iptsync.core.model import (
     EndpointSliceInfo,
@@ -47,6 +48,7 @@ from iptsync.core.plan import (
     RenderedService,
     ServiceChange,
     TableBuilder,
+    TablePlan,
     TopChain,
     TopChains,
     TopRule,
@@ -66,6 +68,7 @@ from iptsync.core.state import ClusterState, ServiceKey
 from iptsync.engine.apply import STREAM_FULL, apply_plan, failed_restore
 from iptsync.engine.progress import PROGRESS_INTERVAL, Progress
 from iptsync.kernel.port import FlowCleaner, NetfilterPort, RestoreError
+from iptsync.kernel.watch import WHOLE_TABLE, ChangeWatch
 from iptsync.options import with_node
 
 log = logging.getLogger(__name__)
@@ -127,8 +130,12 @@ class Engine:
                  interface_ips: Iterable[IPAddress] = (), flows: FlowCleaner | None = None,
                  stage_lines: int = DEFAULT_STAGE_LINES, stream_full: bool | None = None,
                  progress_interval: float = PROGRESS_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 watch: ChangeWatch | None = None) -> None:
         self.netfilter = netfilter
+        # Tells, cheaply, whether other programs changed our rules (iptsync.kernel.watch);
+        # None: only a full compare can tell.
+        self.watch = watch
         self.base_settings = settings
         self.interface_ips = tuple(interface_ips)
         self.settings = with_node(settings, None, self.interface_ips)
@@ -385,6 +392,8 @@ class Engine:
             raise
         self.needs_full = False
         self.synced_once = True
+        if self.watch is not None:
+            self.watch.mark()
         if self.flows is not None:
             mark = self.clock()
             report.stale_flows = self.flows(
@@ -392,6 +401,76 @@ class Engine:
             phases["conntrack"] = self.clock() - mark
         phases["total"] = self.clock() - started
         return report
+
+    def check(self) -> EngineReport | None:
+        """Ask the change watch whether other programs changed our rules; repair if so.
+
+        Costs one netlink read (nft) or one getsockopt (legacy) when nothing changed: the
+        quiet path of an idle node. Chains named by the watch are read and repaired alone;
+        changes that cannot be told chain by chain (a legacy table, lost notifications, a
+        table or our canary chain gone) get a full compare. Returns None when nothing was
+        looked at (no watch, or a full sync is owed anyway).
+        """
+        if self.watch is None or not self.synced_once or self.needs_full:
+            return None
+        changes = self.watch.changes()
+        if not changes.any:
+            return None
+        if changes.unknown or any(chain in (WHOLE_TABLE, names.KUBE_PROXY_CANARY)
+                                  for _, chain in changes.chains):
+            log.warning("rules changed outside iptsync (%s); comparing everything",
+                        changes.describe())
+            return self.sync(full=True)
+        log.info("rules changed outside iptsync in %s; repairing", changes.describe())
+        return self.repair(changes.chains)
+
+    def repair(self, chains: Collection[tuple[str, str]]) -> EngineReport:
+        """Bring ``chains`` (table, chain) back to what the last sync wrote, reading only them.
+
+        Our chains are rewritten if they differ (or recreated if gone), stale ones of ours
+        deleted, and our jumps reinserted into built-in chains that lost them; other rules of
+        built-in chains are left alone. Any failure leaves a full sync owed.
+        """
+        assert self.netfilter is not None
+        started = self.clock()
+        phases: dict[str, float] = {}
+        desired = self._desired_tables()
+        tables: list[TablePlan] = []
+        try:
+            self.needs_full = True  # until the repair is known to be in place
+            for table in ordered_tables({table: {} for table, _ in chains}):
+                wanted = {chain for name, chain in chains if name == table}
+                live = SavedTable(table, {chain: rules for chain in sorted(wanted)
+                                          if (rules := self._read_live(table, chain)) is not None})
+                own = desired.tables.get(table, {})
+                builder = TableBuilder(table, live)
+                builder.add_chains({chain: own[chain] for chain in sorted(wanted) if chain in own})
+                plan = builder.finish([j for j in desired.jumps
+                                       if j.table == table and j.chain in wanted])
+                if not plan.empty:
+                    tables.append(plan)
+            phases["read"] = self.clock() - started
+            report = EngineReport(Plan(tables, self.stage_lines), False, phases)
+            mark = self.clock()
+            apply_plan(self.netfilter, report.plan, Progress(self.progress_interval, self.clock,
+                                                             started))
+            phases["apply"] = self.clock() - mark
+        except Exception:
+            self.needs_full = True
+            raise
+        self.needs_full = False
+        if self.watch is not None:
+            self.watch.mark()
+        report.drifted = _drift(report.plan, ())
+        phases["total"] = self.clock() - started
+        return report
+
+    def _read_live(self, table: str, chain: str) -> list[str] | None:
+        """One live chain's rules, or None when the chain does not exist."""
+        assert self.netfilter is not None
+        if not self.netfilter.chain_exists(table, chain):
+            return None
+        return self._read_chain(table, chain)
 
     def _read_chain(self, table: str, chain: str) -> list[str]:
         """One live chain's rules, canonical (``-S`` reads that chain only)."""

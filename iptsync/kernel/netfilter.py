@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, NoReturn
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -38,6 +38,7 @@ from iptsync.kernel.port import (
     RuleStreamBase,
     excerpt,
 )
+from iptsync.kernel.watch import ChangeWatch, LegacyWatch, NftWatch, OwnPids
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class Netfilter:
     netns: str | None = None
     lock_wait_seconds: int = 5
     family: IPFamily = IPFamily.IPV4  # iptables-* for IPv4, ip6tables-* for IPv6
+    # Our recent iptables-restore runs, by process id: the nft change watch tells our
+    # commits from other programs' with it (iptsync.kernel.watch).
+    own_pids: OwnPids = field(default_factory=OwnPids)
 
     def _argv(self, tool: str, *args: str) -> list[str]:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
@@ -121,6 +125,12 @@ class Netfilter:
             raise failure
         return saved
 
+    def change_watch(self) -> ChangeWatch:
+        """The cheapest sound way to learn of other programs' changes on this backend."""
+        if self.backend is Backend.NFT:
+            return NftWatch(self.family, self.own_pids, self.netns)
+        return LegacyWatch(self.family, self.netns)
+
     def save_text(self, table: str) -> str:
         return self._run(self._argv("save", "-t", table))
 
@@ -143,7 +153,8 @@ class Netfilter:
         if noflush:
             args.append("--noflush")
         lock_wait = self.lock_wait_seconds if self.backend is Backend.LEGACY else None
-        return RestoreStream(self._argv("restore", *args), lock_wait=lock_wait)
+        return RestoreStream(self._argv("restore", *args), lock_wait=lock_wait,
+                             on_start=self.own_pids.add)
 
     def rule_count(self) -> int:
         """Rules in every table (a full iptables-save); -1 when this backend is unusable."""
@@ -197,9 +208,11 @@ class RestoreStream(RuleStreamBase):
     lock is free (see :func:`wait_for_xtables_lock`).
     """
 
-    def __init__(self, argv: Sequence[str], *, lock_wait: float | None = None) -> None:
+    def __init__(self, argv: Sequence[str], *, lock_wait: float | None = None,
+                 on_start: Callable[[int], None] | None = None) -> None:
         self.argv = list(argv)
         self.lock_wait = lock_wait
+        self.on_start = on_start  # told the command's process id as it starts
         self._started = 0.0
         self.lines: list[str] = []  # everything written, to quote the failing line
         self._pending = 0
@@ -259,6 +272,8 @@ class RestoreStream(RuleStreamBase):
             self._errors = tempfile.TemporaryFile()  # noqa: SIM115
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
                                           stdout=subprocess.DEVNULL, stderr=self._errors)
+            if self.on_start is not None:
+                self.on_start(self._proc.pid)
         if self._broken:
             return
         assert self._proc.stdin is not None

@@ -999,3 +999,21 @@ def test_client_timestamps_become_strings() -> None:
     manifest = to_manifest(svc)
     assert "2024-05-01T10:20:30+00:00" == manifest["metadata"]["creationTimestamp"]
     assert parse_object(dict_service()) == parse_object(svc)
+
+
+def test_leading_zero_addresses_are_read_as_decimal() -> None:
+    """Addresses stored before the API server's stricter validation (10.96.0.010) are read as
+    kube-proxy's ParseIPSloppy reads them: each part decimal, so 010 is 10."""
+    parsed = parse_object(service({
+        "type": "LoadBalancer", "clusterIP": "10.96.0.010", "clusterIPs": ["10.96.0.010"],
+        "externalIPs": ["192.0.2.001"], "loadBalancerSourceRanges": ["203.0.113.000/24"]},
+        status={"loadBalancer": {"ingress": [{"ip": "198.051.100.1"}]}}))
+    assert () == parsed.problems
+    assert isinstance(parsed.value, ServiceInfo)
+    port = parsed.value.ports[0]
+    assert ("10.96.0.10", ["192.0.2.1"], ["198.51.100.1"], ["203.0.113.0/24"]) == (
+        str(port.cluster_ip), [str(ip) for ip in port.external_ips],
+        [str(ip) for ip in port.load_balancer_ips],
+        [str(net) for net in port.load_balancer_source_ranges])
+    endpoints = slice_info(endpoint_slice(endpoints=[{"addresses": ["10.0.1.010"]}])).endpoints
+    assert ["10.0.1.10:0"] == [ep.key for ep in endpoints]

@@ -89,9 +89,29 @@ def test_zone_hints_narrow_cluster_endpoints_when_every_ready_one_has_hints() ->
     narrowed = categorize_endpoints(PORT, hinted, NODE, ZONE)
     unhinted = categorize_endpoints(PORT, [*hinted, endpoint("10.0.3.1", "node3")], NODE, ZONE)
     zoneless = categorize_endpoints(PORT, hinted, NODE, None)
-    assert ((["10.0.1.1:8080"], True), (3, False), (2, False)) == (
+    assert ((["10.0.1.1:8080"], "zone"), (3, ""), (2, "")) == (
         (keys(narrowed.cluster), narrowed.topology), (len(unhinted.cluster), unhinted.topology),
         (len(zoneless.cluster), zoneless.topology))
+
+
+def test_node_hints_narrow_cluster_endpoints_to_this_node_before_zone_hints() -> None:
+    """PreferSameNode: node hints naming this node win over zone hints; with no endpoint
+    hinted for this node, or one ready endpoint without node hints, zone hints apply."""
+    def hinted(ip: str, node: str, zone: str) -> Endpoint:
+        return replace(endpoint(ip, node, hints=frozenset({zone})),
+                       node_hints=frozenset({node}))
+
+    eps = [hinted("10.0.1.1", NODE, "a"), hinted("10.0.1.2", "node3", "a"),
+           hinted("10.0.2.1", "node2", "b")]
+    same_node = categorize_endpoints(PORT, eps, NODE, ZONE)
+    elsewhere = categorize_endpoints(PORT, eps[1:], NODE, ZONE)
+    partial = categorize_endpoints(PORT, [*eps, endpoint("10.0.1.3", hints=frozenset({"a"}))],
+                                   NODE, ZONE)
+    assert ((["10.0.1.1:8080"], "node"), (["10.0.1.2:8080"], "zone"),
+            (["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"], "zone")) == (
+        (keys(same_node.cluster), same_node.topology),
+        (keys(elsewhere.cluster), elsewhere.topology),
+        (keys(partial.cluster), partial.topology))
 
 
 def test_internal_local_port_without_external_access_uses_local_endpoints_only() -> None:
