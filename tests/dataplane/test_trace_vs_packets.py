@@ -91,6 +91,12 @@ CASES = (
 )
 IPV6_TRACE = pytest.mark.xfail(
     strict=True, reason="trace --live reads no ip6tables yet (#14, i14-inspect)")
+ALIKE_IN_IPV4 = {"etp-local-without-endpoint", "no-endpoints-nodeport"}
+"""Cases whose IPv6 packets the IPv4 rules already judge right: their rules match a local
+destination (addrtype LOCAL) and a port, no address, the same in iptables and ip6tables."""
+PARAMS = [pytest.param(case, fam, id=f"{case.name}-{fam.name}",
+                       marks=[IPV6_TRACE] if fam.v6 and case.name not in ALIKE_IN_IPV4 else [])
+          for case in CASES for fam in FAMILIES]
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +117,14 @@ def traced(lab: Lab, case: Case, fam: Family) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-@pytest.mark.parametrize("fam", [FAMILIES[0], pytest.param(FAMILIES[1], marks=IPV6_TRACE)],
-                         ids=[f.name for f in FAMILIES])
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+@pytest.mark.parametrize(("case", "fam"), PARAMS)
 def test_trace_agrees_with_real_packets(synced: Lab, case: Case, fam: Family) -> None:
-    """The live trace's verdict, endpoints and masquerade match what real requests get."""
+    """The live trace knows the node's address of the packet's family, and its verdict,
+    endpoints and masquerade match what real requests get."""
     pod_by_endpoint = {join_host_port(fam.pod(name), 8080): name for name in PODS}
     trace = traced(synced, case, fam)
     assert ("external" if case.sender == "client" else "pod") == trace["packet"]["from"]
+    assert fam.node(case.node) in trace["node_ips"]  # the node's own address of the family
     assert [] == trace["warnings"]
     assert case.verdict == trace["verdict"]
     replies = synced.ask(case.sender, case.dst(fam), case.port, count=case.count,
