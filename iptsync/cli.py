@@ -12,15 +12,18 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import IO, Any, TypeVar
 
 import click
 
 from iptsync.agent.health import (
+    BIND_RETRY_INTERVAL,
     HealthServer,
     HealthState,
     HttpServer,
     MetricsServer,
+    PendingServer,
     ServiceHealthServers,
     parse_bind_address,
 )
@@ -235,6 +238,10 @@ def resolve_backend(choice: str) -> Backend:
 @click.option("--full-sync-period", default="1h", show_default=True,
               help="Time between full compares of every rule, while the change watch sees "
                    "nothing (kube-proxy's hourly full sync).")
+# KubeProxyConfiguration: bindAddressHardFail.
+@click.option("--bind-address-hard-fail", is_flag=True,
+              help="Exit when the healthz or metrics address cannot be bound (default: log "
+                   "it and try again every 5s).")
 @click.option("--canary-interval", default="5s", show_default=True, hidden=True,
               help="How often to look for the canary chain.")
 @click.option("--progress-interval", default="5s", show_default=True, hidden=True,
@@ -284,7 +291,7 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
     except (OptionError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     run_agent(engine, make_sources(params["objects"], kubeconfig, settings.node_name),
-              timing, healthz, metrics_at)
+              timing, healthz, metrics_at, hard_fail=params["bind_address_hard_fail"])
 
 
 def open_change_watch(netfilter: Netfilter) -> ChangeWatch | None:
@@ -335,13 +342,14 @@ def make_sources(objects: tuple[str, ...], kubeconfig: str | None,
 
 
 def run_agent(engine: Engine, sources: list[Source], timing: Timing,
-              healthz: tuple[str, int] | None, metrics_at: tuple[str, int] | None) -> None:
+              healthz: tuple[str, int] | None, metrics_at: tuple[str, int] | None, *,
+              hard_fail: bool = False) -> None:
     """Serve health and metrics, run the loop until SIGTERM or SIGINT; rules stay in place."""
     metrics = Metrics()
     health = HealthState(2 * timing.sync_period)
-    servers: list[HttpServer] = []
+    servers: list[HttpServer | PendingServer] = []
     wanted: list[tuple[str, tuple[str, int] | None, Callable[[tuple[str, int]], HttpServer]]] = [
-        ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health)),
+        ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health, metrics)),
         ("--metrics-bind-address", metrics_at,
          lambda at: MetricsServer(at, metrics.registry, health))]
     for flag, address, serve in wanted:
@@ -350,13 +358,21 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
         try:
             servers.append(serve(address))
         except OSError as err:
+            host, port = address
+            what = f"{flag} {host or '0.0.0.0'}:{port}"
+            why = (f"cannot listen there: {err.strerror or err} (another process, or another "
+                   f"iptsync or kube-proxy, may hold the port")
+            if not hard_fail:
+                # kube-proxy's default: keep proxying, and take the port once it is free.
+                logging.getLogger("iptsync").error(
+                    "%s: %s); trying again every %.0fs (--bind-address-hard-fail makes this "
+                    "fatal)", what, why, BIND_RETRY_INTERVAL)
+                servers.append(PendingServer(partial(serve, address), what))
+                continue
             for server in servers:
                 server.close()
-            host, port = address
             raise click.ClickException(
-                f"{flag} {host or '0.0.0.0'}:{port}: cannot listen there: "
-                f"{err.strerror or err} (another process, or another iptsync or kube-proxy, "
-                f"may hold the port; choose another address or an empty one to disable "
+                f"{what}: {why}; choose another address or an empty one to disable "
                 f"it)") from None
     agent = Agent(engine, sources, timing=timing, metrics=metrics, health=health,
                   service_health=ServiceHealthServers(proxy_healthy=health.healthy))

@@ -2,30 +2,48 @@
 
 Semantics follow kube-proxy's:
 
-- ``/healthz`` and ``/livez`` answer 200 while the rules are fresh: no change has been waiting
-  longer than the timeout (2 x ``--sync-period``) without a successful sync. Start-up counts
-  as a queued change, so a node that never manages its first sync turns unhealthy. The body is
-  JSON with ``lastUpdated``, ``currentTime`` and ``nodeEligible``.
+- ``/livez`` answers 200 while the rules are fresh: no change has been waiting longer than the
+  timeout (2 x ``--sync-period``) without a successful sync. Start-up counts as a queued
+  change, so a node that never manages its first sync turns unhealthy. The body is JSON with
+  ``lastUpdated`` and ``currentTime``.
+- ``/healthz`` answers the same, except that it also answers 503 while the node is not
+  eligible for load-balancer traffic (KEP-3836): its Node object has a deletionTimestamp, the
+  cluster autoscaler's ``ToBeDeletedByClusterAutoscaler`` taint, or is gone. Load balancers
+  probing it drain the node before it goes; the body adds ``nodeEligible``. Until the first
+  Node object arrives the node counts as eligible, as in kube-proxy.
 - For every service with ``externalTrafficPolicy: Local`` and a ``healthCheckNodePort``, a
   server on that port answers 200 with the number of local ready endpoints when there are
-  some, else 503, so cloud load balancers stop sending traffic to nodes without endpoints.
+  some, else 503, so cloud load balancers stop sending traffic to nodes without endpoints;
+  the ``X-Load-Balancing-Endpoint-Weight`` header carries that number (load balancers that
+  weigh nodes by it, such as Google's WEIGHTED_MAGLEV, spread traffic by endpoints).
+
+The listeners never resolve names: Python's ``HTTPServer`` looks its own address up in DNS
+(``socket.getfqdn``) when it binds, which took about 10 s per listener on a node whose DNS did
+not answer yet, exactly when a node proxy starts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from iptsync.agent.metrics import Metrics
+from iptsync.core.model import NodeInfo
+
 log = logging.getLogger(__name__)
+
+ENDPOINT_WEIGHT_HEADER = "X-Load-Balancing-Endpoint-Weight"
+BIND_RETRY_INTERVAL = 5.0  # seconds between attempts on a busy address (kube-proxy's)
 
 
 class HealthState:
@@ -37,6 +55,7 @@ class HealthState:
         self._lock = threading.Lock()
         self.last_queued: float | None = clock()  # start-up: the first sync is owed
         self.last_updated: float | None = None
+        self.node_eligible = True  # until a Node object says otherwise (kube-proxy's start)
 
     def queued(self) -> None:
         with self._lock:
@@ -54,12 +73,32 @@ class HealthState:
             waiting = self.last_queued
             return waiting is None or self.clock() - waiting < self.timeout
 
-    def body(self) -> dict[str, Any]:
+    def node_changed(self, node: NodeInfo | None) -> None:
+        """Follow this node's Node object (None: it was deleted) for ``/healthz``."""
+        reason = "its Node object was deleted" if node is None else node.draining
+        with self._lock:
+            was, self.node_eligible = self.node_eligible, reason is None
+        if was and reason is not None:
+            log.info("node is draining: %s; /healthz answers 503 so that load balancers stop "
+                     "sending it new connections (/livez and the rules are unaffected)", reason)
+        elif not was and reason is None:
+            log.info("node is eligible again: /healthz answers 200 while the rules are fresh")
+
+    def livez(self) -> tuple[int, dict[str, Any]]:
+        """``/livez``: fresh rules or not, whatever the node's state."""
+        return (200 if self.healthy() else 503), self._times()
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """``/healthz``: fresh rules on a node eligible for load-balancer traffic."""
+        eligible = self.node_eligible
+        status = 200 if self.healthy() and eligible else 503
+        return status, {**self._times(), "nodeEligible": eligible}
+
+    def _times(self) -> dict[str, Any]:
         def iso(stamp: float | None) -> str:
             return "" if stamp is None else datetime.fromtimestamp(stamp, UTC).isoformat()
 
-        return {"lastUpdated": iso(self.last_updated), "currentTime": iso(self.clock()),
-                "nodeEligible": True}
+        return {"lastUpdated": iso(self.last_updated), "currentTime": iso(self.clock())}
 
 
 def parse_bind_address(text: str, what: str) -> tuple[str, int]:
@@ -70,25 +109,46 @@ def parse_bind_address(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class HttpServer:
-    """A threaded HTTP server answering GETs with ``respond(path) -> (status, type, body)``."""
+class Reply(NamedTuple):
+    """What a server answers a GET with."""
 
-    def __init__(self, address: tuple[str, int],
-                 respond: Callable[[str], tuple[int, str, bytes]]) -> None:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class _Listener(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind sets server_name from socket.getfqdn(host), a reverse DNS
+        # lookup; nothing here reads server_name, and a node's DNS may not answer yet.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class HttpServer:
+    """A threaded HTTP server answering GETs with ``respond(path) -> Reply``."""
+
+    def __init__(self, address: tuple[str, int], respond: Callable[[str], Reply]) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                status, content_type, body = respond(self.path.split("?", 1)[0])
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
+                reply = respond(self.path.split("?", 1)[0])
+                self.send_response(reply.status)
+                self.send_header("Content-Type", reply.content_type)
+                self.send_header("Content-Length", str(len(reply.body)))
+                for name, value in reply.headers:
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(reply.body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s %s", self.address_string(), format % args)
 
-        self.httpd = ThreadingHTTPServer(address, Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Listener(address, Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                        name=f"http-{address[1]}")
         self.thread.start()
@@ -103,18 +163,72 @@ class HttpServer:
         self.thread.join(timeout=5)
 
 
-def _json(status: int, body: Mapping[str, Any]) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(body).encode() + b"\n"
+class PendingServer:
+    """A server whose address was busy: tried again every ``interval`` seconds until it
+    listens or :meth:`close` (kube-proxy retries its health and metrics servers so, unless
+    ``--bind-address-hard-fail``). The old proxy of a node being switched over may still hold
+    the port for a while."""
+
+    def __init__(self, start: Callable[[], HttpServer], what: str,
+                 interval: float = BIND_RETRY_INTERVAL) -> None:
+        self.server: HttpServer | None = None
+        self._start = start
+        self._what = what
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"bind-{what}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                server = self._start()
+            except OSError as err:
+                log.debug("%s: still cannot listen: %s", self._what, err)
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    server.close()
+                    return
+                self.server = server
+            log.info("%s: listening now", self._what)
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            server = self.server
+        self._thread.join(timeout=5)
+        if server is not None:
+            server.close()
+
+
+def _json(status: int, body: Mapping[str, Any], headers: tuple[tuple[str, str], ...] = (),
+          ) -> Reply:
+    return Reply(status, "application/json", json.dumps(body).encode() + b"\n", headers)
+
+
+NOT_FOUND = Reply(404, "text/plain", b"not found\n")
 
 
 class HealthServer(HttpServer):
-    """``/healthz`` and ``/livez``."""
+    """``/healthz`` and ``/livez``, each answer counted in kube-proxy's metrics."""
 
-    def __init__(self, address: tuple[str, int], state: HealthState) -> None:
-        def respond(path: str) -> tuple[int, str, bytes]:
-            if path not in ("/healthz", "/livez"):
-                return 404, "text/plain", b"not found\n"
-            return _json(200 if state.healthy() else 503, state.body())
+    def __init__(self, address: tuple[str, int], state: HealthState,
+                 metrics: Metrics | None = None) -> None:
+        def respond(path: str) -> Reply:
+            if path == "/healthz":
+                status, body = state.healthz()
+                counter = metrics.healthz_answers if metrics else None
+            elif path == "/livez":
+                status, body = state.livez()
+                counter = metrics.livez_answers if metrics else None
+            else:
+                return NOT_FOUND
+            if counter is not None:
+                counter.labels(str(status)).inc()
+            return _json(status, body)
 
         super().__init__(address, respond)
 
@@ -124,12 +238,14 @@ class MetricsServer(HttpServer):
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
                  state: HealthState) -> None:
-        def respond(path: str) -> tuple[int, str, bytes]:
+        def respond(path: str) -> Reply:
             if path == "/metrics":
-                return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-            if path in ("/healthz", "/livez"):
-                return _json(200 if state.healthy() else 503, state.body())
-            return 404, "text/plain", b"not found\n"
+                return Reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            if path == "/healthz":
+                return _json(*state.healthz())
+            if path == "/livez":
+                return _json(*state.livez())
+            return NOT_FOUND
 
         super().__init__(address, respond)
 
@@ -166,16 +282,17 @@ class ServiceHealthServers:
                 log.error("cannot serve the health check node port %d of %s/%s: %s", port,
                           wanted[port].namespace, wanted[port].name, err)
 
-    def _responder(self, port: int) -> Callable[[str], tuple[int, str, bytes]]:
-        def respond(path: str) -> tuple[int, str, bytes]:
+    def _responder(self, port: int) -> Callable[[str], Reply]:
+        def respond(path: str) -> Reply:
             health = self._health.get(port)
             if health is None:
-                return 404, "text/plain", b"not found\n"
+                return NOT_FOUND
             proxy_ok = self.proxy_healthy()
             ok = health.local_endpoints > 0 and proxy_ok
             return _json(200 if ok else 503, {
                 "service": {"namespace": health.namespace, "name": health.name},
-                "localEndpoints": health.local_endpoints, "serviceProxyHealthy": proxy_ok})
+                "localEndpoints": health.local_endpoints, "serviceProxyHealthy": proxy_ok},
+                ((ENDPOINT_WEIGHT_HEADER, str(health.local_endpoints)),))
 
         return respond
 

@@ -103,6 +103,7 @@ class Agent:
         self.timing = timing
         self.metrics = metrics or Metrics()
         self.health = health or HealthState(2 * timing.sync_period)
+        self._node_known = False  # a Node object was seen (its disappearance then counts)
         self.service_health = service_health
         self.clock = clock or SystemClock()
         self.queue: queue.Queue[Message] = queue.Queue()
@@ -257,6 +258,8 @@ class Agent:
             dirty = self.engine.upsert(message.obj)
         if isinstance(message, Change) and message.kind == "EndpointSlice":
             self._note_trigger(message.obj)
+        if message.kind == "Node":
+            self._follow_node()
         if dirty:
             kind = message.kind if message.kind in self._pending else "Service"
             self._pending[kind] += len(dirty)
@@ -268,6 +271,15 @@ class Agent:
         for kind in KINDS:
             count = sum(1 for ident in self.engine.problems if ident[0] == kind)
             self.metrics.invalid_objects.labels(kind).set(count)
+
+    def _follow_node(self) -> None:
+        """Tell /healthz whether this node is draining. Before any Node object arrived the
+        node counts as eligible (kube-proxy's start); once one was seen, its deletion makes
+        the node ineligible."""
+        node = self.engine.state.node
+        if node is not None or self._node_known:
+            self.health.node_changed(node)
+        self._node_known = node is not None
 
     def _note_trigger(self, obj: Mapping[str, object]) -> None:
         stamp = trigger_time(obj)
@@ -352,6 +364,11 @@ class Agent:
                 m.phase_duration.labels(phase).observe(seconds)
         for table, count in self.engine.rule_counts().items():
             m.rules.labels(table).set(count)
+        written = {t.table: t.rules_added for t in report.plan.tables}
+        for table in ("filter", "nat"):
+            m.rules_last.labels(table).set(written.get(table, 0))
+        for policy, count in self.engine.no_local_endpoints().items():
+            m.no_local_endpoints.labels(policy).set(count)
         now = datetime.fromtimestamp(self.clock.time(), UTC)
         for stamp in self._triggers:
             m.network_programming.observe(max(0.0, (now - stamp).total_seconds()))

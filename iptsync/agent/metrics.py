@@ -68,6 +68,20 @@ class Metrics:
         self.service_changes = Counter(
             "kubeproxy_sync_proxy_rules_service_changes_total",
             "Cumulative proxy rules Service changes", registry=r)
+        self.rules_last = Gauge(
+            "kubeproxy_sync_proxy_rules_iptables_last",
+            "Number of iptables rules written by kube-proxy in last sync", ["table"],
+            registry=r)
+        self.no_local_endpoints = Gauge(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            ["traffic_policy"], registry=r)
+        self.healthz_answers = Counter(
+            "kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"],
+            registry=r)
+        self.livez_answers = Counter(
+            "kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"],
+            registry=r)
         # iptsync's own.
         self.phase_duration = Histogram(
             "iptsync_sync_phase_duration_seconds",

@@ -28,6 +28,16 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+# The cluster autoscaler's taint on a node it is about to delete (KEP-3836: the proxy's
+# /healthz fails while it is there, so load balancers drain the node first).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+# Objects carrying either label are left to another proxy: kube-proxy lists Services and
+# EndpointSlices with "!<label>" for both (the EndpointSlice controller puts the headless
+# label on the slices of headless Services).
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+NOT_OURS_LABELS = (HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL)
+PROXY_LABEL_SELECTOR = ",".join(f"!{label}" for label in NOT_OURS_LABELS)
 
 
 class IPFamily(enum.Enum):
@@ -190,10 +200,22 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     addresses: tuple[IPAddress, ...] = ()
     pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs (at most one per family)
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    taints: frozenset[str] = frozenset()  # the keys of spec.taints
 
     @property
     def zone(self) -> str | None:
         return self.labels.get(ZONE_LABEL) or None
+
+    @property
+    def draining(self) -> str | None:
+        """Why load balancers should stop sending this node new connections (KEP-3836: being
+        deleted, or tainted by the cluster autoscaler, any effect), or None."""
+        if self.deleting:
+            return "it is being deleted (metadata.deletionTimestamp is set)"
+        if TO_BE_DELETED_TAINT in self.taints:
+            return f"it has the {TO_BE_DELETED_TAINT} taint"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +288,20 @@ def object_ref(manifest: Mapping[str, Any]) -> str:
     return f"{printable(namespace or 'default')}/{printable(name or '<unnamed>')}"
 
 
+def other_proxy_label(manifest: Mapping[str, Any]) -> str | None:
+    """``label=value`` when kube-proxy's label selector leaves a Service or EndpointSlice out
+    (:data:`PROXY_LABEL_SELECTOR`: another proxy programs it, or it belongs to a headless
+    Service), else None."""
+    meta = manifest.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return None
+    for label in NOT_OURS_LABELS:
+        if label in labels:
+            return f"{label}={printable(labels[label])}"
+    return None
+
+
 def printable(value: object, limit: int = 100) -> str:
     """``value`` as text fit for one log line: escaped when unusual, cut when long."""
     text = value if isinstance(value, str) else repr(value)
@@ -314,7 +350,7 @@ def parse_endpoint_slice(manifest: Mapping[str, Any]) -> Parsed:
 
 
 def parse_node(manifest: Mapping[str, Any]) -> Parsed:
-    """Parse a Node: name, labels (zone) and status addresses."""
+    """Parse a Node: name, labels (zone), status addresses, and whether it is draining."""
     ref = object_ref(manifest)
     try:
         meta = _mapping(manifest, "metadata", required=True)
@@ -327,13 +363,18 @@ def parse_node(manifest: Mapping[str, Any]) -> Parsed:
             entry = _as_mapping(item, f"status.addresses[{i}]")
             if entry.get("type") in ("InternalIP", "ExternalIP"):
                 addresses.append(_ip(entry.get("address"), f"status.addresses[{i}].address"))
+        deleting = bool(_string(meta, "deletionTimestamp", "metadata.deletionTimestamp"))
         spec = _mapping(manifest, "spec")
         pod_cidrs = tuple(_cidr(text, f"spec.podCIDRs[{i}]")
                           for i, text in enumerate(_list(spec, "podCIDRs", "spec.podCIDRs")))
         if not pod_cidrs and spec.get("podCIDR"):
             pod_cidrs = (_cidr(spec.get("podCIDR"), "spec.podCIDR"),)
+        taints = frozenset(
+            _string(_as_mapping(item, f"spec.taints[{i}]"), "key", f"spec.taints[{i}].key",
+                    required=True)
+            for i, item in enumerate(_list(spec, "taints", "spec.taints")))
         return Parsed(NodeInfo(name=name, labels=labels, addresses=tuple(addresses),
-                               pod_cidrs=pod_cidrs))
+                               pod_cidrs=pod_cidrs, deleting=deleting, taints=taints))
     except InvalidField as err:
         return Parsed(None, (Problem("Node", ref, err.path, err.message),))
 

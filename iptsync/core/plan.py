@@ -128,6 +128,7 @@ class TablePlan:
     undo_rule_ops: list[str] = field(default_factory=list)  # of single-rule ops, in op order
     undo_tail_lines: list[str] = field(default_factory=list)
     rules_written: int = 0
+    rules_inserted: int = 0  # single rules inserted in top-level chains (partial syncs)
     streamed_lines: int | None = None  # lines already sent, when streamed (TableBuilder)
 
     @property
@@ -167,6 +168,12 @@ class TablePlan:
         new_rules = [line for lines in self.new_chains.values() for line in lines]
         return _table_lines(self.table, [*map(chain_line, self.new_chains), *self.chain_lines],
                             [*new_rules, *self.rule_lines], self.tail_lines)
+
+    @property
+    def rules_added(self) -> int:
+        """Rules this plan writes: those of the chains it (re)writes, the single rules and
+        the jumps it inserts (kube-proxy's ``sync_proxy_rules_iptables_last``)."""
+        return self.rules_written + self.rules_inserted + len(self.jumps)
 
     @property
     def new_rule_count(self) -> int:
@@ -225,6 +232,7 @@ class TablePlan:
         ``chain``; the undo deletes it."""
         self.rule_lines.append(f"-I {chain} {position} {rule}")
         self.undo_rule_ops.append(f"-D {chain} {rule}")
+        self.rules_inserted += 1
 
     def delete_rule(self, chain: str, position: int, rule: str) -> None:
         """Delete ``rule`` (by its spec), which sits at ``position`` (1-based) of ``chain``
@@ -488,6 +496,10 @@ class RenderedService:
     chains: dict[str, ChainContent]  # nat chains of its own (SVC, SVL, EXT, FW, SEP)
     top: tuple[TopRule, ...]  # its rules in top-level chains, in render order
     endpoints: int  # endpoints known (for kube-proxy's large-cluster mode)
+    # Ports whose traffic policy is Local with endpoints elsewhere only: internal (cluster IP)
+    # and external traffic DROPped here (kube-proxy's no_local_endpoints metric).
+    no_local_internal: int = 0
+    no_local_external: int = 0
 
 
 class TopChain:

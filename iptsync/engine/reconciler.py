@@ -79,18 +79,20 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
     zone = state.node_zone
     chains: dict[str, ChainContent] = {}
     top: list[TopRule] = []
-    endpoints = 0
+    endpoints = no_local_internal = no_local_external = 0
     for index, port in enumerate(service.ports):
         eps = state.endpoints(port)
         endpoints += len(eps)
         piece: PortRules = render_service_port(port, eps, settings, zone,
                                                large_cluster=large_cluster)
+        no_local_internal += piece.no_local_internal
+        no_local_external += piece.no_local_external
         for chain, rules in piece.chains.items():
             chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules))
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
-    return RenderedService(chains, tuple(top), endpoints)
+    return RenderedService(chains, tuple(top), endpoints, no_local_internal, no_local_external)
 
 
 @dataclass
@@ -348,6 +350,13 @@ class Engine:
             len(content.lines) for rendered in self._rendered.values()
             for content in rendered.chains.values())
         return counts
+
+    def no_local_endpoints(self) -> dict[str, int]:
+        """Service ports whose Local traffic policy leaves this node without an endpoint, by
+        traffic policy (kube-proxy's ``sync_proxy_rules_no_local_endpoints_total``)."""
+        rendered = self._rendered.values()
+        return {"internal": sum(r.no_local_internal for r in rendered),
+                "external": sum(r.no_local_external for r in rendered)}
 
     # --- syncing -------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """List and watch Services, EndpointSlices and this node's Node from the Kubernetes API.
 
+Services and EndpointSlices are selected as kube-proxy selects them
+(:data:`iptsync.core.model.PROXY_LABEL_SELECTOR`), the Node by its name. Without a kubeconfig
+the pod's service account is used (:func:`in_cluster_configuration`).
+
 Each kind gets one thread doing what client-go's reflector does:
 
 - LIST, in pages (``limit``/``continue``: large clusters hold tens of thousands of objects),
@@ -53,11 +57,12 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +73,7 @@ import tenacity
 import urllib3
 from kubernetes.client import ApiException
 
+from iptsync.core.model import PROXY_LABEL_SELECTOR
 from iptsync.sources.base import KINDS, Change, Kind, Manifest, Sink, Snapshot, SourceStatus
 
 logger = logging.getLogger(__name__)
@@ -172,33 +178,95 @@ class _Resource:
     api_version: str
     list_call: Callable[..., Any]
     field_selector: str | None = None
+    label_selector: str | None = None
 
 
 def _resources(client: kubernetes.client.ApiClient, node_name: str) -> tuple[_Resource, ...]:
     core = kubernetes.client.CoreV1Api(client)
     discovery = kubernetes.client.DiscoveryV1Api(client)
+    # kube-proxy's selector: what another proxy programs, and the slices of headless
+    # Services, are never sent. A Service that gains one of the labels leaves the selection:
+    # its watch sends DELETED, and its rules go.
     return (
-        _Resource("Service", "v1", core.list_service_for_all_namespaces),
+        _Resource("Service", "v1", core.list_service_for_all_namespaces,
+                  label_selector=PROXY_LABEL_SELECTOR),
         _Resource("EndpointSlice", "discovery.k8s.io/v1",
-                  discovery.list_endpoint_slice_for_all_namespaces),
+                  discovery.list_endpoint_slice_for_all_namespaces,
+                  label_selector=PROXY_LABEL_SELECTOR),
         _Resource("Node", "v1", core.list_node, f"metadata.name={node_name}"),
     )
+
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+TOKEN_REREAD = 60.0  # seconds a service-account token read is used (client-go: a minute)
+
+
+def in_cluster_configuration(environ: Mapping[str, str] = os.environ,
+                             account: Path = SERVICE_ACCOUNT) -> kubernetes.client.Configuration:
+    """The pod's service account, as client-go's ``rest.InClusterConfig`` uses it.
+
+    The API server is ``https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT``, verified
+    with ``ca.crt``; the ``token`` file is read again every minute (kubelet rotates projected
+    tokens) and trimmed of surrounding whitespace, as client-go's file token source does. The
+    Python client's own loader sends the file as it is: a token file ending in a newline
+    made every request fail (http.client refuses a header value holding one).
+    """
+    host = environ.get("KUBERNETES_SERVICE_HOST", "")
+    port = environ.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        raise ApiConfigError("cannot use in-cluster configuration: KUBERNETES_SERVICE_HOST "
+                             "and KUBERNETES_SERVICE_PORT are not set (not running in a pod?)")
+    token_file, ca_file = account / "token", account / "ca.crt"
+    if not ca_file.is_file():
+        raise ApiConfigError(f"cannot use in-cluster configuration: {ca_file} is missing")
+    configuration = kubernetes.client.Configuration(
+        host=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}")
+    configuration.ssl_ca_cert = str(ca_file)
+    try:
+        _read_token(token_file, configuration)
+    except OSError as err:
+        raise ApiConfigError(f"cannot use in-cluster configuration: {err}") from err
+    read_at = time.monotonic()
+
+    def refresh(config: kubernetes.client.Configuration) -> None:
+        nonlocal read_at
+        if time.monotonic() - read_at < TOKEN_REREAD:
+            return
+        read_at = time.monotonic()
+        try:
+            _read_token(token_file, config)
+        except OSError as err:
+            logger.warning("%s; using the token read before", err)
+
+    # The client calls the hook before each request. (Its stub types the attribute None.)
+    configuration.refresh_api_key_hook = refresh  # type: ignore[assignment]
+    return configuration
+
+
+def _read_token(token_file: Path, configuration: kubernetes.client.Configuration) -> None:
+    """Set the bearer token from ``token_file``, trimmed; OSError saying why it cannot."""
+    try:
+        token = token_file.read_text().strip()
+    except OSError as err:
+        raise OSError(f"cannot read the service account token {token_file}: "
+                      f"{err.strerror or err}") from err
+    if not token:
+        raise OSError(f"the service account token {token_file} is empty")
+    configuration.api_key["authorization"] = f"Bearer {token}"
 
 
 def _client_from_config(kubeconfig: str | Path | None,
                         settings: ApiSettings) -> kubernetes.client.ApiClient:
     """An ApiClient from a kubeconfig file, or from the pod's service account without one."""
-    configuration = kubernetes.client.Configuration()
-    try:
-        if kubeconfig is None:
-            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration)
-        else:
+    if kubeconfig is None:
+        configuration = in_cluster_configuration()
+    else:
+        configuration = kubernetes.client.Configuration()
+        try:
             kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(kubeconfig), client_configuration=configuration)
-    except kubernetes.config.ConfigException as err:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration"
-        raise ApiConfigError(f"cannot use {where}: {err}") from err
+        except kubernetes.config.ConfigException as err:
+            raise ApiConfigError(f"cannot use kubeconfig {kubeconfig}: {err}") from err
     # Retries are ours (backoff, one warning per outage); urllib3's would add three instant
     # attempts and a warning each to every failed request.
     configuration.retries = 0
@@ -499,7 +567,8 @@ class _Reflector:
         """The raw response of one list or watch request, registered for :meth:`interrupt`."""
         try:
             response = self._resource.list_call(
-                field_selector=self._resource.field_selector, _preload_content=False, **params)
+                field_selector=self._resource.field_selector,
+                label_selector=self._resource.label_selector, _preload_content=False, **params)
         except ApiException as err:
             if err.status == 410:
                 self._tracker.request_succeeded(self.kind)

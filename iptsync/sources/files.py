@@ -10,6 +10,9 @@ be read, a file that does not parse, and a path given that yields no Kubernetes 
 *errors* (:attr:`LoadedObjects.errors`), which the one-shot commands refuse and which
 :class:`FilesSource` answers by keeping what that file or path last yielded. The same object
 (kind, namespace, name) defined twice is reported with both places; the last one wins.
+Services and EndpointSlices that kube-proxy's label selector leaves out (meant for another
+proxy, or a headless Service's slices) are left out here too, each such Service named in one
+INFO line.
 
 :class:`FilesSource` serves the agent without ``--once``: it polls the files instead of using
 inotify, because polling sees every way a file changes (edited in place, replaced by rename, a
@@ -30,7 +33,13 @@ from typing import Any
 
 import yaml
 
-from iptsync.core.model import Problem, object_key
+from iptsync.core.model import (
+    PROXY_LABEL_SELECTOR,
+    Problem,
+    object_key,
+    object_ref,
+    other_proxy_label,
+)
 from iptsync.sources.base import KINDS, Sink, Snapshot, SourceStatus
 
 logger = logging.getLogger(__name__)
@@ -274,10 +283,31 @@ def unique_objects(reading: Reading) -> tuple[list[dict[str, Any]], list[FilePro
     return [obj for obj in objects if obj is not None], duplicates
 
 
+def selected(objects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The objects kube-proxy's label selector lists (:data:`PROXY_LABEL_SELECTOR`), and a line
+    for each Service it leaves out. The EndpointSlices of such Services (and of headless ones)
+    go without a word: their Service says it."""
+    kept: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for obj in objects:
+        label = (other_proxy_label(obj) if obj.get("kind") in ("Service", "EndpointSlice")
+                 else None)
+        if label is None:
+            kept.append(obj)
+        elif obj["kind"] == "Service":
+            notes.append(f"Service {object_ref(obj)}: not programmed: labelled {label} (left to "
+                         f"another proxy, as kube-proxy's label selector "
+                         f"{PROXY_LABEL_SELECTOR} does)")
+    return kept, notes
+
+
 def load_objects(paths: Iterable[str | Path]) -> LoadedObjects:
     """Load every object from the given files and directories, for a one-shot command."""
     reading = read_paths(paths)
     objects, duplicates = unique_objects(reading)
+    objects, notes = selected(objects)
+    for note in notes:
+        logger.info("%s", note)
     errors = list(reading.errors.values())
     return LoadedObjects(objects, errors, [*errors, *reading.warnings, *duplicates])
 
@@ -306,6 +336,7 @@ class FilesSource:
         self._last_good: dict[Path, list[Located]] = {}  # per file, what it last yielded
         self._failing: dict[Path, FileProblem] = {}  # errors as last reported
         self._warned: set[str] = set()
+        self._noted: set[str] = set()  # Services left to other proxies, as last logged
         self._sent = False
 
     def start(self, sink: Sink) -> None:
@@ -344,6 +375,11 @@ class FilesSource:
         self._last_good = reading.objects
         objects, duplicates = unique_objects(reading)
         self._warn_once([*reading.warnings, *duplicates])
+        objects, notes = selected(objects)
+        for note in notes:
+            if note not in self._noted:
+                logger.info("%s", note)
+        self._noted = set(notes)
         if reading.errors and not self._sent:
             logger.warning("not syncing until every --objects path loads without errors; the "
                            "rules in place are left as they are")

@@ -67,7 +67,7 @@ class RunningAgent:
             min_watch_timeout=5, request_timeout=2.0, backoff_initial=0.05, backoff_max=0.5))
         self.metrics = Metrics()
         self.health = HealthState(2.0)
-        self.health_server = HealthServer(("127.0.0.1", 0), self.health)
+        self.health_server = HealthServer(("127.0.0.1", 0), self.health, self.metrics)
         self.metrics_server = MetricsServer(("127.0.0.1", 0), self.metrics.registry, self.health)
         self.engine = Engine(self.netfilter, SETTINGS)
         self.agent = Agent(self.engine, [self.source],
@@ -101,6 +101,14 @@ class RunningAgent:
         except OSError:
             return 0, ""  # nothing listens
 
+    def header(self, port: int, path: str, name: str) -> str | None:
+        """One response header of a GET (whatever the status)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+                return resp.headers.get(name)
+        except urllib.error.HTTPError as err:
+            return err.headers.get(name)
+
     def metric(self, name: str) -> float:
         _status, text = self.http(self.metrics_server, "/metrics")
         values = [float(line.split()[-1]) for line in text.splitlines()
@@ -111,11 +119,15 @@ class RunningAgent:
         return self.netfilter.save()["nat"].chains
 
 
+def node1(**fields: Any) -> dict[str, Any]:
+    return manifest("Node", "node1", status={
+        "addresses": [{"type": "InternalIP", "address": "10.100.0.2"}]}, **fields)
+
+
 @pytest.fixture
 def running(cluster: tuple[Cluster, Backend]) -> Iterator[RunningAgent]:
     with FakeApiServer(bookmark_interval=0.5) as server:
-        server.create(manifest("Node", "node1", status={
-            "addresses": [{"type": "InternalIP", "address": "10.100.0.2"}]}))
+        server.create(node1())
         agent = RunningAgent(*cluster, server)
         try:
             yield agent
@@ -124,8 +136,9 @@ def running(cluster: tuple[Cluster, Backend]) -> Iterator[RunningAgent]:
 
 
 
-def web_service(name: str = "web", cluster_ip: str = "10.96.0.50", **spec: Any) -> dict[str, Any]:
-    return manifest("Service", name, "default", spec={
+def web_service(name: str = "web", cluster_ip: str = "10.96.0.50",
+                labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    return manifest("Service", name, "default", metadata={"labels": labels or {}}, spec={
         "clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080,
                                             "protocol": "TCP"}], **spec})
 
@@ -241,11 +254,82 @@ def test_health_metrics_and_health_check_node_port(running: RunningAgent) -> Non
     status, body = running.http(HEALTH_CHECK_PORT, "/")
     assert {"service": {"namespace": "default", "name": "web"}, "localEndpoints": 0,
             "serviceProxyHealthy": True} == json.loads(body)
+    assert "0" == running.header(HEALTH_CHECK_PORT, "/", "X-Load-Balancing-Endpoint-Weight")
+    assert 1 == running.metric(
+        'kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"}')
     running.server.update(web_slice(["web-a", "web-b"]))
     eventually(lambda: running.http(HEALTH_CHECK_PORT, "/")[0] == 200)
     assert 1 == json.loads(running.http(HEALTH_CHECK_PORT, "/")[1])["localEndpoints"]
+    assert "1" == running.header(HEALTH_CHECK_PORT, "/", "X-Load-Balancing-Endpoint-Weight")
+    assert 0 == running.metric("kubeproxy_sync_proxy_rules_no_local_endpoints_total")
     assert running.metric("kubeproxy_network_programming_duration_seconds_count") >= 1
     assert running.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0
     assert running.metric('kubeproxy_sync_proxy_rules_iptables_total{table="nat"}') > 0
     running.server.delete("Service", "default", "web")
     eventually(lambda: running.http(HEALTH_CHECK_PORT, "/")[0] == 0)
+
+
+def test_healthz_fails_while_the_node_drains_and_livez_does_not(running: RunningAgent) -> None:
+    """/healthz answers 503 (nodeEligible false) while node1 has the cluster autoscaler's
+    taint, while it is being deleted and once its Node object is gone, and 200 again when
+    the taint goes and the Node is back; /livez answers 200 throughout. Both are counted
+    under kube-proxy's metric names."""
+    eventually(lambda: running.engine.synced_once)
+
+    def probe() -> tuple[int, bool, int]:
+        status, body = running.http(running.health_server, "/healthz")
+        return status, json.loads(body)["nodeEligible"], running.http(
+            running.health_server, "/livez")[0]
+
+    assert (200, True, 200) == probe()
+    taint = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1764590000",
+             "effect": "NoSchedule"}
+    running.server.update(node1(spec={"taints": [taint]}))
+    assert (503, False, 200) == eventually(lambda: (p := probe())[0] == 503 and p)
+    running.server.update(node1(spec={"taints": []}))
+    assert (200, True, 200) == eventually(lambda: (p := probe())[0] == 200 and p)
+    running.server.update(node1(metadata={"deletionTimestamp": "2026-12-01T12:00:00Z",
+                                          "finalizers": ["example.com/hold"]}))
+    assert (503, False, 200) == eventually(lambda: (p := probe())[0] == 503 and p)
+    running.server.delete("Node", None, "node1")
+    time.sleep(0.5)  # the DELETED event arrives, and must not make the node eligible
+    assert (503, False, 200) == probe()
+    running.server.create(node1())
+    assert (200, True, 200) == eventually(lambda: (p := probe())[0] == 200 and p)
+    assert running.metric('kubeproxy_proxy_healthz_total{code="503"}') >= 3
+    assert running.metric('kubeproxy_proxy_healthz_total{code="200"}') >= 3
+    assert 0 == running.metric('kubeproxy_proxy_livez_total{code="503"}')
+    assert running.metric('kubeproxy_proxy_livez_total{code="200"}') >= 6
+
+
+def test_service_labelled_for_another_proxy_gets_no_rules(running: RunningAgent) -> None:
+    """A Service labelled service.kubernetes.io/service-proxy-name gets no rule; one that
+    gains the label loses its rules and its traffic; the slices of a headless Service
+    (labelled service.kubernetes.io/headless) are never read."""
+    other = {"service.kubernetes.io/service-proxy-name": "other-proxy"}
+    running.server.create(web_service("mesh", "10.96.0.60", other))
+    running.server.create(web_slice(["web-a"], name="mesh"))
+    running.server.create(web_service())
+    running.server.create(web_slice(["web-a", "web-b"]))
+    headless = web_slice(["web-b"], name="db")
+    headless["metadata"]["labels"]["service.kubernetes.io/headless"] = ""
+    running.server.create(headless)
+    assert {"web-a", "web-b"} == eventually(
+        lambda: (s := running.servers("10.96.0.50", 80)) == {"web-a", "web-b"} and s)
+    nat = running.netfilter.save_text("nat")
+    assert [] == [text for text in ("10.96.0.60", "default/mesh", "default/db") if text in nat]
+    running.server.update(web_service(labels=other))
+    eventually(lambda: "10.96.0.50" not in running.netfilter.save_text("nat")
+               and "10.96.0.50" not in running.netfilter.save_text("filter"))
+    assert {"web-a", "web-b"}.isdisjoint(running.servers("10.96.0.50", 80, count=2))
+
+
+def test_rules_written_by_the_last_sync_are_counted_per_table(running: RunningAgent) -> None:
+    """sync_proxy_rules_iptables_last counts the rules the last sync wrote: some after a
+    Service appears, none after a periodic full sync that found nothing to change."""
+    running.server.create(web_service())
+    running.server.create(web_slice(["web-a"]))
+    eventually(lambda: running.metric(
+        'kubeproxy_sync_proxy_rules_iptables_last{table="nat"}') > 0)
+    eventually(lambda: running.metric("kubeproxy_sync_proxy_rules_iptables_last") == 0)
+    assert running.metric('kubeproxy_sync_proxy_rules_iptables_total{table="nat"}') > 0

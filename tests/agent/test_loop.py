@@ -231,3 +231,29 @@ def test_injected_failure_is_retried_and_converges() -> None:
     assert [(0.0, "full", True), (10.0, "partial", False),
             (11.0, "full", True)] == loop.engine.attempts
     loop.assert_converged()
+
+
+def test_node_eligibility_follows_the_node_object() -> None:
+    """Without any Node object the node counts as eligible; the autoscaler's taint makes it
+    ineligible, its removal eligible again, and the Node's deletion ineligible."""
+    loop = Loop(FakeNetfilter())
+    seen: list[tuple[float, bool]] = []
+
+    def record() -> None:
+        seen.append((loop.clock.now - START, loop.agent.health.node_eligible))
+
+    def node(*taints: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": SETTINGS.node_name},
+                "spec": {"taints": [{"key": key, "effect": "NoSchedule"} for key in taints]}}
+
+    def delete() -> None:
+        assert loop.source.sink is not None
+        loop.source.sink(Change("Node", "delete", node()))
+
+    for seconds, action in ((1.0, record), (3.0, record), (4.0, record), (5.0, record)):
+        loop.at(seconds, action)
+    loop.change(2.0, node("ToBeDeletedByClusterAutoscaler"))
+    loop.change(3.5, node("example.com/other"))
+    loop.at(4.5, delete)
+    loop.run_until(6.0)
+    assert [(1.0, True), (3.0, False), (4.0, True), (5.0, False)] == seen

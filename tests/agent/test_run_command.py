@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from processes import reaped
 
 from iptsync.core import names
 from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel.port import Backend
 
 from .waiting import eventually
 
@@ -122,24 +124,30 @@ def test_progress_interval_flag_reaches_the_sync(netns: str, tmp_path: Path) -> 
     assert "full sync in progress: 0 of 1 services sent to iptables-restore" in result.stderr
 
 
-@pytest.mark.parametrize("flag", ["--healthz-bind-address", "--metrics-bind-address"])
-def test_busy_port_names_the_flag_and_the_address(netns: str, tmp_path: Path,
-                                                  flag: str) -> None:
-    """A health or metrics address already in use: a message naming the flag and address,
-    exit status 1, no traceback."""
-    objects = tmp_path / "web.json"
-    objects.write_text(json.dumps(service("web", "10.96.0.50")))
+def hold_port(netns: str, port: int) -> subprocess.Popen[str]:
+    """A process in ``netns`` listening on 127.0.0.1:``port`` until killed."""
     holder = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-c",
-         "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 10999)); s.listen();"
+         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen();"
          "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert "ready" == holder.stdout.readline().strip()
+    return holder
+
+
+@pytest.mark.parametrize("flag", ["--healthz-bind-address", "--metrics-bind-address"])
+def test_busy_port_with_hard_fail_names_the_flag_and_the_address(netns: str, tmp_path: Path,
+                                                                 flag: str) -> None:
+    """With --bind-address-hard-fail, a health or metrics address already in use: a message
+    naming the flag and address, exit status 1, no traceback."""
+    objects = tmp_path / "web.json"
+    objects.write_text(json.dumps(service("web", "10.96.0.50")))
+    holder = hold_port(netns, 10999)
     try:
-        assert holder.stdout is not None
-        assert "ready" == holder.stdout.readline().strip()
         others = [f for f in ("--healthz-bind-address", "--metrics-bind-address") if f != flag]
         result = subprocess.run(
             run_command(netns, "--objects", str(objects), "--iptables-backend", "legacy",
-                        flag, "127.0.0.1:10999", *others, ""),
+                        "--bind-address-hard-fail", flag, "127.0.0.1:10999", *others, ""),
             capture_output=True, text=True, check=False, timeout=60)
     finally:
         holder.kill()
@@ -148,3 +156,45 @@ def test_busy_port_names_the_flag_and_the_address(netns: str, tmp_path: Path,
     assert "Traceback" not in result.stderr
     assert (f"Error: {flag} 127.0.0.1:10999: cannot listen there: Address already in use"
             in result.stderr)
+
+
+def test_busy_healthz_port_is_taken_once_free(netns: str, tmp_path: Path) -> None:
+    """Without --bind-address-hard-fail (kube-proxy's default), a busy /healthz address is
+    an error line: the agent syncs all the same, and serves /healthz within 5 s of the port
+    coming free (an old kube-proxy still on the node while iptsync starts)."""
+    objects = tmp_path / "web.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        service("web", "10.96.0.50"), endpoint_slice("web", "10.0.1.10")]}))
+    holder = hold_port(netns, 10256)
+    agent = subprocess.Popen(
+        run_command(netns, "--objects", str(objects), "--iptables-backend", "legacy",
+                    "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", ""),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with reaped(agent):
+        try:
+            netfilter = Netfilter(Backend.LEGACY, netns=netns)
+            svc = names.svc_chain("default/web:http", "tcp")
+            eventually(lambda: svc in netfilter.save()["nat"].chains)
+        finally:
+            holder.kill()
+            holder.wait()
+        freed = time.monotonic()
+        eventually(lambda: "200" == healthz(netns, 10256), timeout=10.0)
+        took = time.monotonic() - freed
+        agent.send_signal(signal.SIGTERM)
+        _out, err = agent.communicate(timeout=10)
+    assert 0 == agent.returncode, err
+    assert took < 6.5
+    assert ("--healthz-bind-address 127.0.0.1:10256: cannot listen there: Address already in "
+            "use") in err
+    assert "--healthz-bind-address 127.0.0.1:10256: listening now" in err
+
+
+def healthz(netns: str, port: int) -> str:
+    """The status of GET /healthz on 127.0.0.1:``port`` inside ``netns`` ("" if none)."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import urllib.request; print(urllib.request.urlopen("
+         f"'http://127.0.0.1:{port}/healthz', timeout=2).status)"],
+        capture_output=True, text=True, check=False)
+    return result.stdout.strip()

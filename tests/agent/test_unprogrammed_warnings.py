@@ -49,3 +49,30 @@ def test_only_unprogrammed_fqdn_slices_are_named(tmp_path: Path) -> None:
     assert '"default/dual:http cluster IP"' in result.stdout
     assert '"default/only-v6-slices:http has no endpoints"' in result.stdout
     assert "fd00" not in result.stdout
+
+
+def test_services_for_another_proxy_are_named_and_left_out(tmp_path: Path) -> None:
+    """A Service labelled service.kubernetes.io/service-proxy-name, and the slices of a
+    headless Service, are not dumped; the Service is named in one INFO line (``-v``)."""
+    other = service("mesh", clusterIP="10.96.0.40")
+    other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other-proxy"}
+    headless = slice_of("db", "db-1", "IPv4", "10.0.1.50")
+    headless["metadata"]["labels"]["service.kubernetes.io/headless"] = ""
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps({"kind": "List", "items": [
+        other, slice_of("mesh", "mesh-1", "IPv4", "10.0.1.40"), headless,
+        service("web", clusterIP="10.96.0.41"), slice_of("web", "web-1", "IPv4", "10.0.1.41"),
+    ]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "iptsync.cli", "dump", "-v", "--objects", str(objects),
+         "--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14"],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert 0 == result.returncode, result.stderr
+    notes = [line.split("iptsync.sources.files: ", 1)[1] for line in result.stderr.splitlines()
+             if "not programmed" in line]
+    assert ["Service default/mesh: not programmed: labelled service.kubernetes.io/"
+            "service-proxy-name=other-proxy (left to another proxy, as kube-proxy's label "
+            "selector !service.kubernetes.io/headless,!service.kubernetes.io/"
+            "service-proxy-name does)"] == notes
+    assert '"default/web:http cluster IP"' in result.stdout
+    assert [] == [ip for ip in ("10.96.0.40", "10.0.1.40", "10.0.1.50") if ip in result.stdout]

@@ -40,6 +40,7 @@ import re
 import select
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -577,7 +578,8 @@ class FakeApiServer:
     requests must carry ``Authorization: Bearer <token>`` (else 401). ``too_large_rv_wait``:
     how long a LIST at a future resourceVersion waits for the store before 504 (the real
     server waits 3 s). ``host``: the address to listen on (the listening socket belongs to
-    the network namespace of the thread that calls :meth:`start`). ``stalled``: while True,
+    the network namespace of the thread that calls :meth:`start`). ``tls``: (certificate,
+    key) files to serve HTTPS with, as the in-cluster address is. ``stalled``: while True,
     open watches send nothing at all, neither events nor bookmarks, and never time out, as a
     hung server or proxy would; what they missed is sent once it is False again.
     """
@@ -591,9 +593,11 @@ class FakeApiServer:
         token: str | None = None,
         too_large_rv_wait: float = 0.0,
         host: str = "127.0.0.1",
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.store = Store(max_events=max_events)
         self.host = host
+        self.tls = tls
         self.stalled = False
         self.bookmark_interval = bookmark_interval
         self.latency = latency
@@ -631,6 +635,10 @@ class FakeApiServer:
             if self._httpd is not None:
                 raise RuntimeError("the fake API server is already running")
             httpd = _HTTPServer((self.host, self._port), self)
+            if self.tls is not None:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(*self.tls)
+                httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
             self._stopping = threading.Event()
             self._port = int(httpd.server_address[1])
             self._documents = _documents(f"{self.host}:{self._port}")
@@ -680,8 +688,9 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        """``http://<host>:<port>``."""
-        return f"http://{self.host}:{self._port}"
+        """``http://<host>:<port>`` (``https`` with ``tls``)."""
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.host}:{self._port}"
 
     # --- client helpers ---
 

@@ -172,8 +172,17 @@ class Watcher:
         if change.key[0] != self.filter.rtype.kind or change.rv <= self.start_rv:
             return
         event_type = self._event_type(change)
-        if event_type is not None:
-            self.queue.append({"type": event_type, "object": copy.deepcopy(change.obj)})
+        if event_type is None:
+            return
+        if event_type == "DELETED" and change.type == "MODIFIED":
+            # Left the selection: the real server (cacher and etcd watcher alike) sends the
+            # previous content, the one that matched, at the new resourceVersion.
+            assert change.prev is not None
+            obj = copy.deepcopy(change.prev)
+            obj["metadata"]["resourceVersion"] = str(change.rv)
+        else:
+            obj = copy.deepcopy(change.obj)
+        self.queue.append({"type": event_type, "object": obj})
 
     def _event_type(self, change: Change) -> str | None:
         now = self.filter.matches(change.obj)
@@ -187,7 +196,7 @@ class Watcher:
         if now:
             return "ADDED"  # started matching the selector
         if before:
-            return "DELETED"  # stopped matching: the real server sends DELETED with the new state
+            return "DELETED"  # stopped matching
         return None
 
 

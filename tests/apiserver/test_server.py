@@ -764,7 +764,9 @@ def test_watch_replays_history_after_rv(apiserver: FakeApiServer, core: CoreV1Ap
 
 
 def test_watch_selector_transitions(apiserver: FakeApiServer, core: CoreV1Api) -> None:
-    """With a label selector, leaving the selection is DELETED and entering it is ADDED."""
+    """With a label selector, leaving the selection is DELETED (with the content that last
+    matched, at the new resourceVersion, as kube-apiserver sends it) and entering it is
+    ADDED."""
     apiserver.create(service("web", labels={"app": "web"}))
     response = core.list_namespaced_service(
         "default", watch=True, label_selector="app=web",
@@ -776,9 +778,11 @@ def test_watch_selector_transitions(apiserver: FakeApiServer, core: CoreV1Api) -
     apiserver.update(service("web", labels={"app": "web"}))
     apiserver.create(service("web", "elsewhere", labels={"app": "web"}))
     apiserver.update(service("web", cluster_ip="10.96.0.12", labels={"app": "web"}))
-    assert [("DELETED", "moved"), ("ADDED", "web"), ("MODIFIED", "web")] \
-        == [(e["type"], e["object"]["metadata"]["labels"]["app"])
-            for e in (next(stream) for _ in range(3))]
+    seen = [next(stream) for _ in range(3)]
+    assert [("DELETED", "web"), ("ADDED", "web"), ("MODIFIED", "web")] \
+        == [(e["type"], e["object"]["metadata"]["labels"]["app"]) for e in seen]
+    moved = apiserver.store.rv - 3  # the update that took "web" out of the selection
+    assert str(moved) == seen[0]["object"]["metadata"]["resourceVersion"]
 
 
 def test_raw_watch_bookmarks_on_demand(apiserver: FakeApiServer, core: CoreV1Api) -> None:

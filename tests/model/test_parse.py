@@ -31,6 +31,7 @@ from iptsync.core.model import (
     ServiceInfo,
     ServicePortName,
     SlicePort,
+    other_proxy_label,
     parse_all,
     parse_endpoint_slice,
     parse_node,
@@ -838,6 +839,40 @@ def test_node_with_bad_address_is_reported() -> None:
     """A Node with a bad address is rejected naming the address field."""
     parsed = parse_object(node(status={"addresses": [{"type": "InternalIP", "address": "x"}]}))
     assert [("Node", "default/node1", "status.addresses[0].address")] == problem_fields(parsed)
+
+
+def test_node_draining_reads_deletion_timestamp_and_autoscaler_taint() -> None:
+    """A Node is draining while it has a deletionTimestamp or the cluster autoscaler's
+    ToBeDeletedByClusterAutoscaler taint (any effect); other taints do not count."""
+    def draining(**overrides: Any) -> str | None:
+        parsed = parse_object(node(**overrides))
+        assert isinstance(parsed.value, NodeInfo)
+        return parsed.value.draining
+
+    tainted = {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000",
+                           "effect": "NoSchedule"}]}
+    deleting = {"name": "node1", "deletionTimestamp": "2026-12-01T12:00:00Z"}
+    other = {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}
+    assert [None, None, "it has the ToBeDeletedByClusterAutoscaler taint",
+            "it is being deleted (metadata.deletionTimestamp is set)"] == [
+        draining(), draining(spec=other), draining(spec=tainted), draining(metadata=deleting)]
+
+
+def test_node_with_a_taint_without_key_is_reported() -> None:
+    """A taint without a key rejects the Node naming the field."""
+    parsed = parse_object(node(spec={"taints": [{"effect": "NoSchedule"}]}))
+    assert [("Node", "default/node1", "spec.taints[0].key")] == problem_fields(parsed)
+
+
+def test_other_proxy_label_names_the_label() -> None:
+    """Objects kube-proxy's label selector leaves out are named with the label and value."""
+    labelled = service()
+    labelled["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "cilium"}
+    headless_slice = endpoint_slice()
+    headless_slice["metadata"]["labels"]["service.kubernetes.io/headless"] = ""
+    assert [None, "service.kubernetes.io/service-proxy-name=cilium",
+            "service.kubernetes.io/headless="] == [
+        other_proxy_label(o) for o in (service(), labelled, headless_slice)]
 
 
 def test_unknown_kinds_are_ignored_silently() -> None:

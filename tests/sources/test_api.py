@@ -7,6 +7,7 @@ Backoff and timeouts are small so outages resolve in milliseconds; waits have de
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -19,11 +20,17 @@ import kubernetes.client
 import pytest
 from apiserver import FakeApiServer, RecordedRequest, manifest
 
-from iptsync.core.model import object_key, parse_object
+from iptsync.core.model import (
+    HEADLESS_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    object_key,
+    parse_object,
+)
 from iptsync.sources.api import (
     ApiConfigError,
     ApiSettings,
     ApiSource,
+    in_cluster_configuration,
     keepalive_socket_options,
 )
 from iptsync.sources.base import KINDS, Kind, Snapshot
@@ -143,7 +150,9 @@ def test_list_then_watch_requests(apiserver: FakeApiServer, recorder: Recorder,
     assert [{"fieldSelector": f"metadata.name={NODE}", "watch": "true", "resourceVersion": rv,
              "allowWatchBookmarks": "true"}] \
         == [without_timeout(r.query) for r in requests_to(apiserver, NODES, watch=True)]
-    assert [{"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}] \
+    assert [{"labelSelector": "!service.kubernetes.io/headless,"
+                               "!service.kubernetes.io/service-proxy-name",
+             "watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}] \
         == [without_timeout(r.query) for r in requests_to(apiserver, SERVICES, watch=True)]
 
 
@@ -426,3 +435,87 @@ def test_unusable_kubeconfig(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     with pytest.raises(ApiConfigError, match=f"cannot use kubeconfig {missing}: "):
         ApiSource(NODE, kubeconfig=missing)
+
+
+def labelled(obj: Any, **labels: str) -> Any:
+    """``obj`` with more labels."""
+    obj["metadata"].setdefault("labels", {}).update(labels)
+    return obj
+
+
+def test_objects_for_other_proxies_are_not_listed_and_gaining_the_label_deletes(
+        apiserver: FakeApiServer, recorder: Recorder,
+        start_source: Callable[..., ApiSource]) -> None:
+    """Services and EndpointSlices are listed and watched with kube-proxy's label selector:
+    a Service labelled service-proxy-name and a headless Service's slices never arrive, and a
+    Service that gains the label arrives as deleted."""
+    apiserver.create(service("web"))
+    apiserver.create(endpoint_slice("web-1", "web", "10.0.0.1"))
+    apiserver.create(labelled(service("mesh", cluster_ip="10.96.0.11"),
+                              **{SERVICE_PROXY_NAME_LABEL: "other-proxy"}))
+    apiserver.create(labelled(endpoint_slice("mesh-1", "mesh", "10.0.0.2"),
+                              **{SERVICE_PROXY_NAME_LABEL: "other-proxy"}))
+    apiserver.create(labelled(endpoint_slice("db-1", "db", "10.0.0.3"),
+                              **{HEADLESS_LABEL: ""}))
+    apiserver.create(node(NODE))
+    start_source()
+    snapshots = synced(recorder)
+    assert (["web"], ["web-1"]) == (names(snapshots["Service"]), names(snapshots["EndpointSlice"]))
+    selector = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
+    assert {selector} == {r.query.get("labelSelector") for r in apiserver.requests
+                          if r.path in (SERVICES, SLICES)}
+    apiserver.wait_for_watches(3)
+    apiserver.update(labelled(service("web"), **{SERVICE_PROXY_NAME_LABEL: "other-proxy"}))
+    recorder.wait_for(lambda r: bool(r.changes("Service")))
+    assert [("delete", "web")] == [(c.action, c.obj["metadata"]["name"])
+                                   for c in recorder.changes("Service")]
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), valid a day."""
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_in_cluster_token_ending_in_a_newline_is_trimmed(tmp_path: Path,
+                                                       recorder: Recorder) -> None:
+    """The service account's token file, ending in a newline as many tools write it, is
+    sent trimmed (as client-go does) to the https address the pod's environment names."""
+    cert, key = self_signed(tmp_path)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("s3cret-token\n")
+    (account / "ca.crt").write_bytes(cert.read_bytes())
+    with FakeApiServer(bookmark_interval=None, token="s3cret-token", tls=(cert, key)) as server:
+        server.create(node(NODE))
+        configuration = in_cluster_configuration(
+            {"KUBERNETES_SERVICE_HOST": "127.0.0.1",
+             "KUBERNETES_SERVICE_PORT": str(server.port)}, account)
+        configuration.retries = 0
+        client = kubernetes.client.ApiClient(configuration)
+        source = ApiSource(NODE, api_client=client, settings=FAST)
+        source.start(recorder)
+        try:
+            assert [NODE] == names(synced(recorder)["Node"])
+        finally:
+            source.stop()
+            client.close()  # type: ignore[no-untyped-call]
+        assert ([], {200}) == (server.handler_errors, {r.status for r in server.requests})
+
+
+def test_in_cluster_configuration_outside_a_pod(tmp_path: Path) -> None:
+    """Without the pod's environment or service account, the error says what is missing."""
+    with pytest.raises(ApiConfigError, match="KUBERNETES_SERVICE_HOST and "
+                                             "KUBERNETES_SERVICE_PORT are not set"):
+        in_cluster_configuration({}, tmp_path)
+    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    with pytest.raises(ApiConfigError, match=f"{tmp_path / 'ca.crt'} is missing"):
+        in_cluster_configuration(environ, tmp_path)
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ApiConfigError, match=f"the service account token {tmp_path / 'token'} "
+                                             "is empty"):
+        in_cluster_configuration(environ, tmp_path)

@@ -392,3 +392,36 @@ def test_metadata_that_is_not_a_mapping_does_not_stop_the_source(
     (manifests / "node.yaml").write_text(NODE.replace("node-a", "node-bb"))
     wait_for_state(recorder, {"Service": ["web", "db", ""], "EndpointSlice": ["web-1"],
                               "Node": ["node-bb"]})
+
+
+LABELLED_DB = ("apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default, "
+               "labels: {service.kubernetes.io/service-proxy-name: other-proxy}}\n"
+               "spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n")
+
+
+def test_services_for_other_proxies_are_left_out_with_one_info_line(
+        manifests: Path, recorder: Recorder, start_source: Callable[..., FilesSource],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A Service that gains kube-proxy's service-proxy-name label leaves the Snapshots (its
+    rules go), named once in an INFO line; a headless Service's slices are left out."""
+    headless = json.loads(json.dumps(SLICES))
+    headless["items"][0]["metadata"].update(
+        name="db-1", labels={"kubernetes.io/service-name": "db",
+                             "service.kubernetes.io/headless": ""})
+    (manifests / "headless.json").write_text(json.dumps(headless))
+    caplog.set_level(logging.INFO, "iptsync.sources.files")
+    start_source(manifests)
+    wait_for_state(recorder, {"Service": ["web", "db"], "EndpointSlice": ["web-1"],
+                              "Node": ["node-a"]})
+    (manifests / "services.yaml").write_text(service_yaml("web") + "---\n" + LABELLED_DB)
+    wait_for_state(recorder, {"Service": ["web"], "EndpointSlice": ["web-1"],
+                              "Node": ["node-a"]})
+    (manifests / "node.yaml").write_text(NODE.replace("node-a", "node-bb"))
+    wait_for_state(recorder, {"Service": ["web"], "EndpointSlice": ["web-1"],
+                              "Node": ["node-bb"]})
+    assert ["Service default/db: not programmed: labelled service.kubernetes.io/"
+            "service-proxy-name=other-proxy (left to another proxy, as kube-proxy's label "
+            "selector !service.kubernetes.io/headless,!service.kubernetes.io/"
+            "service-proxy-name does)"] == [
+        r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+        and "not programmed" in r.getMessage()]
