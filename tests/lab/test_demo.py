@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,18 @@ def test_bundled_manifests_match_the_lab_pods() -> None:
     expected = {(p.name, p.node, p.ip6 if family == "IPv6" else p.ip, p.service)
                 for p in scenario.pods if p.service for family in families[p.service]}
     assert expected == endpoints
+
+
+@pytest.mark.netns
+def test_refuses_to_run_without_ip6tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab is dual-stack: without ip6tables-nft-restore it says so, exit status 2."""
+    real_which = shutil.which
+    monkeypatch.setattr(demo.shutil, "which",
+                        lambda tool: None if tool.startswith("ip6tables") else real_which(tool))
+    out, err = io.StringIO(), io.StringIO()
+    assert 2 == demo.run_command(out=out, err=err)
+    assert "iptsync lab needs ip6tables-nft-restore (Debian package iptables)\n" == err.getvalue()
+    assert "" == out.getvalue()
 
 
 def test_refuses_to_run_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
