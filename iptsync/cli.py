@@ -29,6 +29,13 @@ from iptsync.agent.health import (
 )
 from iptsync.agent.loop import Agent, Timing
 from iptsync.agent.metrics import Metrics
+from iptsync.commandline import (
+    KubeProxyCommand,
+    klog_verbosity,
+    kube_proxy_options,
+    log_verdicts,
+    proxy_config,
+)
 from iptsync.core.model import Problem
 from iptsync.core.plan import cleanup_plan
 from iptsync.core.policy import Settings
@@ -46,10 +53,10 @@ from iptsync.logs import setup_logging
 from iptsync.options import (
     OptionError,
     ProxyConfig,
-    build_settings,
+    effective_document,
     parse_duration,
     parse_ips,
-    read_config,
+    settings_from_config,
 )
 from iptsync.sources.base import Source
 from iptsync.sources.files import LoadedObjects, load_objects
@@ -58,73 +65,39 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def node_options(func: F) -> F:
-    """The flags that say which node this is and how its rules are shaped."""
+    """The flags that say which node this is and how its rules are shaped: kube-proxy's whole
+    command line (iptsync.kubeproxy), and iptsync's own."""
     decorators = [
         click.option("--objects", "objects", multiple=True, type=click.Path(exists=True),
                      help="Manifest file or directory (YAML/JSON, multi-document, kind: List)."),
-        click.option("--config", "config", default=None, type=click.Path(exists=True),
-                     help="A KubeProxyConfiguration YAML file; flags given win over it."),
-        click.option("--hostname-override", default=None,
-                     help="This node's name, as in the Node object (default: hostname)."),
-        click.option("--cluster-cidr", default=None,
-                     help="Pod CIDR of the cluster; traffic from outside it is masqueraded."),
-        click.option("--masquerade-all", is_flag=True, help="Masquerade all service traffic."),
-        click.option("--iptables-masquerade-bit", "masquerade_bit", default=14, type=int,
-                     show_default=True, help="fwmark bit marking packets to masquerade."),
-        click.option("--nodeport-addresses", default=None,
-                     help="CIDRs of node addresses that accept NodePorts (default: all)."),
-        click.option("--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
-                     "localhost_nodeports", default=True, show_default=True,
-                     help="Accept NodePort connections on 127.0.0.1."),
+        kube_proxy_options,
         click.option("--node-ip", "node_ips", multiple=True,
                      help="A node address (repeatable); default: the Node object's addresses."),
         click.option("-v", "--verbose", count=True,
                      help="More logging: -v info, -vv debug, -vvv libraries' debug too "
-                          "(run starts at info: one v fewer)."),
+                          "(run starts at info: one v fewer). kube-proxy's --v=N is read too."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
 
 
-def proxy_config(params: dict[str, Any]) -> ProxyConfig:
-    """The --config file's fields (empty without one); warns about each one not applied."""
-    try:
-        config = read_config(params["config"]) if params.get("config") else ProxyConfig()
-    except OptionError as err:
-        raise click.UsageError(str(err)) from None
-    for field in config.ignored:
-        logging.getLogger("iptsync").warning(
-            "--config %s: %s is set but not supported by iptsync: ignored", params["config"],
-            field)
-    return config
-
-
-def explicit(name: str) -> bool:
-    """Whether the flag behind parameter ``name`` was given (not left at its default)."""
-    source = click.get_current_context().get_parameter_source(name)
-    return source not in (None, click.core.ParameterSource.DEFAULT)
-
-
 def settings_from(params: dict[str, Any], config: ProxyConfig | None = None) -> Settings:
-    config = proxy_config(params) if config is None else config
-
-    def pick(name: str, configured: Any) -> Any:
-        return params[name] if explicit(name) or configured is None else configured
-
+    """Settings for this node from the configuration in effect (read from ``params`` when
+    not given) and iptsync's --node-ip flags."""
+    if config is None:
+        config = proxy_config(params)
+        log_verdicts(config, config_path(config))
     try:
-        return build_settings(
-            node_name=params["hostname_override"] or config.hostname_override
-            or socket.gethostname(),
-            cluster_cidr=params["cluster_cidr"] or config.cluster_cidr,
-            masquerade_all=pick("masquerade_all", config.masquerade_all),
-            masquerade_bit=pick("masquerade_bit", config.masquerade_bit),
-            nodeport_addresses=params["nodeport_addresses"] or config.nodeport_addresses,
-            node_ips=parse_ips(params["node_ips"], "--node-ip"),
-            localhost_nodeports=pick("localhost_nodeports", config.localhost_nodeports),
-        )
+        return settings_from_config(
+            config, node_name=(config.hostname_override.strip() or socket.gethostname()).lower(),
+            node_ips=parse_ips(params["node_ips"], "--node-ip"))
     except OptionError as err:
         raise click.UsageError(str(err)) from None
+
+
+def config_path(config: ProxyConfig) -> str | None:
+    return str(config.config_file) or None
 
 
 def load_checked(paths: Iterable[str], *, as_json: bool = False) -> LoadedObjects:
@@ -176,7 +149,7 @@ def main() -> None:
     """iptsync: kube-proxy's iptables mode, with incremental syncs and real debugging."""
 
 
-@main.command()
+@main.command(cls=KubeProxyCommand)
 @node_options
 @click.option("--format", "output_format", type=click.Choice(["restore", "json"]),
               default="restore", show_default=True, help="iptables-restore text or JSON.")
@@ -220,28 +193,13 @@ def resolve_backend(choice: str) -> Backend:
     return detect_backend() if choice == "auto" else Backend(choice)
 
 
-@main.command()
+@main.command(cls=KubeProxyCommand)
 @node_options
 @backend_option("auto")
-@click.option("--kubeconfig", default=None, type=click.Path(exists=True),
-              help="kubeconfig of the API server (default: in-cluster config).")
 @click.option("--once", is_flag=True, help="Sync this network namespace once and exit.")
-@click.option("--min-sync-period", default=None,
-              help="Least time between syncs; a change after a quiet period is applied at "
-                   "once.  [default: 1s]")
-@click.option("--sync-period", default=None,
-              help="Time between full syncs (read the kernel, repair drift).  [default: 30s]")
-@click.option("--healthz-bind-address", default=None,
-              help="HOST:PORT of /healthz and /livez; empty disables.  [default: 0.0.0.0:10256]")
-@click.option("--metrics-bind-address", default=None,
-              help="HOST:PORT of /metrics; empty disables.  [default: 127.0.0.1:10249]")
 @click.option("--full-sync-period", default="1h", show_default=True,
               help="Time between full compares of every rule, while the change watch sees "
                    "nothing (kube-proxy's hourly full sync).")
-# KubeProxyConfiguration: bindAddressHardFail.
-@click.option("--bind-address-hard-fail", is_flag=True,
-              help="Exit when the healthz or metrics address cannot be bound (default: log "
-                   "it and try again every 5s).")
 @click.option("--canary-interval", default="5s", show_default=True, hidden=True,
               help="How often to look for the canary chain.")
 @click.option("--progress-interval", default="5s", show_default=True, hidden=True,
@@ -250,17 +208,27 @@ def resolve_backend(choice: str) -> Backend:
               show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
               help="Do not delete stale UDP/SCTP conntrack entries after syncs.")
-def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
-        no_conntrack_cleanup: bool, **params: Any) -> None:
+def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
+        **params: Any) -> None:
     """Keep the node's iptables rules in sync with the Services and EndpointSlices.
 
     Watches the API (in-cluster config, or --kubeconfig) or --objects files. With --once,
-    syncs once and exits.
+    syncs once and exits. Takes kube-proxy's command line and KubeProxyConfiguration
+    (--config) with kube-proxy's meanings (docs/comparison.md lists every flag and field).
     """
-    setup_logging(params.pop("verbose") + 1, log_format)
+    verbose = params.pop("verbose")
     config = proxy_config(params)
+    setup_logging(max(verbose + 1, klog_verbosity(config.verbosity)),
+                  "json" if config.logging_format == "json" else log_format)
+    log_verdicts(config, config_path(config))
+    if config.write_config_to:
+        sys.exit(write_config(config))
+    if config.cleanup:
+        sys.exit(1 if cleanup_rules([resolve_backend(backend)]) else 0)
     settings = settings_from(params, config)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
+    if config.init_only:
+        return
     netfilter = Netfilter(resolve_backend(backend))
     try:
         progress_interval = parse_duration(params["progress_interval"], "--progress-interval")
@@ -277,21 +245,15 @@ def run(backend: str, kubeconfig: str | None, once: bool, log_format: str,
         sys.exit(run_once(engine, params["objects"]))
     try:
         timing = Timing(
-            min_sync_period=parse_duration(
-                params["min_sync_period"] or config.min_sync_period or 1.0,
-                "--min-sync-period"),
-            sync_period=parse_duration(params["sync_period"] or config.sync_period or 30.0,
-                                       "--sync-period"),
+            min_sync_period=config.min_sync_period, sync_period=config.sync_period,
             canary_interval=parse_duration(params["canary_interval"], "--canary-interval"),
             full_sync_period=parse_duration(params["full_sync_period"], "--full-sync-period"))
-        healthz = bind_address(params["healthz_bind_address"], config.healthz_bind_address,
-                               "0.0.0.0:10256", "--healthz-bind-address")
-        metrics_at = bind_address(params["metrics_bind_address"], config.metrics_bind_address,
-                                  "127.0.0.1:10249", "--metrics-bind-address")
+        healthz = bind_address(config.healthz_address(), "--healthz-bind-address")
+        metrics_at = bind_address(config.metrics_address(), "--metrics-bind-address")
     except (OptionError, ValueError) as err:
         raise click.UsageError(str(err)) from None
-    run_agent(engine, make_sources(params["objects"], kubeconfig, settings.node_name),
-              timing, healthz, metrics_at, hard_fail=params["bind_address_hard_fail"])
+    run_agent(engine, make_sources(params["objects"], config, settings.node_name),
+              timing, healthz, metrics_at, hard_fail=config.bind_address_hard_fail)
 
 
 def open_change_watch(netfilter: Netfilter) -> ChangeWatch | None:
@@ -305,9 +267,22 @@ def open_change_watch(netfilter: Netfilter) -> ChangeWatch | None:
         return None
 
 
-def bind_address(flag: str | None, configured: str | None, default: str,
-                 what: str) -> tuple[str, int] | None:
-    text = flag if flag is not None else configured if configured is not None else default
+def write_config(config: ProxyConfig) -> int:
+    """kube-proxy's --write-config-to: the configuration in effect, as a file; exit status."""
+    import yaml  # noqa: PLC0415  (only this path writes YAML)
+
+    try:
+        with open(config.write_config_to, "w") as out:
+            yaml.safe_dump(effective_document(config), out, sort_keys=True)
+    except OSError as err:
+        logging.getLogger("iptsync").error("--write-config-to %s: %s", config.write_config_to,
+                                           err.strerror or err)
+        return 1
+    logging.getLogger("iptsync").info("wrote the configuration to %s", config.write_config_to)
+    return 0
+
+
+def bind_address(text: str, what: str) -> tuple[str, int] | None:
     return parse_bind_address(text, what) if text else None
 
 
@@ -327,7 +302,7 @@ def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
     return 0
 
 
-def make_sources(objects: tuple[str, ...], kubeconfig: str | None,
+def make_sources(objects: tuple[str, ...], config: ProxyConfig,
                  node_name: str) -> list[Source]:
     if objects:
         from iptsync.sources.files import FilesSource  # noqa: PLC0415
@@ -336,7 +311,8 @@ def make_sources(objects: tuple[str, ...], kubeconfig: str | None,
     from iptsync.sources.api import ApiConfigError, ApiSource  # noqa: PLC0415  (slow import)
 
     try:
-        return [ApiSource(node_name, kubeconfig=kubeconfig)]
+        return [ApiSource(node_name, kubeconfig=config.kubeconfig or None,
+                          master=config.master or None)]
     except ApiConfigError as err:
         raise click.ClickException(f"cannot reach the API server: {err}") from None
 
@@ -402,6 +378,12 @@ def cleanup(backend: str, verbose: int) -> None:
     """Remove every chain and jump rule iptsync (or kube-proxy) owns; leave everything else."""
     setup_logging(verbose + 1)
     backends = list(Backend) if backend == "both" else [resolve_backend(backend)]
+    if cleanup_rules(backends):
+        sys.exit(1)
+
+
+def cleanup_rules(backends: Iterable[Backend]) -> bool:
+    """Remove iptsync's (kube-proxy's) chains and jumps on each backend; whether any failed."""
     failed = False
     for chosen in backends:
         netfilter = Netfilter(chosen)
@@ -413,11 +395,10 @@ def cleanup(backend: str, verbose: int) -> None:
             failed = True
             continue
         logging.getLogger("iptsync").info("cleanup (%s): %s", chosen.value, plan.summary())
-    if failed:
-        sys.exit(1)
+    return failed
 
 
-@main.command()
+@main.command(cls=KubeProxyCommand)
 @node_options
 @backend_option("auto")
 @click.option("--src", required=True, help="Source IP of the connection.")
@@ -463,7 +444,7 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
         sys.stdout.write(tracer.render_text(result))
 
 
-@main.command()
+@main.command(cls=KubeProxyCommand)
 @node_options
 @click.argument("service")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
@@ -497,7 +478,7 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
         sys.stdout.write(explainer.render_text(result))
 
 
-@main.command()
+@main.command(cls=KubeProxyCommand)
 @node_options
 @backend_option("auto")
 @click.option("--live", is_flag=True,
@@ -544,6 +525,35 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
             changes, live_label=label,
             desired_label=f"the rules a sync for {desired.settings.node_name} writes"))
     sys.exit(1 if changes.changed else 0)
+
+
+@main.command("check-config", context_settings={"ignore_unknown_options": True,
+                                                 "allow_interspersed_args": False})
+@click.option("-f", "--file", "files", multiple=True, type=click.File("r"),
+              help="kube-proxy's DaemonSet (or static Pod) manifest, the ConfigMap its "
+                   "--config file is mounted from, or a KubeProxyConfiguration (- for stdin; "
+                   "repeatable; multi-document YAML and kind: List are read).")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def check_config(files: tuple[IO[str], ...], args: tuple[str, ...]) -> None:
+    """Say what iptsync would do with each of kube-proxy's flags and configuration fields.
+
+    ARGS: a kube-proxy argument list (after `--`), alone or on top of the manifests. Prints,
+    for every flag and field given, `same` (iptsync does what kube-proxy does), `ignored`
+    (and why) or `refused` (and why); exits 1 if anything would be refused, 2 if the input
+    cannot be read.
+    """
+    from iptsync import checkconfig  # noqa: PLC0415  (keeps this command's imports local)
+
+    try:
+        objects = [obj for file in files
+                   for obj in checkconfig.documents(file.read(), file.name)]
+        config = checkconfig.judge(checkconfig.invocation(objects, list(args)))
+    except checkconfig.InputError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    for line in checkconfig.report(config):
+        click.echo(line)
+    sys.exit(1 if config.refused else 0)
 
 
 @main.command()

@@ -1,78 +1,328 @@
-"""Turn command-line flags (kube-proxy's names) and a KubeProxyConfiguration into Settings.
+"""Turn kube-proxy's command line and its KubeProxyConfiguration into iptsync's settings.
 
-Flags win over the config file, as in kube-proxy. Pure apart from reading the config file.
-A config that asks for another proxy mode is refused; every other field that is set but not
-applied is listed in :attr:`ProxyConfig.ignored`, for the caller to warn about.
+:func:`resolve` reads the flags given and the ``--config`` file through the table of
+:mod:`iptsync.kubeproxy`, with kube-proxy's precedence: without ``--config``, the flags; with
+it, the file, and of the flags only those kube-proxy still reads then (``--hostname-override``,
+``--master``, the logging flags); every other flag given is ignored, with a warning, as
+kube-proxy ignores it (silently). A zero or null field means kube-proxy's default where
+kube-proxy's defaulting says so. Each flag and field given gets a :class:`Verdict`: applied
+(``same``), ``ignored`` (why) or ``refused`` (why, naming the flag or field); the caller logs
+them, or prints them (``iptsync check-config``). Pure apart from reading the config file.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from iptsync.core.model import IPAddress, IPFamily, IPNetwork, NodeInfo
 from iptsync.core.policy import Settings
+from iptsync.kubeproxy import (
+    API_VERSION,
+    BY_FIELD,
+    BY_FLAG,
+    OPTIONS,
+    SECTIONS,
+    TYPE_FIELDS,
+    Option,
+    OptionError,
+    go_duration,
+    parse_duration,
+)
+
+__all__ = ["ConntrackConfig", "OptionError", "ProxyConfig", "Verdict", "build_settings",
+           "parse_cidrs", "parse_duration", "parse_ips", "read_config", "resolve",
+           "with_node"]
+
+Handling = Literal["same", "ignored", "refused"]
 
 
-class OptionError(ValueError):
-    """A flag or config value that cannot be used; the message names it."""
+@dataclass(frozen=True)
+class Verdict:
+    """What iptsync does with one flag or field that was given."""
+
+    name: str  # "--cluster-cidr", or "iptables.syncPeriod" (a field of the config file)
+    value: str  # as given
+    handling: Handling
+    reason: str
+    default: bool = False  # the value is kube-proxy's default (a field kubeadm writes anyway)
+    suspicious: bool = False  # ignored, and probably a mistake: a warning, not an INFO line
+
+
+@dataclass(frozen=True)
+class ConntrackConfig:
+    """kube-proxy's conntrack settings (seconds; 0: leave the sysctl as it is)."""
+
+    max_per_core: int = 32768
+    min: int = 131072
+    tcp_established_timeout: float = 86400.0
+    tcp_close_wait_timeout: float = 3600.0
+    tcp_be_liberal: bool = False
+    udp_timeout: float = 0.0
+    udp_stream_timeout: float = 0.0
+
+
+def _defaults() -> dict[str, Any]:
+    return {option.key: option.default for option in OPTIONS if option.key}
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """The KubeProxyConfiguration fields iptsync uses (None: not set)."""
+    """The configuration in effect: one attribute per applied option of
+    :data:`iptsync.kubeproxy.OPTIONS` (its ``key``), kube-proxy's default where nothing set
+    it, and the verdict on every flag and field given."""
 
-    hostname_override: str | None = None
-    cluster_cidr: str | None = None
-    masquerade_all: bool | None = None
-    masquerade_bit: int | None = None
-    nodeport_addresses: tuple[str, ...] | None = None
-    localhost_nodeports: bool | None = None
-    min_sync_period: float | None = None
-    sync_period: float | None = None
-    healthz_bind_address: str | None = None
-    metrics_bind_address: str | None = None
-    ignored: tuple[str, ...] = ()  # set fields iptsync does not apply, as dotted paths
+    values: Mapping[str, Any] = field(default_factory=_defaults)
+    verdicts: tuple[Verdict, ...] = ()
+    ignored: Mapping[str, Any] = field(default_factory=dict)  # field -> value given, unused
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def refused(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.handling == "refused"]
+
+    @property
+    def conntrack(self) -> ConntrackConfig:
+        return ConntrackConfig(**{f.name: self.values[f"conntrack_{f.name}"]
+                                  for f in fields(ConntrackConfig)})
+
+    def healthz_address(self) -> str:
+        """HOST:PORT of /healthz (empty: off), kube-proxy's default filled in."""
+        return self._address("healthz_bind_address", "healthz_port", ("0.0.0.0", "[::]"))
+
+    def metrics_address(self) -> str:
+        """HOST:PORT of /metrics (empty: off), kube-proxy's default filled in."""
+        return self._address("metrics_bind_address", "metrics_port", ("127.0.0.1", "[::1]"))
+
+    def _address(self, key: str, port_key: str, hosts: tuple[str, str]) -> str:
+        text, port = self.values[key], self.values[port_key]
+        if text is None:  # not set: the bind address's family decides
+            v6 = ipaddress.ip_address(self.values["bind_address"]).version == 6
+            text = f"{hosts[v6]}:{BY_FLAG[port_key.replace('_', '-')].default}"
+        if port == 0:  # the deprecated --healthz-port 0 / --metrics-port 0
+            return ""
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            return str(text)
+        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
-# The KubeProxyConfiguration fields read above (and mode, checked); any other field with a
-# value is reported as ignored, so nothing an operator set is dropped without a word.
-APPLIED_FIELDS = frozenset({
-    "apiVersion", "kind", "mode", "hostnameOverride", "clusterCIDR", "nodePortAddresses",
-    "healthzBindAddress", "metricsBindAddress", "iptables.masqueradeAll",
-    "iptables.masqueradeBit", "iptables.localhostNodePorts", "iptables.minSyncPeriod",
-    "iptables.syncPeriod",
-})
-# Defaults that change nothing (beside the zero values: kubeadm writes every field, most as
-# null, "", 0, false or 0s).
-_NO_OP_DEFAULTS = {"bindAddress": ("0.0.0.0", "::")}
-_SUPPORTED_MODES = ("", "iptables")
+def load_document(path: str | Path) -> Mapping[str, Any]:
+    """A KubeProxyConfiguration file, checked to be one; OptionError naming the file."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise OptionError(f"--config {path}: {err}") from None
+    check_document(doc, f"--config {path}")
+    assert isinstance(doc, Mapping)
+    return doc
 
 
-def unapplied_fields(doc: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths of the fields of ``doc`` that hold a value iptsync does not apply."""
-    found: list[str] = []
-    for key, value in doc.items():
-        path = f"{prefix}{key}"
-        if path in APPLIED_FIELDS or value in _NO_OP_DEFAULTS.get(path, ()):
+def check_document(doc: Any, where: str) -> None:
+    if not isinstance(doc, Mapping) or doc.get("kind") != "KubeProxyConfiguration":
+        raise OptionError(f"{where}: not a KubeProxyConfiguration")
+    if doc.get("apiVersion") != API_VERSION:
+        raise OptionError(f"{where}: apiVersion {doc.get('apiVersion')!r} is not supported "
+                          f"(kube-proxy reads {API_VERSION})")
+
+
+def read_config(path: str | Path) -> ProxyConfig:
+    """The configuration a KubeProxyConfiguration file gives, without flags."""
+    return resolve((), load_document(path), f"--config {path}")
+
+
+def _shown(raw: Any) -> str:
+    if isinstance(raw, list | tuple):
+        return ",".join(map(str, raw))
+    if isinstance(raw, Mapping):
+        return ",".join(f"{k}={v}" for k, v in raw.items())
+    if raw is None or raw == "":
+        return "null" if raw is None else '""'
+    return str(raw).lower() if isinstance(raw, bool) else str(raw)
+
+
+class _Resolver:
+    """Collects values (by key), where each came from, and the verdicts."""
+
+    def __init__(self) -> None:
+        self.values = _defaults() | {"healthz_bind_address": None,
+                                     "metrics_bind_address": None}
+        self.origin: dict[str, str] = {}
+        self.verdicts: list[Verdict] = []
+        self.ignored: dict[str, Any] = {}
+
+    def take(self, option: Option, raw: Any, name: str, what: str, *,
+             from_file: bool = False) -> None:
+        shown = _shown(raw)
+        if from_file and (raw is None or (option.zero_is_default and _zero(raw))):
+            self.verdicts.append(Verdict(name, shown, "same" if option.applied else "ignored",
+                                         option.note, default=True))
+            return
+        try:
+            value = option.kind.parse(raw, what)
+            problem = option.refuse(value) if option.refuse else None
+        except OptionError as err:
+            self.verdicts.append(Verdict(name, shown, "refused", str(err)))
+            return
+        if problem:
+            self.verdicts.append(Verdict(name, shown, "refused", f"{what}: {problem}"))
+            return
+        is_default = value == option.default
+        if option.key is None:
+            if option.field:
+                self.ignored[option.field] = value
+            self.verdicts.append(Verdict(name, shown, "ignored", option.note, is_default))
+            return
+        if option.kind.repeated and not from_file and option.key in self.origin:
+            value = _merge(self.values[option.key], value)
+        self.values[option.key] = value
+        self.origin[option.key] = what
+        self.verdicts.append(Verdict(name, shown, "same", option.note, is_default))
+
+    def refuse(self, name: str, value: str, reason: str) -> None:
+        self.verdicts.append(Verdict(name, value, "refused", reason))
+
+
+def _merge(before: Any, value: Any) -> Any:
+    return {**before, **value} if isinstance(value, dict) else (*before, *value)
+
+
+def _zero(raw: Any) -> bool:
+    return raw in ("", 0, "0", "0s") and not isinstance(raw, bool)
+
+
+def resolve(flags: Sequence[tuple[str, Any]], document: Mapping[str, Any] | None,
+            where: str = "--config") -> ProxyConfig:
+    """The configuration kube-proxy would run with, given ``flags`` (name without dashes,
+    raw value, as given) and the ``--config`` file's ``document`` (None: no
+    file; ``where`` names it in messages)."""
+    resolver = _Resolver()
+    if document is not None:
+        _walk(resolver, document, "", where)
+    for name, raw in flags:
+        option = BY_FLAG[name]
+        # kube-proxy replaces its whole configuration with the file: only the flags it reads
+        # apart (with_config) still count.
+        if document is not None and not option.with_config:
+            hint = f"; set {option.field} in the file" if option.field else ""
+            resolver.verdicts.append(Verdict(
+                f"--{name}", _shown(raw), "ignored",
+                f"--config is given: kube-proxy ignores this flag then, and so does "
+                f"iptsync{hint}", suspicious=True))
             continue
-        if isinstance(value, Mapping):
-            found.extend(unapplied_fields(value, f"{path}."))
-        elif not _unset(value):
-            found.append(path)
-    return found
+        resolver.take(option, raw, f"--{name}", f"--{name}")
+    _validate(resolver)
+    return ProxyConfig(resolver.values, tuple(resolver.verdicts), resolver.ignored)
 
 
-def _unset(value: Any) -> bool:
-    if isinstance(value, bool | list):
-        return not value
-    return value in (None, "", 0, "0", "0s")
+def _walk(resolver: _Resolver, doc: Mapping[str, Any], prefix: str, where: str) -> None:
+    for key, raw in doc.items():
+        path = f"{prefix}{key}"
+        if path in TYPE_FIELDS:
+            continue
+        option = BY_FIELD.get(path)
+        if option is not None:
+            resolver.take(option, raw, path, f"{where}: {path}", from_file=True)
+        elif path in SECTIONS and isinstance(raw, Mapping):
+            _walk(resolver, raw, f"{path}.", where)
+        elif not (path in SECTIONS and raw is None):
+            resolver.verdicts.append(Verdict(
+                path, _shown(raw), "ignored",
+                "not a KubeProxyConfiguration v1alpha1 field (kube-proxy's lenient decoding "
+                "drops it too)", suspicious=True))
+
+
+def _validate(resolver: _Resolver) -> None:
+    """kube-proxy's checks across fields, each naming the flag or field that set the value."""
+    values, origin = resolver.values, resolver.origin
+
+    def name(key: str, fallback: str) -> str:
+        return origin.get(key, fallback)
+
+    if values["min_sync_period"] > values["sync_period"]:
+        resolver.refuse(name("min_sync_period", "--iptables-min-sync-period"),
+                        go_duration(values["min_sync_period"]),
+                        f"{name('min_sync_period', '--iptables-min-sync-period')}: must be "
+                        f"less than or equal to the sync period "
+                        f"({go_duration(values['sync_period'])})")
+    mode = values["detect_local_mode"]
+    for wanted, key, flag in (("BridgeInterface", "bridge_interface", "--pod-bridge-interface"),
+                              ("InterfaceNamePrefix", "interface_name_prefix",
+                               "--pod-interface-name-prefix")):
+        if mode == wanted and not values[key]:
+            resolver.refuse(name(key, flag), "", f"{name(key, flag)}: must not be empty with "
+                            f"detect-local-mode {wanted}")
+    if mode in ("", "ClusterCIDR") and values["cluster_cidr"]:
+        _check_cluster_cidrs(resolver, values["cluster_cidr"], name("cluster_cidr",
+                                                                    "--cluster-cidr"))
+    _check_nodeport_addresses(resolver, values["nodeport_addresses"],
+                              name("nodeport_addresses", "--nodeport-addresses"))
+
+
+def _check_cluster_cidrs(resolver: _Resolver, text: str, what: str) -> None:
+    """One CIDR, or a pair of one IPv4 and one IPv6 CIDR (kube-proxy's dual-stack rule)."""
+    parts = text.split(",")
+    try:
+        cidrs = [ipaddress.ip_network(p.strip(), strict=False) for p in parts]
+    except ValueError as err:
+        resolver.refuse(what, text, f"{what}: {err} (must be a valid CIDR block, e.g. "
+                        "10.100.0.0/16 or fde4:8dba:82e1::/48)")
+        return
+    if len(cidrs) > 2 or (len(cidrs) == 2 and cidrs[0].version == cidrs[1].version):
+        resolver.refuse(what, text, f"{what}: must be either a single CIDR or a dual-stack "
+                        "pair of CIDRs (e.g. 10.100.0.0/16,fde4:8dba:82e1::/48)")
+
+
+def _check_nodeport_addresses(resolver: _Resolver, addresses: tuple[str, ...],
+                              what: str) -> None:
+    if "primary" in addresses:
+        if addresses != ("primary",):
+            resolver.refuse(what, ",".join(addresses), f"{what}: can't use both 'primary' "
+                            "and CIDRs")
+        return
+    for address in addresses:
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            resolver.refuse(what, ",".join(addresses),
+                            f"{what}: {address!r} must be a valid CIDR")
+
+
+def effective_document(config: ProxyConfig) -> dict[str, Any]:
+    """The configuration in effect as a KubeProxyConfiguration (``--write-config-to``):
+    applied options at their values, the others as given or at kube-proxy's default."""
+    doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": "KubeProxyConfiguration"}
+    for option in OPTIONS:
+        if option.field is None:
+            continue
+        if option.key == "healthz_bind_address":
+            value: Any = config.healthz_address()
+        elif option.key == "metrics_bind_address":
+            value = config.metrics_address()
+        elif option.key is not None:
+            value = option.kind.yaml(config.values[option.key])
+        else:
+            value = option.kind.yaml(config.ignored.get(option.field, option.default))
+        _put(doc, option.field, value)
+    return doc
+
+
+def _put(doc: dict[str, Any], path: str, value: Any) -> None:
+    *sections, last = path.split(".")
+    for part in sections:
+        doc = doc.setdefault(part, {})
+    doc[last] = value
 
 
 def parse_cidrs(text: str | Iterable[str] | None, what: str) -> tuple[IPNetwork, ...]:
@@ -92,93 +342,61 @@ def parse_ips(texts: Iterable[str], what: str) -> tuple[IPAddress, ...]:
         raise OptionError(f"{what}: {err}") from None
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str | float | int, what: str) -> float:
-    """A Go-style duration (``1s``, ``500ms``, ``1m30s``) or a number of seconds."""
-    if isinstance(text, int | float):
-        return float(text)
-    value = text.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    parts = _DURATION.findall(value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        raise OptionError(f"{what}: {text!r} is not a duration like 1s, 500ms or 1m30s")
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-
-
-def read_config(path: str | Path) -> ProxyConfig:
-    """Read the fields iptsync uses from a KubeProxyConfiguration YAML file."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise OptionError(f"--config {path}: {err}") from None
-    if not isinstance(doc, Mapping) or doc.get("kind") != "KubeProxyConfiguration":
-        raise OptionError(f"--config {path}: not a KubeProxyConfiguration")
-    mode = doc.get("mode") or ""
-    if mode not in _SUPPORTED_MODES:
-        # Refused rather than warned about: a node that was meant to run IPVS or nftables
-        # and silently got iptables rules instead is the harder failure to find.
-        raise OptionError(f"--config {path}: mode: {mode!r} is not supported; iptsync "
-                          "implements kube-proxy's iptables mode only (set mode: iptables, "
-                          "or leave it empty)")
-    iptables = doc.get("iptables") or {}
-    addresses = doc.get("nodePortAddresses")
-    return ProxyConfig(
-        hostname_override=doc.get("hostnameOverride") or None,
-        cluster_cidr=doc.get("clusterCIDR") or None,
-        masquerade_all=_opt(iptables, "masqueradeAll", bool),
-        masquerade_bit=_opt(iptables, "masqueradeBit", int),
-        nodeport_addresses=tuple(addresses) if addresses else None,
-        localhost_nodeports=_opt(iptables, "localhostNodePorts", bool),
-        min_sync_period=_duration_opt(iptables, "minSyncPeriod"),
-        sync_period=_duration_opt(iptables, "syncPeriod"),
-        healthz_bind_address=doc.get("healthzBindAddress") or None,
-        metrics_bind_address=doc.get("metricsBindAddress") or None,
-        ignored=tuple(unapplied_fields(doc)),
-    )
-
-
-def _opt(section: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = section.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise OptionError(f"--config: iptables.{key} must be a {kind.__name__}")
-    return value
-
-
-def _duration_opt(section: Mapping[str, Any], key: str) -> float | None:
-    value = section.get(key)
-    return None if value is None else parse_duration(value, f"--config: iptables.{key}")
-
-
 def build_settings(*, node_name: str, cluster_cidr: str | None, masquerade_all: bool,
                    masquerade_bit: int, nodeport_addresses: str | Sequence[str] | None,
-                   node_ips: Sequence[IPAddress], localhost_nodeports: bool) -> Settings:
+                   node_ips: Sequence[IPAddress], localhost_nodeports: bool,
+                   detect_local_mode: str = "ClusterCIDR", bridge_interface: str = "",
+                   interface_name_prefix: str = "") -> Settings:
     if not 0 <= masquerade_bit <= 31:
         raise OptionError(f"--iptables-masquerade-bit: {masquerade_bit} is outside 0..31")
+    primary = nodeport_addresses in ("primary", ("primary",), ["primary"])
     return Settings(
         node_name=node_name,
         cluster_cidrs=parse_cidrs(cluster_cidr, "--cluster-cidr"),
         masquerade_all=masquerade_all,
         masquerade_bit=masquerade_bit,
-        nodeport_addresses=parse_cidrs(nodeport_addresses, "--nodeport-addresses"),
+        nodeport_addresses=() if primary else parse_cidrs(nodeport_addresses,
+                                                          "--nodeport-addresses"),
+        nodeport_primary=primary,
         node_ips=tuple(node_ips),
         localhost_nodeports=localhost_nodeports,
+        detect_local_mode=detect_local_mode or "ClusterCIDR",
+        bridge_interface=bridge_interface,
+        interface_name_prefix=interface_name_prefix,
     )
+
+
+def settings_from_config(config: ProxyConfig, *, node_name: str,
+                         node_ips: Sequence[IPAddress]) -> Settings:
+    """Settings for this node from the configuration in effect; ``node_ips``: iptsync's own
+    ``--node-ip`` flags. A specific ``bindAddress`` is the node's primary IP of its family."""
+    ips = list(node_ips)
+    bind = ipaddress.ip_address(config.bind_address)
+    if not bind.is_unspecified and bind not in ips:
+        ips.insert(0, bind)
+    return build_settings(
+        node_name=node_name, cluster_cidr=config.cluster_cidr or None,
+        masquerade_all=config.masquerade_all, masquerade_bit=config.masquerade_bit,
+        nodeport_addresses=config.nodeport_addresses or None, node_ips=ips,
+        localhost_nodeports=config.localhost_nodeports,
+        detect_local_mode=config.detect_local_mode, bridge_interface=config.bridge_interface,
+        interface_name_prefix=config.interface_name_prefix)
 
 
 def with_node(settings: Settings, node: NodeInfo | None,
               interface_ips: Sequence[IPAddress] = ()) -> Settings:
     """Fill in node addresses of the settings' family: the Node object's first (primary),
-    then the interfaces'."""
+    then the interfaces'. With ``--nodeport-addresses primary``, NodePorts are on the
+    primary one only (none known yet: on every address, as kube-proxy with an empty list)."""
     family = settings.family
-    if settings.node_ips and not interface_ips:
-        return settings
     ips = list(settings.node_ips) or [ip for ip in (node.addresses if node else ())
                                       if IPFamily.of(ip) is family]
+    if settings.nodeport_primary:
+        primary = next((ip for ip in ips if IPFamily.of(ip) is family and not ip.is_loopback),
+                       None)
+        settings = replace(settings, nodeport_addresses=() if primary is None else (
+            ipaddress.ip_network(primary),))
+    if settings.node_ips and not interface_ips:
+        return settings
     ips += [ip for ip in interface_ips if ip not in ips and IPFamily.of(ip) is family]
     return replace(settings, node_ips=tuple(ips))

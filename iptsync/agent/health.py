@@ -24,8 +24,10 @@ not answer yet, exactly when a node proxy starts.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import socketserver
 import threading
 import time
@@ -130,6 +132,32 @@ class _Listener(ThreadingHTTPServer):
         self.server_port = int(port)
 
 
+class _Listener6(_Listener):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # Both families on "::" (as Go's ":port"): an IPv6-only or dual-stack node's load
+        # balancer may check either address.
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _listen(address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> _Listener:
+    """Listen on an IPv4 or IPv6 address; an empty host means both families where the node
+    has IPv6 (else IPv4 alone)."""
+    host, port = address
+    if ":" in host:
+        return _Listener6((host, port), handler)
+    if host:
+        return _Listener((host, port), handler)
+    try:
+        return _Listener6(("::", port), handler)
+    except OSError as err:
+        if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        return _Listener(("", port), handler)
+
+
 class HttpServer:
     """A threaded HTTP server answering GETs with ``respond(path) -> Reply``."""
 
@@ -148,7 +176,7 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s %s", self.address_string(), format % args)
 
-        self.httpd = _Listener(address, Handler)
+        self.httpd = _listen(address, Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                        name=f"http-{address[1]}")
         self.thread.start()

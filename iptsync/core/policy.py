@@ -56,12 +56,16 @@ class Settings:
     masquerade_all: bool = False  # --masquerade-all
     masquerade_bit: int = 14  # --iptables-masquerade-bit
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # --nodeport-addresses; empty: all
+    nodeport_primary: bool = False  # --nodeport-addresses primary (options.with_node fills in)
     node_ips: tuple[IPAddress, ...] = ()  # this node's addresses (first = primary node IP)
     localhost_nodeports: bool = True  # --iptables-localhost-nodeports
     random_fully: bool = True  # MASQUERADE --random-fully (iptables >= 1.6.2)
     conntrack_tcp_be_liberal: bool = False  # nf_conntrack_tcp_be_liberal: no INVALID drop
     large_cluster_endpoints: int = 1000  # above this many endpoints, drop per-endpoint comments
     family: IPFamily = IPFamily.IPV4  # the family these rules are for (iptables or ip6tables)
+    detect_local_mode: str = "ClusterCIDR"  # --detect-local-mode
+    bridge_interface: str = ""  # --pod-bridge-interface (detect-local-mode BridgeInterface)
+    interface_name_prefix: str = ""  # --pod-interface-name-prefix (InterfaceNamePrefix)
 
     def for_family(self, family: IPFamily) -> Settings:
         """This node's settings for ``family``: node addresses and NodePort CIDRs of that

@@ -248,6 +248,7 @@ class Engine:
         self.settings = settings
         self._jumps = None
         self._rendered.clear()
+        self._endpoint_total = 0
         self._top.clear()
         self.needs_full = True
         return set(self.state.services)

@@ -255,10 +255,14 @@ def _read_token(token_file: Path, configuration: kubernetes.client.Configuration
     configuration.api_key["authorization"] = f"Bearer {token}"
 
 
-def _client_from_config(kubeconfig: str | Path | None,
-                        settings: ApiSettings) -> kubernetes.client.ApiClient:
-    """An ApiClient from a kubeconfig file, or from the pod's service account without one."""
-    if kubeconfig is None:
+def _client_from_config(kubeconfig: str | Path | None, settings: ApiSettings,
+                        master: str | None = None) -> kubernetes.client.ApiClient:
+    """An ApiClient from a kubeconfig file, or from the pod's service account without one;
+    ``master`` (kube-proxy's --master) replaces the server address, and with no kubeconfig
+    is the whole configuration (as client-go's BuildConfigFromFlags)."""
+    if kubeconfig is None and master:
+        configuration = kubernetes.client.Configuration()
+    elif kubeconfig is None:
         configuration = in_cluster_configuration()
     else:
         configuration = kubernetes.client.Configuration()
@@ -267,6 +271,8 @@ def _client_from_config(kubeconfig: str | Path | None,
                 config_file=str(kubeconfig), client_configuration=configuration)
         except kubernetes.config.ConfigException as err:
             raise ApiConfigError(f"cannot use kubeconfig {kubeconfig}: {err}") from err
+    if master:
+        configuration.host = master
     # Retries are ours (backoff, one warning per outage); urllib3's would add three instant
     # attempts and a warning each to every failed request.
     configuration.retries = 0
@@ -293,11 +299,12 @@ class ApiSource:
         kubeconfig: str | Path | None = None,
         api_client: kubernetes.client.ApiClient | None = None,
         settings: ApiSettings = ApiSettings(),
+        master: str | None = None,
     ) -> None:
         self.status = SourceStatus()
         self._owns_client = api_client is None
         self._client = (api_client if api_client is not None
-                        else _client_from_config(kubeconfig, settings))
+                        else _client_from_config(kubeconfig, settings, master))
         self._tracker = _StatusTracker(self.status)
         self._stopping = threading.Event()
         self._sink_lock = threading.Lock()

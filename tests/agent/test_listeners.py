@@ -113,3 +113,24 @@ def test_listeners_start_at_once_where_dns_does_not_answer(
                             capture_output=True, text=True, check=False, timeout=120)
     assert 0 == result.returncode, result.stderr
     assert float(result.stdout) < 1.0
+
+
+SERVES_BOTH_FAMILIES = """
+import urllib.request
+from iptsync.agent.health import HttpServer, Reply
+server = HttpServer(("", 0), lambda path: Reply(200, "text/plain", b"ok"))
+named = HttpServer(("::1", 0), lambda path: Reply(200, "text/plain", b"v6"))
+for url in (f"http://127.0.0.1:{server.port}/", f"http://[::1]:{server.port}/",
+            f"http://[::1]:{named.port}/"):
+    print(urllib.request.urlopen(url, timeout=5).read().decode())
+"""
+
+
+@pytest.mark.netns
+def test_empty_host_listens_on_both_families_and_ipv6_hosts_bind(netns: str) -> None:
+    """An empty host (health check node ports) answers on IPv4 and IPv6 loopback, as Go's
+    ":port" does; an IPv6 host ("[::1]:10256") binds IPv6."""
+    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c",
+                             SERVES_BOTH_FAMILIES], capture_output=True, text=True,
+                            check=False, timeout=60)
+    assert ["ok", "ok", "v6"] == result.stdout.split(), result.stderr

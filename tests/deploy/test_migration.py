@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from iptsync.options import ProxyConfig, read_config
+from iptsync.options import read_config
 
 from .conftest import DEPLOY, ROOT
 
@@ -19,11 +19,12 @@ GUIDE = ROOT / "docs" / "migration.md"
 
 def test_kubeadms_kube_proxy_config_is_read_unchanged() -> None:
     """kubeadm's config.conf parses; its zero durations and nulls mean "the default", and
-    the one field set but not applied (the pod's own kubeconfig path) is named."""
+    nothing in it is refused or unknown."""
     config = read_config(Path(__file__).with_name("kubeadm-kube-proxy-config.yaml"))
-    assert ProxyConfig(cluster_cidr="10.244.0.0/16", masquerade_all=False,
-                       min_sync_period=0.0, sync_period=0.0,
-                       ignored=("clientConnection.kubeconfig",)) == config
+    assert ("10.244.0.0/16", False, 1.0, 30.0, "/var/lib/kube-proxy/kubeconfig.conf") == (
+        config.cluster_cidr, config.masquerade_all, config.min_sync_period,
+        config.sync_period, config.kubeconfig)
+    assert [] == [v.name for v in config.verdicts if v.handling == "refused" or v.suspicious]
 
 
 def daemonset_affinity() -> dict[str, Any]:
