@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from iptsync.core.flows import Flow, stale
+from iptsync.core.model import IPFamily
 from iptsync.core.ruleset import (
     RulesetError,
     SavedTable,
@@ -99,15 +100,17 @@ class FakeTable:
     name: str
     chains: dict[str, list[str]] = field(default_factory=dict)
     policies: dict[str, str] = field(default_factory=dict)
+    family: IPFamily = IPFamily.IPV4  # iptables or ip6tables: how rules are spelled
 
     @classmethod
-    def empty(cls, name: str) -> FakeTable:
+    def empty(cls, name: str, family: IPFamily = IPFamily.IPV4) -> FakeTable:
         builtins = BUILTIN_CHAINS[name]
-        return cls(name, {chain: [] for chain in builtins}, dict.fromkeys(builtins, "ACCEPT"))
+        return cls(name, {chain: [] for chain in builtins}, dict.fromkeys(builtins, "ACCEPT"),
+                   family)
 
     def copy(self) -> FakeTable:
         return FakeTable(self.name, {c: list(r) for c, r in self.chains.items()},
-                         dict(self.policies))
+                         dict(self.policies), self.family)
 
     def rules_of(self, chain: str) -> list[str]:
         if chain not in self.chains:
@@ -151,7 +154,7 @@ class FakeTable:
                 raise Rejected("Index of deletion too big.")
             del rules[int(args[0]) - 1]
             return
-        rule = spelled(args)
+        rule = spelled(args, self.family)
         if rule not in rules:
             raise Rejected("Bad rule (does a matching rule exist in that chain?).")
         rules.remove(rule)
@@ -186,7 +189,7 @@ class FakeTable:
         jump = target(args)
         if jump is not None and jump not in self.chains and jump not in TARGET_EXTENSIONS:
             raise Rejected(f"Chain '{jump}' does not exist")
-        return spelled(args)
+        return spelled(args, self.family)
 
     # --- what iptables-save and iptables -S print ----------------------------------------
 
@@ -214,15 +217,15 @@ class FakeTable:
         return lines
 
 
-def spelled(args: Sequence[str]) -> str:
-    """A rule as iptables-save prints it (a match we cannot canonicalise: as given)."""
-    return _spelled(tuple(args))
+def spelled(args: Sequence[str], family: IPFamily = IPFamily.IPV4) -> str:
+    """A rule as ``family``'s save prints it (a match we cannot canonicalise: as given)."""
+    return _spelled(tuple(args), family)
 
 
 @functools.lru_cache(maxsize=1 << 16)  # syncs write the same rules again and again
-def _spelled(args: tuple[str, ...]) -> str:
+def _spelled(args: tuple[str, ...], family: IPFamily) -> str:
     try:
-        return canonical(args)
+        return canonical(args, family)
     except RulesetError:
         return join_args(args)
 
@@ -284,12 +287,15 @@ class FakeNetfilter:
     """An in-memory netfilter that satisfies :class:`iptsync.kernel.port.NetfilterPort`.
 
     ``batches`` holds every restore payload received, in order (tests assert what a sync
-    wrote); ``backend`` only decides which batch strategy the engine picks.
+    wrote); ``backend`` only decides which batch strategy the engine picks; ``family`` makes
+    it ip6tables: rules are kept as ip6tables-save spells them, errors name ip6tables.
     """
 
-    def __init__(self, backend: Backend = Backend.NFT) -> None:
+    def __init__(self, backend: Backend = Backend.NFT,
+                 family: IPFamily = IPFamily.IPV4) -> None:
         self._backend = backend
-        self.tables = {name: FakeTable.empty(name) for name in BUILTIN_CHAINS}
+        self.family = family
+        self.tables = {name: FakeTable.empty(name, family) for name in BUILTIN_CHAINS}
         self.batches: list[list[str]] = []
         self.failures: list[InjectedFailure] = []
 
@@ -298,8 +304,14 @@ class FakeNetfilter:
         return self._backend
 
     @property
+    def command(self) -> str:
+        """The plain command, as :attr:`iptsync.kernel.netfilter.Netfilter.command`."""
+        tool = "iptables" if self.family is IPFamily.IPV4 else "ip6tables"
+        return f"{tool}-{self._backend.value}"
+
+    @property
     def tool(self) -> str:
-        return f"iptables-{self._backend.value}-restore"
+        return f"{self.command}-restore"
 
     def fail_restore(self, *, table: str | None = None, line: int | None = None,
                      skip: int = 0) -> None:
@@ -339,13 +351,13 @@ class FakeNetfilter:
         if len(tokens) >= 2 and tokens[0] in ("-t", "--table"):
             name, tokens = tokens[1], tokens[2:]
         if name not in self.tables:
-            raise NetfilterError(f"iptables-{self._backend.value}: can't initialize table "
+            raise NetfilterError(f"{self.command}: can't initialize table "
                                  f"'{name}'")
         working = self.tables[name].copy()
         try:
             printed = apply_command(working, tokens)
         except (Rejected, ValueError) as err:
-            raise NetfilterError(f"iptables-{self._backend.value}: {err}") from None
+            raise NetfilterError(f"{self.command}: {err}") from None
         self.tables[name] = working
         return "".join(f"{line}\n" for line in printed)
 
@@ -415,7 +427,7 @@ class FakeRuleStream(RuleStreamBase):
             if name not in self.kernel.tables:
                 raise Rejected(f"table name '{name}' invalid")
             self._working = (self.kernel.tables[name].copy() if self.noflush
-                             else FakeTable.empty(name))
+                             else FakeTable.empty(name, self.kernel.family))
         elif working is None:
             raise Rejected("rule outside a table")
         elif line == "COMMIT":

@@ -19,6 +19,7 @@ import pytest
 from apiserver import FakeApiServer
 from lockholder import HoldLock, holding
 
+from iptsync.core.model import IPFamily
 from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel.port import Backend
 from iptsync.lab.netns import netns_required, netns_unavailable_reason, temporary_netns
@@ -76,6 +77,13 @@ def netfilter(request: pytest.FixtureRequest, netns: str) -> Netfilter:
     return Netfilter(request.param, netns=netns)
 
 
+@pytest.fixture(params=[Backend.NFT, Backend.LEGACY], ids=["nft", "legacy"])
+def netfilter6(request: pytest.FixtureRequest, netns: str) -> Netfilter:
+    """Both kernel backends' ip6tables (``ip6tables-nft-*``, ``ip6tables-legacy-*``), each in
+    a fresh namespace of its own."""
+    return Netfilter(request.param, netns=netns, family=IPFamily.IPV6)
+
+
 @pytest.fixture(params=[
     pytest.param(None, id="fake"),
     pytest.param(Backend.NFT, id="nft", marks=pytest.mark.netns),
@@ -87,6 +95,19 @@ def kernel(request: pytest.FixtureRequest) -> FakeNetfilter | Netfilter:
     if request.param is None:
         return FakeNetfilter()
     return Netfilter(request.param, netns=request.getfixturevalue("netns"))
+
+
+@pytest.fixture(params=[
+    pytest.param(None, id="fake"),
+    pytest.param(Backend.NFT, id="nft", marks=pytest.mark.netns),
+    pytest.param(Backend.LEGACY, id="legacy", marks=pytest.mark.netns),
+])
+def kernel6(request: pytest.FixtureRequest) -> FakeNetfilter | Netfilter:
+    """:func:`kernel` for IPv6: the fake as ip6tables, then ip6tables on both backends."""
+    if request.param is None:
+        return FakeNetfilter(family=IPFamily.IPV6)
+    return Netfilter(request.param, netns=request.getfixturevalue("netns"),
+                     family=IPFamily.IPV6)
 
 
 @pytest.fixture

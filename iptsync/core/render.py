@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from iptsync.core import names
-from iptsync.core.model import Endpoint, ServicePort
+from iptsync.core.model import Endpoint, IPFamily, ServicePort
 from iptsync.core.policy import (
     PortTargets,
     Settings,
@@ -27,7 +27,10 @@ from iptsync.core.policy import (
 )
 from iptsync.core.ruleset import Jump, Rule, Ruleset
 
-LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+# The loopback range kube-proxy keeps NodePorts off: IPv4's when localhost NodePorts are off,
+# IPv6's always.
+LOOPBACK = {IPFamily.IPV4: ipaddress.ip_network("127.0.0.0/8"),
+            IPFamily.IPV6: ipaddress.ip_network("::1/128")}
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 
 
@@ -316,16 +319,26 @@ def base_ruleset(settings: Settings) -> Ruleset:
 
 
 def nodeports_jumps(settings: Settings) -> list[Rule]:
-    """The final rules of nat KUBE-SERVICES, sending local destinations to KUBE-NODEPORTS."""
+    """The final rules of nat KUBE-SERVICES, sending local destinations to KUBE-NODEPORTS.
+
+    NodePorts listen on every local address unless --nodeport-addresses names CIDRs of this
+    family (a zero-length one, ``0.0.0.0/0`` or ``::/0``, still means every address); then
+    only on this node's addresses inside them. Loopback addresses never serve IPv6
+    NodePorts (there is no route_localnet for ::1) and serve IPv4 ones only with localhost
+    NodePorts on.
+    """
     comment = ("-m", "comment", "--comment", NODEPORTS_COMMENT)
-    if not settings.nodeport_addresses:
+    cidrs = [c for c in settings.nodeport_addresses if IPFamily.of(c) is settings.family]
+    if not cidrs or any(c.prefixlen == 0 for c in cidrs):
         destination: tuple[str, ...] = ("-m", "addrtype", "--dst-type", "LOCAL")
-        if not settings.nodeports_on_localhost:
-            destination += ("!", "-d", str(LOOPBACK_V4))
+        if settings.family is IPFamily.IPV6:
+            destination += ("!", "-d", str(LOOPBACK[IPFamily.IPV6]))
+        elif not settings.nodeports_on_localhost:
+            destination += ("!", "-d", str(LOOPBACK[IPFamily.IPV4]))
         return [Rule(names.KUBE_SERVICES, (*comment, *destination, "-j", names.KUBE_NODEPORTS))]
     rules = []
     for ip in settings.node_ips:
-        if ip.version != 4 or not any(ip in cidr for cidr in settings.nodeport_addresses):
+        if IPFamily.of(ip) is not settings.family or not any(ip in cidr for cidr in cidrs):
             continue
         if ip.is_loopback and not settings.nodeports_on_localhost:
             continue

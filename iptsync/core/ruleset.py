@@ -5,7 +5,10 @@ not keep that spelling: ``iptables-save`` prints addresses with a prefix length,
 before the matches, spells ``--or-mark`` as ``--set-xmark``, rounds probabilities to 2^-31
 steps and adds defaults (``--rsource``, ``--reject-with``). :func:`canonical` maps either
 spelling to the one ``iptables-save`` prints (the same for the nft and legacy backends), so
-desired and live rules can be compared as strings. Pure: no I/O.
+desired and live rules can be compared as strings. Two of those defaults depend on the IP
+family: ``ip6tables-save`` prints a bare ``-j REJECT`` with ``--reject-with
+icmp6-port-unreachable`` and the recent match's mask as ``ffff:...:ffff``, so rules are
+canonicalised for the family of the table they live in. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from iptsync.core.model import IPFamily
 
 TABLE_ORDER = ("filter", "nat")
 
@@ -44,6 +49,8 @@ class Rule(NamedTuple):
 
     @property
     def canonical(self) -> str:
+        """The IPv4 spelling; a rule whose spelling depends on the family (REJECT, the recent
+        match) is spelled with :func:`canonical` and its table's family."""
         return canonical(self.args)
 
 
@@ -158,8 +165,10 @@ class SavedTable:
     policies: dict[str, str] = field(default_factory=dict)  # built-in chains only
 
 
-def parse_save(text: str | Iterable[str], *, verbatim: bool = False) -> dict[str, SavedTable]:
-    """Parse iptables-save output (either backend, with or without ``-c`` counters).
+def parse_save(text: str | Iterable[str], *, verbatim: bool = False,
+               family: IPFamily = IPFamily.IPV4) -> dict[str, SavedTable]:
+    """Parse iptables-save (or, with ``family`` IPv6, ip6tables-save) output (either backend,
+    with or without ``-c`` counters).
 
     ``text`` may be the whole output or its lines, one at a time (as read from a pipe: a large
     node's nat table never has to sit in memory as one string). Rules are canonicalised, so
@@ -191,7 +200,7 @@ def parse_save(text: str | Iterable[str], *, verbatim: bool = False) -> dict[str
         else:
             chain, args = _parse_rule_line(line, number)
             try:
-                rule = canonical(args)
+                rule = canonical(args, family)
             except RulesetError:
                 # Another tool's rule with a match we do not model: keep it verbatim, so one
                 # foreign rule can never stop a sync from reading the table.
@@ -297,6 +306,12 @@ _PROBABILITY_SCALE = 0x80000000  # xt_statistic keeps the probability as a 31-bi
 MAX_COMMENT_BYTES = 255
 
 Option = tuple[bool, str, tuple[str, ...]]  # (negated, --name, values)
+# The defaults each family's save prints when a rule leaves them out (measured with both
+# backends of iptables-save and ip6tables-save).
+_REJECT_DEFAULT = {IPFamily.IPV4: "icmp-port-unreachable",
+                   IPFamily.IPV6: "icmp6-port-unreachable"}
+_RECENT_MASK = {IPFamily.IPV4: "255.255.255.255",
+                IPFamily.IPV6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 
 
 @dataclass
@@ -310,8 +325,9 @@ class RuleArgs:
     unreadable: list[str] = field(default_factory=list)  # tokens that fit nowhere
 
 
-def canonical(args: Sequence[str]) -> str:
-    """The rule's arguments as ``iptables-save`` prints them, for comparison and reuse."""
+def canonical(args: Sequence[str], family: IPFamily = IPFamily.IPV4) -> str:
+    """The rule's arguments as ``iptables-save`` (``ip6tables-save`` for ``family`` IPv6)
+    prints them, for comparison and reuse."""
     parsed = read_args(args)
     if parsed.unreadable:
         raise RulesetError(f"cannot read rule arguments at {parsed.unreadable[0]!r}: "
@@ -327,11 +343,11 @@ def canonical(args: Sequence[str]) -> str:
             out.extend((["!"] if negated else []) + [opt] + ([value] if value else []))
     for name, options in parsed.matches:
         out.extend(["-m", name])
-        out.extend(_match_options(name, options))
+        out.extend(_match_options(name, options, family))
     if parsed.target is not None:
         flag, target = parsed.target
         out.extend([flag, target])
-        out.extend(_target_options(target, parsed.target_opts))
+        out.extend(_target_options(target, parsed.target_opts, family))
     return " ".join(out)
 
 
@@ -403,7 +419,7 @@ def _format_options(options: Iterable[Option]) -> Iterator[str]:
             yield _save_quote(value) if _NEEDS_QUOTES.search(value) or not value else value
 
 
-def _match_options(name: str, options: list[Option]) -> list[str]:
+def _match_options(name: str, options: list[Option], family: IPFamily) -> list[str]:
     if name == "comment":
         return [tok for negated, opt, values in options
                 for tok in ((["!"] if negated else []) + [opt]
@@ -414,7 +430,7 @@ def _match_options(name: str, options: list[Option]) -> list[str]:
         if "--name" not in present:
             normalised.append((False, "--name", ("DEFAULT",)))
         if "--mask" not in present:
-            normalised.append((False, "--mask", ("255.255.255.255",)))
+            normalised.append((False, "--mask", (_RECENT_MASK[family],)))
         if not present & {"--rsource", "--rdest"}:
             normalised.append((False, "--rsource", ()))
     order = _OPTION_ORDER.get(name)
@@ -440,11 +456,11 @@ def _normalise_option(match: str, option: Option) -> Option:
     return option
 
 
-def _target_options(target: str, options: list[Option]) -> list[str]:
+def _target_options(target: str, options: list[Option], family: IPFamily) -> list[str]:
     if target == "MARK":
         return list(_format_options(_mark_target(opt) for opt in options))
     if target == "REJECT" and not options:
-        return ["--reject-with", "icmp-port-unreachable"]
+        return ["--reject-with", _REJECT_DEFAULT[family]]
     return list(_format_options(options))
 
 

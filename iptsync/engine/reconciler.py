@@ -88,7 +88,8 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         no_local_internal += piece.no_local_internal
         no_local_external += piece.no_local_external
         for chain, rules in piece.chains.items():
-            chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules))
+            chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules),
+                                         family=settings.family)
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
@@ -260,7 +261,8 @@ class Engine:
         if self._jumps is None:
             base = base_ruleset(self.settings)
             tails = chain_tails(self.settings)
-            self._top = {(table, chain): TopChain(list(rules), tails.get((table, chain), []))
+            self._top = {(table, chain): TopChain(list(rules), tails.get((table, chain), []),
+                                                  self.settings.family)
                          for table, chains in base.tables.items()
                          for chain, rules in chains.items()}
             self._jumps = list(base.jumps)
@@ -340,7 +342,8 @@ class Engine:
         nat = tables.setdefault("nat", {})
         for key in sorted(self._rendered):
             nat.update(self._rendered[key].chains)
-        return DesiredTables({t: tables[t] for t in ordered_tables(tables)}, jumps)
+        return DesiredTables({t: tables[t] for t in ordered_tables(tables)}, jumps,
+                             self.settings.family)
 
     def rule_counts(self) -> dict[str, int]:
         """Rules iptsync owns per table, as last rendered (kube-proxy's iptables_total)."""
@@ -389,7 +392,8 @@ class Engine:
                         report = self._plan_full(changes, phases, known_good=known_good)
                     else:
                         report = EngineReport(partial_plan(changes, self._top, self._read_chain,
-                                                           stage_lines=self.stage_lines),
+                                                           stage_lines=self.stage_lines,
+                                                           family=self.settings.family),
                                               False, phases)
                         phases["plan"] = self.clock() - mark
                 report.services_rendered = len(changes)
@@ -526,7 +530,9 @@ class Engine:
         jumps = self._skeleton()
         changes: list[ServiceChange] = []
         with self.netfilter.restore_stream() as stream:
-            nat = TableBuilder("nat", live.get("nat") or SavedTable("nat"), stream.write)
+            family = self.settings.family
+            nat = TableBuilder("nat", live.get("nat") or SavedTable("nat"), stream.write,
+                               family=family)
             top = self._top_chains("nat")
             nat.add_chains({chain: content for chain, content in top.items()
                             if chain not in SERVICE_RULE_CHAINS["nat"]})
@@ -535,7 +541,7 @@ class Engine:
             nat.add_chains({chain: top[chain] for chain in SERVICE_RULE_CHAINS["nat"]
                             if chain in top})
             tables = [nat.finish(jumps)]
-            wanted = DesiredTables({"filter": self._top_chains("filter")}, jumps)
+            wanted = DesiredTables({"filter": self._top_chains("filter")}, jumps, family)
             tables.append(plan_table("filter", wanted, live.get("filter") or SavedTable("filter")))
             plan = Plan([t for t in tables if not t.empty], NO_STAGING)  # all sent already
             if not tables[1].empty:

@@ -16,8 +16,15 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from render.golden import SCENARIO_NAMES, SCENARIOS, expected_warnings
+from render.golden import (
+    FAMILY_SCENARIOS,
+    SCENARIO_NAMES,
+    SCENARIOS,
+    expected_warnings,
+    scenario_settings,
+)
 
+from iptsync.core.model import IPFamily
 from iptsync.core.plan import ChainContent, DesiredTables
 from iptsync.core.policy import Settings
 from iptsync.core.ruleset import (
@@ -53,6 +60,14 @@ def render_scenario(name: str) -> Desired:
     desired = desired_from_objects(loaded.objects, SETTINGS)
     assert expected_warnings(name) == [str(p) for p in loaded.problems + desired.problems]
     return desired
+
+
+def render_family(name: str, family: IPFamily) -> Desired:
+    """A golden scenario's desired ruleset for ``family`` (IPv6: with its golden settings)."""
+    if family is IPFamily.IPV4:
+        return render_scenario(name)
+    loaded = load_objects([SCENARIOS / f"{name}.yaml"])
+    return desired_from_objects(loaded.objects, scenario_settings(name, family))
 
 
 def written(rules: dict[tuple[str, str], list[tuple[str, ...]]],
@@ -492,16 +507,20 @@ def run_in(namespace: str, argv: list[str], stdin: str | None = None) -> str:
 
 
 @pytest.mark.netns
-def test_kernel_prints_the_canonical_forms() -> None:
-    """After iptables-restore (nft and legacy), iptables-save shows exactly the canonical rules."""
-    rulesets = {name: render_scenario(name) for name in SCENARIO_NAMES}
+@pytest.mark.parametrize("family", list(IPFamily), ids=[f.value for f in IPFamily])
+def test_kernel_prints_the_canonical_forms(family: IPFamily) -> None:
+    """After iptables-restore (nft and legacy; ip6tables-restore for the IPv6 scenarios), the
+    family's save shows exactly the canonical rules."""
+    rulesets = {name: render_family(name, family) for name, f in FAMILY_SCENARIOS
+                if f is family}
+    tool = "iptables" if family is IPFamily.IPV4 else "ip6tables"
     for backend in ("nft", "legacy"):
-        namespace = f"iptsync-canon-{os.getpid()}-{backend}"
+        namespace = f"iptsync-canon-{os.getpid()}-{family.value}-{backend}"
         subprocess.run(["ip", "netns", "add", namespace], check=True, capture_output=True)
         try:
             for name, desired in rulesets.items():
-                run_in(namespace, [f"iptables-{backend}-restore"], desired.payload())
-                saved = parse_save(run_in(namespace, [f"iptables-{backend}-save"]))
+                run_in(namespace, [f"{tool}-{backend}-restore"], desired.payload())
+                saved = parse_save(run_in(namespace, [f"{tool}-{backend}-save"]), family=family)
                 assert (backend, name, desired_live(desired)) == (
                     backend, name, live_chains(saved))
         finally:
