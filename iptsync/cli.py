@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from typing import IO, Any, TypeVar
 
@@ -47,7 +48,7 @@ from iptsync.kernel.conntrack import clear_stale_flows
 from iptsync.kernel.netfilter import Netfilter, detect_backend
 from iptsync.kernel.nodeinfo import interface_addresses
 from iptsync.kernel.port import Backend, NetfilterError
-from iptsync.kernel.sysctl import ensure_proxy_sysctls
+from iptsync.kernel.sysctl import apply_conntrack, ensure_proxy_sysctls, tcp_be_liberal
 from iptsync.kernel.watch import ChangeWatch
 from iptsync.logs import setup_logging
 from iptsync.options import (
@@ -207,7 +208,7 @@ def resolve_backend(choice: str) -> Backend:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
-              help="Do not delete stale UDP/SCTP conntrack entries after syncs.")
+              help="Do not delete stale UDP conntrack entries after syncs.")
 def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
         **params: Any) -> None:
     """Keep the node's iptables rules in sync with the Services and EndpointSlices.
@@ -227,8 +228,11 @@ def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
         sys.exit(1 if cleanup_rules([resolve_backend(backend)]) else 0)
     settings = settings_from(params, config)
     ensure_proxy_sysctls(settings.nodeports_on_localhost)
+    apply_conntrack(config.conntrack)
     if config.init_only:
         return
+    # Read after applying (tcpBeLiberal may have set it): 1 leaves out the INVALID drop rule.
+    settings = replace(settings, conntrack_tcp_be_liberal=tcp_be_liberal())
     netfilter = Netfilter(resolve_backend(backend))
     try:
         progress_interval = parse_duration(params["progress_interval"], "--progress-interval")

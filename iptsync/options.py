@@ -22,6 +22,7 @@ import yaml
 
 from iptsync.core.model import IPAddress, IPFamily, IPNetwork, NodeInfo
 from iptsync.core.policy import Settings
+from iptsync.kernel.sysctl import ConntrackConfig
 from iptsync.kubeproxy import (
     API_VERSION,
     BY_FIELD,
@@ -52,19 +53,6 @@ class Verdict:
     reason: str
     default: bool = False  # the value is kube-proxy's default (a field kubeadm writes anyway)
     suspicious: bool = False  # ignored, and probably a mistake: a warning, not an INFO line
-
-
-@dataclass(frozen=True)
-class ConntrackConfig:
-    """kube-proxy's conntrack settings (seconds; 0: leave the sysctl as it is)."""
-
-    max_per_core: int = 32768
-    min: int = 131072
-    tcp_established_timeout: float = 86400.0
-    tcp_close_wait_timeout: float = 3600.0
-    tcp_be_liberal: bool = False
-    udp_timeout: float = 0.0
-    udp_stream_timeout: float = 0.0
 
 
 def _defaults() -> dict[str, Any]:

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from iptsync.core.flows import Flow, stale
+from iptsync.core.flows import Flow, FlowTargets, stale
 from iptsync.core.model import IPFamily
 from iptsync.core.ruleset import (
     RulesetError,
@@ -66,7 +66,6 @@ from iptsync.core.ruleset import (
 from iptsync.kernel.port import (
     OWNED_TABLES,
     Backend,
-    FlowTargets,
     NetfilterError,
     RestoreError,
     RuleStreamBase,
@@ -454,7 +453,7 @@ class FakeConntrack:
         self.calls: list[FlowTargets] = []
 
     def __call__(self, targets: FlowTargets, /) -> int:
-        self.calls.append(dict(targets))
+        self.calls.append(targets)
         kept = [flow for flow in self.flows if not stale(flow, targets)]
         deleted = len(self.flows) - len(kept)
         self.flows = kept

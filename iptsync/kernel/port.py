@@ -18,12 +18,10 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
+from iptsync.core.flows import FlowTargets
 from iptsync.core.ruleset import SavedTable
 
 OWNED_TABLES = ("filter", "nat")  # the tables iptsync writes to and reads back
-# (ip protocol number, address, port) of a service destination -> the "ip:port" endpoints
-# its flows may be DNATed to (iptsync.core.flows.flow_targets).
-FlowTargets = dict[tuple[int, str, int], frozenset[str]]
 
 
 class Backend(enum.Enum):
@@ -115,8 +113,8 @@ class NetfilterPort(Protocol):
 
 
 class FlowCleaner(Protocol):
-    """Deletes the conntrack entries to ``targets``' destinations that no longer reach one of
-    their endpoints; returns how many it deleted."""
+    """Deletes the conntrack entries of ``targets``' IP family to its destinations that no
+    longer reach one of their serving endpoints; returns how many it deleted."""
 
     def __call__(self, targets: FlowTargets, /) -> int: ...
 

@@ -218,9 +218,8 @@ def test_stale_udp_flows_are_cleared_for_the_services_a_sync_changed(
     partial = engine.sync()
     assert 1 == partial.stale_flows
     assert [kept, elsewhere] == flows.flows
-    assert {(udp, cluster_ip, 81)} == set(flows.calls[-1])
-    assert frozenset({"10.0.0.2:8081"}) == flows.calls[-1][(udp, cluster_ip, 81)]
+    assert {(cluster_ip, 81): frozenset({"10.0.0.2"})} == flows.calls[-1].services
     full = engine.sync(full=True)
     assert (0, {cluster_ip, "10.96.0.11"}) == (
-        full.stale_flows, {address for _proto, address, _port in flows.calls[-1]})
+        full.stale_flows, {address for address, _port in flows.calls[-1].services})
     assert [kept, elsewhere] == flows.flows
