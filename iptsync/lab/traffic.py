@@ -21,6 +21,7 @@ from iptsync.core.model import IPFamily
 from iptsync.core.ruleset import RulesetError
 from iptsync.engine.apply import SyncError
 from iptsync.engine.reconciler import Engine
+from iptsync.kernel.conntrack import clear_stale_flows
 from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel.port import Backend, NetfilterError
 from iptsync.lab import netns
@@ -132,22 +133,27 @@ def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> 
 
 
 def sync_ipv6_in_process(cluster: Cluster, node: str, backend: str, paths: Sequence[Path], *,
-                         cluster_cidrs: str, node_ip6: str, masquerade_all: bool = False) -> str:
+                         cluster_cidrs: str, node_ip6: str, masquerade_all: bool = False,
+                         conntrack_cleanup: bool = True) -> str:
     """Program ``node``'s IPv6 rules for the manifests at ``paths`` with an IPv6 engine of
-    this process writing into the node's namespace; returns its sync line.
+    this process writing into the node's namespace, stale IPv6 conntrack entries cleared
+    there too; returns its sync line.
 
     ``iptsync run`` programs IPv4 only until its agent runs one engine per family; this does
-    what that engine will do, without conntrack cleanup.
+    what that engine will do.
     """
     settings = build_settings(
         node_name=node, cluster_cidr=cluster_cidrs, masquerade_all=masquerade_all,
         masquerade_bit=14, nodeport_addresses=None, node_ips=(ipaddress.ip_address(node_ip6),),
         localhost_nodeports=True)
     netfilter = Netfilter(Backend(backend), netns=cluster.ns(node), family=IPFamily.IPV6)
-    engine = Engine(netfilter, settings.for_family(IPFamily.IPV6))
+    engine = Engine(netfilter, settings.for_family(IPFamily.IPV6),
+                    flows=clear_stale_flows if conntrack_cleanup else None)
     for obj in load_objects(paths).objects:
         engine.upsert(obj)
-    return _TIMINGS.sub("", engine.sync(full=True).line())
+    with netns.thread_in_netns(cluster.ns(node)):  # the conntrack socket opens in the node
+        report = engine.sync(full=True)
+    return _TIMINGS.sub("", report.line())
 
 
 def probe(cluster: Cluster, *, section: str, service: str, source: str, source_ip: str,

@@ -126,7 +126,8 @@ class Lab:
             assert 0 == result.returncode, result.stderr
             sync_ipv6_in_process(self.cluster, node, self.backend, [path],
                                  cluster_cidrs=CLUSTER_CIDRS, node_ip6=NODE_IPS6[node],
-                                 masquerade_all="--masquerade-all" in flags)
+                                 masquerade_all="--masquerade-all" in flags,
+                                 conntrack_cleanup=conntrack_cleanup)
 
     def ask(self, source: str, ip: str, port: int, *, count: int = 1, proto: str = "tcp",
             timeout: float = 1.0, src_port: int | None = None) -> list[Reply]:
@@ -332,11 +333,6 @@ def test_terminating_endpoints_serve_when_none_is_ready(lab: Lab, fam: Family) -
     assert {"server2": 3} == servers(lab.ask("pod:client1", fam.svc(21), 80, count=3))
 
 
-@pytest.mark.parametrize("fam", [
-    FAMILIES[0],
-    pytest.param(FAMILIES[1], marks=pytest.mark.xfail(
-        strict=True, reason="IPv6 conntrack cleanup is not on main yet (#14, i14-conntrack)")),
-], ids=[f.name for f in FAMILIES])
 def test_pinned_udp_flow_moves_to_the_new_endpoint(lab: Lab, fam: Family) -> None:
     """A UDP flow stays on its old endpoint until conntrack cleanup, then follows the service."""
     dns = service("dns", fam.svc(53), port=53, proto="UDP")
