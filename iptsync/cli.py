@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import IO, Any, TypeVar
@@ -37,12 +37,18 @@ from iptsync.commandline import (
     log_verdicts,
     proxy_config,
 )
-from iptsync.core.model import Problem
+from iptsync.core.model import IPAddress, IPFamily, Problem
 from iptsync.core.plan import cleanup_plan
 from iptsync.core.policy import Settings
 from iptsync.core.ruleset import RulesetError
 from iptsync.engine.apply import STAGE_LINES, SyncError, apply_plan
-from iptsync.engine.desired import Desired, desired_from_objects, report
+from iptsync.engine.desired import Desired, desired_per_family, report
+from iptsync.engine.families import (
+    FamilyChoice,
+    FamilyEngines,
+    announce,
+    node_families,
+)
 from iptsync.engine.reconciler import Engine, bulk
 from iptsync.kernel.conntrack import clear_stale_flows
 from iptsync.kernel.netfilter import Netfilter, detect_backend
@@ -73,7 +79,8 @@ def node_options(func: F) -> F:
                      help="Manifest file or directory (YAML/JSON, multi-document, kind: List)."),
         kube_proxy_options,
         click.option("--node-ip", "node_ips", multiple=True,
-                     help="A node address (repeatable); default: the Node object's addresses."),
+                     help="A node address, one per IP family (repeatable, or comma-separated); "
+                          "default: the Node object's addresses."),
         click.option("-v", "--verbose", count=True,
                      help="More logging: -v info, -vv debug, -vvv libraries' debug too "
                           "(run starts at info: one v fewer). kube-proxy's --v=N is read too."),
@@ -122,15 +129,30 @@ def load_checked(paths: Iterable[str], *, as_json: bool = False) -> LoadedObject
 
 
 def desired_from_params(params: dict[str, Any], *, as_json: bool = False,
-                        interface_ips: Iterable[Any] = ()) -> Desired:
-    """The rules for ``--objects`` and the node flags; every problem logged and kept in
+                        interface_ips: Iterable[Any] = (),
+                        family: IPFamily = IPFamily.IPV4) -> Desired:
+    """The rules of one IP family for ``--objects`` and the node flags; every problem logged
+    and kept in :attr:`Desired.problems`, the input's first."""
+    [desired] = desired_per_family_from_params(params, [family], as_json=as_json,
+                                               interface_ips=interface_ips)
+    return desired
+
+
+def desired_per_family_from_params(params: dict[str, Any],
+                                   families: Sequence[IPFamily] | None, *,
+                                   as_json: bool = False, interface_ips: Iterable[Any] = (),
+                                   ) -> list[Desired]:
+    """The rules of each of ``families`` (None: each family the node has, as the objects and
+    flags say) for ``--objects``; every problem logged once and kept in each
     :attr:`Desired.problems`, the input's first."""
     settings = settings_from(params)
     loaded = load_checked(params["objects"], as_json=as_json)
-    desired = desired_from_objects(loaded.objects, settings, interface_ips)
-    desired.problems = [*loaded.problems, *desired.problems]
-    report(desired.problems)
-    return desired
+    found = desired_per_family(loaded.objects, settings, families, interface_ips)
+    problems = [*loaded.problems, *found[0].problems]
+    for desired in found:
+        desired.problems = problems
+    report(problems)
+    return found
 
 
 def print_json(obj: Any) -> None:
@@ -150,26 +172,46 @@ def main() -> None:
     """iptsync: kube-proxy's iptables mode, with incremental syncs and real debugging."""
 
 
+FAMILY_CHOICE = click.Choice([family.value for family in IPFamily])
+RESTORE_COMMAND = {IPFamily.IPV4: "iptables-restore --noflush",
+                   IPFamily.IPV6: "ip6tables-restore --noflush"}
+
+
 @main.command(cls=KubeProxyCommand)
 @node_options
 @click.option("--format", "output_format", type=click.Choice(["restore", "json"]),
               default="restore", show_default=True, help="iptables-restore text or JSON.")
-def dump(output_format: str, **params: Any) -> None:
-    """Print the rules a full sync would write (iptables-restore input). Needs no root."""
+@click.option("--ip-family", "ip_family", type=FAMILY_CHOICE, default=None,
+              help="Print this family's payload only, to pipe into its restore command "
+                   "(default: each family the node has, each after a comment line naming "
+                   "its restore command).")
+def dump(output_format: str, ip_family: str | None, **params: Any) -> None:
+    """Print the rules a full sync would write (iptables-restore input). Needs no root.
+
+    Without --ip-family, the families of --node-ip and of the Node object's addresses (when
+    neither names one, of --cluster-cidr; IPv4 when nothing does)."""
     # A short-lived process building a few million objects: the cyclic collector would
     # rescan them again and again for nothing (a third of the time at 10k services).
     gc.disable()
     setup_logging(params.pop("verbose"))
-    desired = desired_from_params(params, as_json=output_format == "json")
+    families = [IPFamily(ip_family)] if ip_family else None
+    found = desired_per_family_from_params(params, families, as_json=output_format == "json")
     if output_format == "json":
-        print_json(dump_json(desired))
-    else:
+        print_json({"families": [dump_json(desired) for desired in found],
+                    "problems": problems_json(found[0].problems)})
+        return
+    for desired in found:
+        if families is None:
+            sys.stdout.write(f"# {RESTORE_COMMAND[desired.settings.family]}\n")
         sys.stdout.write(desired.payload())
 
 
 def dump_json(desired: Desired) -> dict[str, Any]:
-    """A machine-readable dump: tables, chains, rules (restore and canonical form), jumps."""
+    """One family's dump: tables, chains, rules (restore and canonical form), jumps."""
+    family = desired.settings.family
     return {
+        "family": family.value,
+        "restore": RESTORE_COMMAND[family],
         "node": desired.settings.node_name,
         "tables": {
             table: {chain: [{"rule": line, "canonical": rule} for line, rule in
@@ -227,26 +269,33 @@ def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
     if config.cleanup:
         sys.exit(1 if cleanup_rules([resolve_backend(backend)]) else 0)
     settings = settings_from(params, config)
-    ensure_proxy_sysctls(settings.nodeports_on_localhost)
     apply_conntrack(config.conntrack)
     if config.init_only:
+        ensure_proxy_sysctls(settings.localhost_nodeports)
         return
     # Read after applying (tcpBeLiberal may have set it): 1 leaves out the INVALID drop rule.
     settings = replace(settings, conntrack_tcp_be_liberal=tcp_be_liberal())
-    netfilter = Netfilter(resolve_backend(backend))
     try:
         progress_interval = parse_duration(params["progress_interval"], "--progress-interval")
     except OptionError as err:
         raise click.UsageError(str(err)) from None
-    engine = Engine(netfilter, settings, interface_ips=interface_addresses(),
-                    flows=None if no_conntrack_cleanup else clear_stale_flows,
-                    stage_lines=STAGE_LINES[netfilter.backend],
-                    progress_interval=progress_interval,
-                    watch=None if once else open_change_watch(netfilter))
+    chosen = resolve_backend(backend)
+    interface_ips = interface_addresses()
+    choice = installed_families(node_families(settings, interface_ips), chosen)
+    announce(choice, settings)
+    engines = FamilyEngines(
+        Engine(netfilter, settings.for_family(family), interface_ips=interface_ips,
+               flows=None if no_conntrack_cleanup else clear_stale_flows,
+               stage_lines=STAGE_LINES[chosen], progress_interval=progress_interval,
+               watch=None if once else open_change_watch(netfilter))
+        for family in choice.families
+        for netfilter in [Netfilter(chosen, family=family)])
+    ipv4 = engines.engines.get(IPFamily.IPV4)
+    ensure_proxy_sysctls(ipv4 is not None and ipv4.settings.nodeports_on_localhost)
     if once:
         if not params["objects"]:
             raise click.UsageError("--once needs --objects")
-        sys.exit(run_once(engine, params["objects"]))
+        sys.exit(run_once(engines, params["objects"]))
     try:
         timing = Timing(
             min_sync_period=config.min_sync_period, sync_period=config.sync_period,
@@ -256,7 +305,7 @@ def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
         metrics_at = bind_address(config.metrics_address(), "--metrics-bind-address")
     except (OptionError, ValueError) as err:
         raise click.UsageError(str(err)) from None
-    run_agent(engine, make_sources(params["objects"], config, settings.node_name),
+    run_agent(engines, make_sources(params["objects"], config, settings.node_name),
               timing, healthz, metrics_at, hard_fail=config.bind_address_hard_fail)
 
 
@@ -286,24 +335,42 @@ def write_config(config: ProxyConfig) -> int:
     return 0
 
 
+def installed_families(choice: FamilyChoice, backend: Backend) -> FamilyChoice:
+    """``choice`` without the families whose restore command is missing, each named in a
+    warning (kube-proxy runs single-stack without ip6tables); none left is an error."""
+    missing = {family: f"{Netfilter(backend, family=family).command}-restore is not installed"
+               for family in choice.families if not Netfilter(backend, family=family).present()}
+    families = tuple(family for family in choice.families if family not in missing)
+    if not families:
+        raise click.ClickException("; ".join(missing.values()))
+    for family, why in missing.items():
+        logging.getLogger("iptsync").warning("%s is not programmed: %s (the node has an %s "
+                                             "address)", family.value, why, family.value)
+    return FamilyChoice(families, choice.left_out)
+
+
 def bind_address(text: str, what: str) -> tuple[str, int] | None:
     return parse_bind_address(text, what) if text else None
 
 
-def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
+def run_once(engines: FamilyEngines, paths: tuple[str, ...]) -> int:
+    """One full sync of every family; 1 when any of them failed (the others are synced)."""
     loaded = load_checked(paths)
     report(loaded.problems)
     with bulk():
         for obj in loaded.objects:
-            engine.upsert(obj)
+            engines.upsert(obj)
     del loaded  # the manifests (90 MB at 10k services) are not needed for the sync
-    try:
-        result = engine.sync(full=True)
-    except (SyncError, NetfilterError, RulesetError) as err:
-        logging.getLogger("iptsync").error("%s", err)
-        return 1
-    logging.getLogger("iptsync").info("%s", result.line())
-    return 0
+    status = 0
+    for family, engine in engines.engines.items():
+        try:
+            result = engine.sync(full=True)
+        except (SyncError, NetfilterError, RulesetError) as err:
+            logging.getLogger("iptsync").error("%s%s", engines.tag(family), err)
+            status = 1
+            continue
+        logging.getLogger("iptsync").info("%s%s", engines.tag(family), result.line())
+    return status
 
 
 def make_sources(objects: tuple[str, ...], config: ProxyConfig,
@@ -321,12 +388,13 @@ def make_sources(objects: tuple[str, ...], config: ProxyConfig,
         raise click.ClickException(f"cannot reach the API server: {err}") from None
 
 
-def run_agent(engine: Engine, sources: list[Source], timing: Timing,
+def run_agent(engines: FamilyEngines, sources: list[Source], timing: Timing,
               healthz: tuple[str, int] | None, metrics_at: tuple[str, int] | None, *,
               hard_fail: bool = False) -> None:
     """Serve health and metrics, run the loop until SIGTERM or SIGINT; rules stay in place."""
     metrics = Metrics()
-    health = HealthState(2 * timing.sync_period)
+    health = HealthState(2 * timing.sync_period,
+                         families=[family.value for family in engines.engines])
     servers: list[HttpServer | PendingServer] = []
     wanted: list[tuple[str, tuple[str, int] | None, Callable[[tuple[str, int]], HttpServer]]] = [
         ("--healthz-bind-address", healthz, lambda at: HealthServer(at, health, metrics)),
@@ -354,7 +422,7 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
             raise click.ClickException(
                 f"{what}: {why}; choose another address or an empty one to disable "
                 f"it)") from None
-    agent = Agent(engine, sources, timing=timing, metrics=metrics, health=health,
+    agent = Agent(engines, sources, timing=timing, metrics=metrics, health=health,
                   service_health=ServiceHealthServers(proxy_healthy=health.healthy))
 
     def stop(signum: int, _frame: object) -> None:
@@ -364,9 +432,12 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    primary = engines.primary
     logging.getLogger("iptsync").info(
-        "starting on node %s (%s backend); min sync period %.1fs, sync period %.1fs",
-        engine.settings.node_name, engine.netfilter.backend.value if engine.netfilter else "-",
+        "starting on node %s (%s backend, %s); min sync period %.1fs, sync period %.1fs",
+        primary.settings.node_name,
+        primary.netfilter.backend.value if primary.netfilter else "-",
+        " and ".join(family.value for family in engines.engines),
         timing.min_sync_period, timing.sync_period)
     try:
         agent.run()
@@ -379,7 +450,8 @@ def run_agent(engine: Engine, sources: list[Source], timing: Timing,
 @backend_option("both")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 def cleanup(backend: str, verbose: int) -> None:
-    """Remove every chain and jump rule iptsync (or kube-proxy) owns; leave everything else."""
+    """Remove every chain and jump rule iptsync (or kube-proxy) owns, in both IP families
+    (iptables and ip6tables); leave everything else."""
     setup_logging(verbose + 1)
     backends = list(Backend) if backend == "both" else [resolve_backend(backend)]
     if cleanup_rules(backends):
@@ -390,15 +462,21 @@ def cleanup_rules(backends: Iterable[Backend]) -> bool:
     """Remove iptsync's (kube-proxy's) chains and jumps on each backend; whether any failed."""
     failed = False
     for chosen in backends:
-        netfilter = Netfilter(chosen)
-        try:
-            plan = cleanup_plan(netfilter.save())
-            apply_plan(netfilter, plan)
-        except (SyncError, NetfilterError, RulesetError, FileNotFoundError) as err:
-            logging.getLogger("iptsync").error("cleanup (%s): %s", chosen.value, err)
-            failed = True
-            continue
-        logging.getLogger("iptsync").info("cleanup (%s): %s", chosen.value, plan.summary())
+        for family in IPFamily:
+            netfilter = Netfilter(chosen, family=family)
+            if family is IPFamily.IPV6 and not netfilter.present():
+                logging.getLogger("iptsync").info("cleanup (%s): not installed, nothing to "
+                                                  "remove", netfilter.command)
+                continue
+            try:
+                plan = cleanup_plan(netfilter.save())
+                apply_plan(netfilter, plan)
+            except (SyncError, NetfilterError, RulesetError, FileNotFoundError) as err:
+                logging.getLogger("iptsync").error("cleanup (%s): %s", netfilter.command, err)
+                failed = True
+                continue
+            logging.getLogger("iptsync").info("cleanup (%s): %s", netfilter.command,
+                                              plan.summary())
     return failed
 
 
@@ -486,12 +564,16 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
 @node_options
 @backend_option("auto")
 @click.option("--live", is_flag=True,
-              help="Compare with the rules netfilter holds now in this network namespace.")
+              help="Compare with the rules netfilter holds now in this network namespace "
+                   "(each IP family the node programs).")
 @click.option("--saved", type=click.File("r"), default=None,
               help="Compare with an iptables-save file instead (- for stdin).")
+@click.option("--ip-family", "ip_family", type=FAMILY_CHOICE, default=None,
+              help="Compare this family only (with --saved: the family of the file; "
+                   "default: the node's primary family).")
 @click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
-def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
-         **params: Any) -> None:
+def diff(*, backend: str, live: bool, saved: IO[str] | None, ip_family: str | None,
+         as_json: bool, **params: Any) -> None:
     """Show what a sync would change: chains to create, chains to rewrite with the rules
     removed (-) and added (+), chains to delete, jumps to insert. Exits 0 when nothing would
     change, 1 when something would, 2 on error (like diff)."""
@@ -504,31 +586,53 @@ def diff(*, backend: str, live: bool, saved: IO[str] | None, as_json: bool,
         raise click.UsageError("give either --live or --saved FILE")
     if not params["objects"]:
         raise click.UsageError("--objects is required")
+    families = [IPFamily(ip_family)] if ip_family else None
+    interface_ips: list[IPAddress] = []
     try:
         if saved is not None:
-            current, label, interface_ips = parse_save(saved.read()), f"rules in {saved.name}", []
+            saved_tables = parse_save(saved.read())
         else:
-            netfilter = Netfilter(resolve_backend(backend))
-            current, label = netfilter.save(), f"live rules ({netfilter.backend.value})"
+            chosen = resolve_backend(backend)
             interface_ips = interface_addresses()  # as `iptsync run` renders for this node
-    except (NetfilterError, RulesetError, OSError) as err:
-        click.echo(f"Error: cannot read the rules: {err}", err=True)
-        sys.exit(2)
-    try:
-        desired = desired_from_params(params, as_json=as_json, interface_ips=interface_ips)
+            if families is None:
+                families = list(installed_families(
+                    node_families(settings_from(params), interface_ips), chosen).families)
+        found = desired_per_family_from_params(params, families, as_json=as_json,
+                                               interface_ips=interface_ips)
+        if saved is not None:
+            found = found[:1]  # one file: one family's rules (the primary's by default)
+        reports = []
+        for desired in found:
+            family = desired.settings.family
+            if saved is not None:
+                current, label = saved_tables, f"rules in {saved.name}"
+            else:
+                netfilter = Netfilter(chosen, family=family)
+                current = netfilter.save()
+                label = (f"live rules ({netfilter.backend.value})" if len(found) == 1
+                         else f"live {family.value} rules ({netfilter.backend.value})")
+            reports.append((desired, label, diffview.diff_report(
+                make_plan(desired.tables, current), current, desired.tables)))
     except click.ClickException as err:
         err.show()
         sys.exit(2)
-    changes = diffview.diff_report(make_plan(desired.tables, current), current,
-                                   desired.tables)
+    except (NetfilterError, RulesetError, OSError) as err:
+        click.echo(f"Error: cannot read the rules: {err}", err=True)
+        sys.exit(2)
+    changed = any(changes.changed for _desired, _label, changes in reports)
     if as_json:
-        print_json({**diffview.report_json(changes),
-                    "problems": problems_json(desired.problems)})
+        print_json({"changed": changed, "families": [
+            {"family": desired.settings.family.value, **diffview.report_json(changes),
+             "problems": problems_json(desired.problems)}
+            for desired, _label, changes in reports],
+            "problems": problems_json(reports[0][0].problems)})
     else:
-        sys.stdout.write(diffview.render_text(
-            changes, live_label=label,
-            desired_label=f"the rules a sync for {desired.settings.node_name} writes"))
-    sys.exit(1 if changes.changed else 0)
+        for desired, label, changes in reports:
+            rules = "rules" if len(reports) == 1 else f"{desired.settings.family.value} rules"
+            sys.stdout.write(diffview.render_text(
+                changes, live_label=label,
+                desired_label=f"the {rules} a sync for {desired.settings.node_name} writes"))
+    sys.exit(1 if changed else 0)
 
 
 @main.command("check-config", context_settings={"ignore_unknown_options": True,

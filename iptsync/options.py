@@ -324,10 +324,32 @@ def parse_cidrs(text: str | Iterable[str] | None, what: str) -> tuple[IPNetwork,
 
 
 def parse_ips(texts: Iterable[str], what: str) -> tuple[IPAddress, ...]:
+    """Addresses, each given on its own or comma-separated (``--node-ip 10.0.0.2,fd00::2``)."""
     try:
-        return tuple(ipaddress.ip_address(t.strip()) for t in texts)
+        return tuple(ipaddress.ip_address(t.strip()) for text in texts
+                     for t in text.split(",") if t.strip())
     except ValueError as err:
         raise OptionError(f"{what}: {err}") from None
+
+
+def one_per_family(values: Sequence[IPAddress | IPNetwork], what: str) -> None:
+    """Refuse two values of one IP family, as kube-proxy refuses a --cluster-cidr that is
+    not one CIDR or a dual-stack pair: a second value of a family would be silently unused."""
+    seen: dict[IPFamily, IPAddress | IPNetwork] = {}
+    for value in values:
+        family = IPFamily.of(value)
+        if family in seen:
+            raise OptionError(f"{what}: {seen[family]} and {value} are both {family.value}; "
+                              "give at most one per IP family (IPv4,IPv6)")
+        seen[family] = value
+
+
+def parse_cluster_cidrs(text: str | Iterable[str] | None,
+                        what: str = "--cluster-cidr") -> tuple[IPNetwork, ...]:
+    """kube-proxy's --cluster-cidr: one CIDR, or one per family (``10.244.0.0/16,fd00::/56``)."""
+    cidrs = parse_cidrs(text, what)
+    one_per_family(cidrs, what)
+    return cidrs
 
 
 def build_settings(*, node_name: str, cluster_cidr: str | None, masquerade_all: bool,
@@ -337,10 +359,11 @@ def build_settings(*, node_name: str, cluster_cidr: str | None, masquerade_all: 
                    interface_name_prefix: str = "") -> Settings:
     if not 0 <= masquerade_bit <= 31:
         raise OptionError(f"--iptables-masquerade-bit: {masquerade_bit} is outside 0..31")
+    one_per_family(node_ips, "--node-ip")
     primary = nodeport_addresses in ("primary", ("primary",), ["primary"])
     return Settings(
         node_name=node_name,
-        cluster_cidrs=parse_cidrs(cluster_cidr, "--cluster-cidr"),
+        cluster_cidrs=parse_cluster_cidrs(cluster_cidr),
         masquerade_all=masquerade_all,
         masquerade_bit=masquerade_bit,
         nodeport_addresses=() if primary else parse_cidrs(nodeport_addresses,
@@ -373,18 +396,21 @@ def settings_from_config(config: ProxyConfig, *, node_name: str,
 
 def with_node(settings: Settings, node: NodeInfo | None,
               interface_ips: Sequence[IPAddress] = ()) -> Settings:
-    """Fill in node addresses of the settings' family: the Node object's first (primary),
-    then the interfaces'. With ``--nodeport-addresses primary``, NodePorts are on the
-    primary one only (none known yet: on every address, as kube-proxy with an empty list)."""
+    """Fill in node addresses of the settings' family: --node-ip or else the Node object's
+    (the first is the primary), then the interfaces'; and resolve --nodeport-addresses
+    primary to that primary address."""
     family = settings.family
-    ips = list(settings.node_ips) or [ip for ip in (node.addresses if node else ())
-                                      if IPFamily.of(ip) is family]
+    known = list(settings.node_ips) or [ip for ip in (node.addresses if node else ())
+                                        if IPFamily.of(ip) is family]
+    ips = known + [ip for ip in interface_ips if ip not in known and IPFamily.of(ip) is family]
+    settings = replace(settings, node_ips=tuple(ips))
     if settings.nodeport_primary:
-        primary = next((ip for ip in ips if IPFamily.of(ip) is family and not ip.is_loopback),
-                       None)
-        settings = replace(settings, nodeport_addresses=() if primary is None else (
-            ipaddress.ip_network(primary),))
-    if settings.node_ips and not interface_ips:
-        return settings
-    ips += [ip for ip in interface_ips if ip not in ips and IPFamily.of(ip) is family]
-    return replace(settings, node_ips=tuple(ips))
+        settings = replace(settings, nodeport_addresses=primary_nodeport_cidrs(known[:1]))
+    return settings
+
+
+def primary_nodeport_cidrs(primary: Sequence[IPAddress]) -> tuple[IPNetwork, ...]:
+    """--nodeport-addresses primary for one family, as kube-proxy resolves it: the node's
+    primary address of the family as a /32 or /128; none known (or loopback): no
+    restriction, every address of the family accepts NodePorts."""
+    return tuple(ipaddress.ip_network(ip) for ip in primary if not ip.is_loopback)

@@ -3,9 +3,10 @@
 Semantics follow kube-proxy's:
 
 - ``/livez`` answers 200 while the rules are fresh: no change has been waiting longer than the
-  timeout (2 x ``--sync-period``) without a successful sync. Start-up counts as a queued
-  change, so a node that never manages its first sync turns unhealthy. The body is JSON with
-  ``lastUpdated`` and ``currentTime``.
+  timeout (2 x ``--sync-period``) without a successful sync, in any IP family the node
+  programs. Start-up counts as a queued change, so a node that never manages its first sync
+  turns unhealthy. The body is JSON with ``lastUpdated``, ``currentTime``, ``healthy`` and
+  ``status`` (``lastUpdated`` and ``healthy`` per family).
 - ``/healthz`` answers the same, except that it also answers 503 while the node is not
   eligible for load-balancer traffic (KEP-3836): its Node object has a deletionTimestamp, the
   cluster autoscaler's ``ToBeDeletedByClusterAutoscaler`` taint, or is gone. Load balancers
@@ -31,7 +32,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,31 +50,60 @@ BIND_RETRY_INTERVAL = 5.0  # seconds between attempts on a busy address (kube-pr
 
 
 class HealthState:
-    """When changes were queued and when rules were last synced (wall clock, seconds)."""
+    """When changes were queued and when rules were last synced (wall clock, seconds), per IP
+    family: like kube-proxy's, one ``/healthz`` for every family, unhealthy while any one of
+    them has had a change waiting longer than the timeout."""
 
-    def __init__(self, timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time,
+                 families: Iterable[str] = ("IPv4",)) -> None:
         self.timeout = timeout
         self.clock = clock
         self._lock = threading.Lock()
-        self.last_queued: float | None = clock()  # start-up: the first sync is owed
-        self.last_updated: float | None = None
+        self._queued: dict[str, float | None] = {}  # oldest change still waiting
+        self._updated: dict[str, float | None] = {}
+        self.track(families)
         self.node_eligible = True  # until a Node object says otherwise (kube-proxy's start)
 
-    def queued(self) -> None:
+    def track(self, families: Iterable[str]) -> None:
+        """Watch these families too; the first sync of each is owed from now (start-up)."""
         with self._lock:
-            if self.last_queued is None or (self.last_updated is not None
-                                            and self.last_queued <= self.last_updated):
-                self.last_queued = self.clock()  # the oldest change still waiting counts
+            for family in families:
+                if family not in self._queued:
+                    self._queued[family] = self.clock()
+                    self._updated[family] = None
 
-    def updated(self) -> None:
+    def queued(self, family: str | None = None) -> None:
+        """A change is waiting for ``family`` (None: every family)."""
         with self._lock:
-            self.last_updated = self.clock()
-            self.last_queued = None
+            for name in self._families(family):
+                if self._queued[name] is None:
+                    self._queued[name] = self.clock()  # the oldest change still waiting counts
+
+    def updated(self, family: str | None = None) -> None:
+        """``family`` (None: every family) holds every change queued so far."""
+        with self._lock:
+            for name in self._families(family):
+                self._updated[name] = self.clock()
+                self._queued[name] = None
+
+    def _families(self, family: str | None) -> list[str]:
+        """The tracked families ``family`` names (None: all); an untracked one is none."""
+        return list(self._queued) if family is None else [f for f in self._queued if f == family]
+
+    @property
+    def last_updated(self) -> float | None:
+        """The last successful sync of any family."""
+        with self._lock:
+            return max((u for u in self._updated.values() if u is not None), default=None)
+
+    def healthy_families(self) -> dict[str, bool]:
+        with self._lock:
+            now = self.clock()
+            return {family: waiting is None or now - waiting < self.timeout
+                    for family, waiting in self._queued.items()}
 
     def healthy(self) -> bool:
-        with self._lock:
-            waiting = self.last_queued
-            return waiting is None or self.clock() - waiting < self.timeout
+        return all(self.healthy_families().values())
 
     def node_changed(self, node: NodeInfo | None) -> None:
         """Follow this node's Node object (None: it was deleted) for ``/healthz``."""
@@ -88,19 +118,25 @@ class HealthState:
 
     def livez(self) -> tuple[int, dict[str, Any]]:
         """``/livez``: fresh rules or not, whatever the node's state."""
-        return (200 if self.healthy() else 503), self._times()
+        return (200 if self.healthy() else 503), self.body()
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
         """``/healthz``: fresh rules on a node eligible for load-balancer traffic."""
         eligible = self.node_eligible
         status = 200 if self.healthy() and eligible else 503
-        return status, {**self._times(), "nodeEligible": eligible}
+        return status, {**self.body(), "nodeEligible": eligible}
 
-    def _times(self) -> dict[str, Any]:
+    def body(self) -> dict[str, Any]:
+        """What /livez answers (/healthz adds nodeEligible): times, and health per family."""
         def iso(stamp: float | None) -> str:
             return "" if stamp is None else datetime.fromtimestamp(stamp, UTC).isoformat()
 
-        return {"lastUpdated": iso(self.last_updated), "currentTime": iso(self.clock())}
+        families = self.healthy_families()
+        with self._lock:
+            status = {family: {"lastUpdated": iso(self._updated[family]), "healthy": ok}
+                      for family, ok in families.items()}
+        return {"lastUpdated": iso(self.last_updated), "currentTime": iso(self.clock()),
+                "healthy": all(families.values()), "status": status}
 
 
 def parse_bind_address(text: str, what: str) -> tuple[str, int]:

@@ -8,14 +8,15 @@ what a sync writes. """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from iptsync.core.model import Problem, parse_all
+from iptsync.core.model import IPFamily, NodeInfo, Problem, parse_all
 from iptsync.core.plan import NO_STAGING, DesiredTables, make_plan
 from iptsync.core.policy import Settings
 from iptsync.core.state import ClusterState
+from iptsync.engine.families import FamilyEngines, offline_families
 from iptsync.engine.reconciler import Engine
 
 log = logging.getLogger("iptsync")
@@ -42,9 +43,30 @@ def report(problems: Iterable[Problem]) -> None:
 def desired_from_objects(objects: Iterable[Any], settings: Settings,
                          interface_ips: Iterable[Any] = ()) -> Desired:
     """Parse ``objects`` (every problem kept, in order) and render what a sync writes."""
+    [desired] = desired_per_family(objects, settings, [settings.family], interface_ips)
+    return desired
+
+
+def desired_per_family(objects: Iterable[Any], settings: Settings,
+                       families: Sequence[IPFamily] | None = None,
+                       interface_ips: Iterable[Any] = ()) -> list[Desired]:
+    """What a sync writes in each of ``families`` (each with the flags' values of its family:
+    ``settings.for_family``), the objects parsed once, every problem kept in order in each.
+    Without ``families``: those the node has, as far as the objects and the flags say
+    (:func:`iptsync.engine.families.offline_families`)."""
     accepted, problems = parse_all(objects)
-    engine = Engine(None, settings, interface_ips=interface_ips)
-    for parsed in accepted:
-        assert parsed.value is not None  # parse_all keeps only accepted objects
-        engine.add(parsed.value)
-    return Desired(engine.desired(), engine.state, engine.settings, problems)
+    values = [parsed.value for parsed in accepted if parsed.value is not None]
+    if families is None:
+        node = next((v for v in values if isinstance(v, NodeInfo)
+                     and v.name == settings.node_name), None)
+        choice = offline_families(settings, node)
+        for family, why in choice.left_out.items():
+            log.info("%s rules not shown: %s", family.value, why)
+        families = choice.families
+    ips = tuple(interface_ips)
+    engines = FamilyEngines(Engine(None, settings.for_family(family), interface_ips=ips)
+                            for family in families)
+    for value in values:
+        engines.add(value)
+    return [Desired(engine.desired(), engine.state, engine.settings, problems)
+            for engine in engines.engines.values()]

@@ -167,8 +167,7 @@ class Engine:
     def upsert(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
         """Add or replace one object. An invalid update keeps the last valid version."""
         parsed = parse_object(manifest)
-        self._note_problems((str(manifest.get("kind") or ""), *object_key(manifest)),
-                            parsed.problems)
+        note_problems(self.problems, manifest, parsed.problems)
         return set() if parsed.value is None else self.add(parsed.value)
 
     def add(self, value: ServiceInfo | EndpointSliceInfo | NodeInfo) -> set[ServiceKey]:
@@ -207,30 +206,21 @@ class Engine:
 
     def _replace_kind(self, kind: str, manifests: list[Mapping[str, Any]]) -> set[ServiceKey]:
         keep = {object_key(m) for m in manifests}
-        if kind == "Service":
-            current = set(self.state.services)
-        elif kind == "EndpointSlice":
-            current = set(self.state.slice_keys())
-        else:
-            node = self.state.node
-            current = {("", node.name)} if node is not None else set()
         dirty: set[ServiceKey] = set()
-        for namespace, name in current - keep:
-            dirty |= self.delete({"kind": kind, "metadata": {"namespace": namespace or None,
-                                                             "name": name}})
+        for namespace, name in self.known(kind) - keep:
+            dirty |= self.delete(stub(kind, namespace, name))
         for manifest in manifests:
             dirty |= self.upsert(manifest)
         return dirty
 
-    def _note_problems(self, ident: tuple[str, str, str], problems: Iterable[Problem]) -> None:
-        problems = tuple(problems)
-        if not problems:
-            self.problems.pop(ident, None)
-            return
-        if self.problems.get(ident) != problems[0]:
-            for problem in problems:
-                log.warning("%s", problem)
-        self.problems[ident] = problems[0]
+    def known(self, kind: str) -> set[tuple[str, str]]:
+        """``(namespace, name)`` of the objects of ``kind`` this engine holds."""
+        if kind == "Service":
+            return set(self.state.services)
+        if kind == "EndpointSlice":
+            return set(self.state.slice_keys())
+        node = self.state.node
+        return {("", node.name)} if node is not None else set()
 
     def _set_node(self, node: NodeInfo) -> set[ServiceKey]:
         if node.name != self.state.node_name:
@@ -253,6 +243,11 @@ class Engine:
         self._top.clear()
         self.needs_full = True
         return set(self.state.services)
+
+    @property
+    def pending(self) -> bool:
+        """Some service's rules may have changed since they were last rendered."""
+        return bool(self._dirty)
 
     # --- rendering -----------------------------------------------------------------------
 
@@ -585,6 +580,26 @@ class Engine:
             self._apply_to_top(changes)
             self._dirty |= dirty - done
         return rendering
+
+def note_problems(problems: dict[tuple[str, str, str], Problem],
+                  manifest: Mapping[str, Any], found: Iterable[Problem]) -> None:
+    """Keep the first of an object's ``found`` problems in ``problems`` (keyed by kind,
+    namespace and name; dropped when it has none) and log them all when they changed."""
+    ident = (str(manifest.get("kind") or ""), *object_key(manifest))
+    found = tuple(found)
+    if not found:
+        problems.pop(ident, None)
+        return
+    if problems.get(ident) != found[0]:
+        for problem in found:
+            log.warning("%s", problem)
+    problems[ident] = found[0]
+
+
+def stub(kind: str, namespace: str, name: str) -> dict[str, Any]:
+    """The least manifest that names an object to delete."""
+    return {"kind": kind, "metadata": {"namespace": namespace or None, "name": name}}
+
 
 @contextlib.contextmanager
 def bulk() -> Iterator[None]:

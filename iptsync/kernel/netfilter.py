@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -78,6 +79,11 @@ class Netfilter:
         """The plain command: ``iptables-nft``, ``ip6tables-legacy``, ..."""
         tool = "iptables" if self.family is IPFamily.IPV4 else "ip6tables"
         return f"{tool}-{self.backend.value}"
+
+    def present(self) -> bool:
+        """Whether this family's restore command is installed (kube-proxy's check before it
+        programs a family)."""
+        return shutil.which(f"{self.command}-restore") is not None
 
     def _run(self, argv: Sequence[str]) -> str:
         result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
@@ -322,7 +328,7 @@ def wait_for_xtables_lock(timeout: float) -> float:
 
 
 def _tool(argv: Sequence[str]) -> str:
-    return next((a for a in argv if a.startswith("iptables")), argv[0])
+    return next((a for a in argv if a.startswith(("iptables", "ip6tables"))), argv[0])
 
 
 def _failed_line(message: str) -> int | None:

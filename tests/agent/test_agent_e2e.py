@@ -234,7 +234,7 @@ def test_changed_rule_is_counted_as_drift_and_repaired(running: RunningAgent) ->
     svc = names.svc_chain("default/web:http", "tcp")
     running.netfilter.run("-t", "nat", "-D", svc, "2")
     eventually(lambda: running.nat() == expected)
-    assert running.metric('iptsync_drift_repairs_total{table="nat"}') >= 1
+    assert running.metric('iptsync_drift_repairs_total{ip_family="IPv4",table="nat"}') >= 1
 
 
 def test_health_metrics_and_health_check_node_port(running: RunningAgent) -> None:
@@ -264,7 +264,8 @@ def test_health_metrics_and_health_check_node_port(running: RunningAgent) -> Non
     assert 0 == running.metric("kubeproxy_sync_proxy_rules_no_local_endpoints_total")
     assert running.metric("kubeproxy_network_programming_duration_seconds_count") >= 1
     assert running.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0
-    assert running.metric('kubeproxy_sync_proxy_rules_iptables_total{table="nat"}') > 0
+    assert running.metric(
+        'kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}') > 0
     running.server.delete("Service", "default", "web")
     eventually(lambda: running.http(HEALTH_CHECK_PORT, "/")[0] == 0)
 

@@ -106,7 +106,9 @@ class Loop:
         self.agent.run()
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.agent.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+        """``name``'s value with ``labels`` (this IPv4 node's family unless said otherwise)."""
+        wanted = {"ip_family": "IPv4", **(labels or {})}
+        return self.agent.metrics.registry.get_sample_value(name, wanted) or 0.0
 
     def assert_converged(self) -> None:
         assert_holds_full_sync(list(self.world.objects.values()), self.kernel)

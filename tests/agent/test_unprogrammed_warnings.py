@@ -1,9 +1,11 @@
 """What iptsync does not program is said on stderr, object by object: FQDN EndpointSlices
-(``iptsync dump``, no root needed). IPv6 is programmed; its halves are no longer warned about."""
+(``iptsync dump``, no root needed). IPv6 is programmed: the dump of a dual-stack node prints
+both families, each after the restore command it is for, and warns about neither."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,8 @@ def service(name: str, **spec: Any) -> dict[str, Any]:
 
 
 def test_only_unprogrammed_fqdn_slices_are_named(tmp_path: Path) -> None:
-    """FQDN slices get one warning each; IPv6 Services and slices none; IPv4 rules are dumped."""
+    """FQDN slices get one warning each; IPv6 Services and slices none; both families are
+    dumped, IPv4 first, each half of the dual-stack Service in its own family."""
     objects = tmp_path / "objects.json"
     objects.write_text(json.dumps({"kind": "List", "items": [
         service("v6", clusterIP="fd00::10", clusterIPs=["fd00::10"], ipFamilies=["IPv6"]),
@@ -39,16 +42,25 @@ def test_only_unprogrammed_fqdn_slices_are_named(tmp_path: Path) -> None:
     ]}))
     result = subprocess.run(
         [sys.executable, "-m", "iptsync.cli", "dump", "--objects", str(objects),
-         "--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14"],
+         "--hostname-override", "node1", "--cluster-cidr", "10.0.0.0/14,fd00:1::/56"],
         capture_output=True, text=True, check=False, timeout=60)
     assert 0 == result.returncode, result.stderr
     warnings = sorted(line.split("iptsync: ", 1)[1] for line in result.stderr.splitlines()
                       if "WARNING" in line)
     assert ["skipping EndpointSlice default/only-fqdn: addressType: FQDN endpoints are never "
             "programmed (kube-proxy ignores them)"] == warnings
-    assert '"default/dual:http cluster IP"' in result.stdout
-    assert '"default/only-v6-slices:http has no endpoints"' in result.stdout
-    assert "fd00" not in result.stdout
+    before, first, ipv4, second, ipv6 = re.split(r"^(# ip6?tables-restore --noflush)\n",
+                                                 result.stdout, flags=re.MULTILINE)
+    assert ("", "# iptables-restore --noflush", "# ip6tables-restore --noflush") == (
+        before, first, second)
+    assert '"default/dual:http cluster IP" -m tcp -p tcp -d 10.96.0.20 ' in ipv4
+    assert '"default/only-v6-slices:http has no endpoints"' in ipv4
+    assert "fd00" not in ipv4
+    assert '"default/dual:http cluster IP" -m tcp -p tcp -d fd00::20 ' in ipv6
+    assert "--to-destination [fd00:1::20]:8080" in ipv6
+    assert '"default/v6:http has no endpoints"' in ipv6
+    assert "10.96.0.20" not in ipv6
+    assert "only-v6-slices" not in ipv6
 
 
 def test_services_for_another_proxy_are_named_and_left_out(tmp_path: Path) -> None:

@@ -77,7 +77,8 @@ def test_agent_keeps_going_while_the_lock_is_held_and_converges_after(
             time.sleep(HELD - 1.5)
             assert thread.is_alive()
             assert agent.metrics.registry.get_sample_value(
-                "iptsync_syncs_total", {"kind": "full", "result": "failure"}) >= 1
+                "iptsync_syncs_total",
+                {"kind": "full", "result": "failure", "ip_family": "IPv4"}) >= 1
         api = names.svc_chain("default/api:http", "tcp")
         eventually(lambda: api in netfilter.save(["nat"])["nat"].chains, timeout=10)
     finally:
@@ -89,7 +90,8 @@ def test_agent_keeps_going_while_the_lock_is_held_and_converges_after(
                   if r.getMessage().startswith("the canary check failed"))
     assert logging.ERROR == record.levelno
     assert "xtables lock" in record.getMessage()
-    assert 0 == agent.metrics.registry.get_sample_value("iptsync_canary_missing_total")
+    assert 0 == (agent.metrics.registry.get_sample_value("iptsync_canary_missing_total",
+                                                         {"ip_family": "IPv4"}) or 0)
 
 
 class Feed:

@@ -127,8 +127,10 @@ def test_duplicates_and_files_left_out_are_json_problems_and_the_last_wins(
             ("EndpointSlice", "default/web-1", f"defined more than once: {inputs}/good.yaml:6, "
              f"then {inputs}/override.yaml:6; the last definition ({inputs}/override.yaml:6) "
              "is used")] == [(p["kind"], p["object"], p["message"]) for p in dumped["problems"]]
+    [ipv4] = dumped["families"]
+    assert ("IPv4", dumped["problems"]) == (ipv4["family"], ipv4["problems"])
     assert any("-d 10.96.0.11 " in rule["rule"]
-               for rule in dumped["tables"]["nat"][names.KUBE_SERVICES])
+               for rule in ipv4["tables"]["nat"][names.KUBE_SERVICES])
     assert "WARNING iptsync: Service default/web: defined more than once" in result.stderr
     explained = iptsync("explain", "default/web", "--json", "--objects", str(inputs))
     assert 3 == len(json.loads(explained.stdout)["problems"])

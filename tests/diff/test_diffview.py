@@ -210,7 +210,8 @@ def test_cli_exits_1_and_names_the_chain_when_something_would(saved_in_sync: Pat
     assert 1 == status
     assert f"@@ rewrite {SVC}: 0 removed, 1 added, 2 unchanged @@" in output
     status, output = diff_cli("--saved", str(saved_in_sync), "--json")
-    assert (1, "nat: 1 chain to rewrite") == (status, json.loads(output)["summary"])
+    [entry] = json.loads(output)["families"]  # a saved file holds one family's rules
+    assert (1, "IPv4", "nat: 1 chain to rewrite") == (status, entry["family"], entry["summary"])
 
 
 def test_cli_exits_2_on_errors(tmp_path: Path) -> None:

@@ -52,8 +52,9 @@ def test_diff_live_reports_a_rule_deleted_by_hand_until_the_next_sync(
     assert f'+ -A {DEPLOY_SVC} -m comment --comment "default/deploy-svc -> 10.0.1.11:8080"' \
         in added
     as_json = iptsync(netfilter, "diff", "--live", "--json")
-    assert (1, [DEPLOY_SVC]) == (as_json.returncode,
-                                 list(json.loads(as_json.stdout)["tables"]["nat"]["rewrite"]))
+    [ipv4] = json.loads(as_json.stdout)["families"]  # the namespace has no IPv6 address
+    assert (1, "IPv4", [DEPLOY_SVC]) == (as_json.returncode, ipv4["family"],
+                                         list(ipv4["tables"]["nat"]["rewrite"]))
 
     resynced = iptsync(netfilter, "run", "--once")
     assert 0 == resynced.returncode, resynced.stderr

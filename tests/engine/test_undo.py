@@ -325,7 +325,8 @@ def test_agent_counts_a_failed_undo_and_says_what_the_table_keeps(
                                                   canary_interval=60), clock=FakeClock())
     agent.run(iterations=1)
     assert 1 == agent.metrics.registry.get_sample_value("iptsync_undo_failures_total",
-                                                         {"table": "filter"})
+                                                         {"table": "filter",
+                                                          "ip_family": "IPv4"})
     [message] = [r.getMessage() for r in caplog.records if r.name == "iptsync.agent.loop"
                  and r.levelname == "ERROR"]
     assert message.startswith("full sync failed, the filter table keeps part of the failed "
