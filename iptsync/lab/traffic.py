@@ -9,27 +9,16 @@ on each node's IPv6 address, an IPv6 load-balancer IP from the external client's
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from iptsync.core.model import IPFamily
-from iptsync.core.ruleset import RulesetError
-from iptsync.engine.apply import SyncError
-from iptsync.engine.reconciler import Engine
-from iptsync.kernel.conntrack import clear_stale_flows
-from iptsync.kernel.netfilter import Netfilter
-from iptsync.kernel.port import Backend, NetfilterError
 from iptsync.lab import netns
 from iptsync.lab.echo import join_host_port
 from iptsync.lab.scenario import Scenario
 from iptsync.lab.topology import Cluster, Reply
-from iptsync.options import build_settings
-from iptsync.sources.files import load_objects
 
 REQUEST_TIMEOUT = 1.0
 """Seconds one request may take; the echo servers answer in well under a millisecond."""
@@ -99,11 +88,13 @@ class Probe:
 _LOG_LINE = re.compile(r"^\S+ \S+ (?:\w+) [\w.]+: (.*)$")
 _TIMINGS = re.compile(r";?\s*(?:\w+=[\d.]+ms\s*)+$")
 """The per-phase timings at the end of a sync's log line (the report shows the wall time)."""
+_SYNCED = re.compile(r"^(?:IPv[46]: )?full sync: ")
+"""A family's sync line (``IPv6: full sync: ...``; no family named on a single-stack node)."""
 
 
 def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> NodeSync:
-    """Run ``iptsync run --once`` inside ``node``'s namespace, like the data-plane tests do,
-    then its IPv6 half (:func:`sync_ipv6_in_process`)."""
+    """Run ``iptsync run --once`` inside ``node``'s namespace, like the data-plane tests do:
+    one sync per IP family the node has an address of."""
     argv = netns.python_argv(
         "iptsync.cli", "run", "--once", "--iptables-backend", backend,
         "--objects", str(scenario.manifests), "--hostname-override", node,
@@ -114,46 +105,15 @@ def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> 
         proc = cluster.exec(node, argv, check=False, timeout=SYNC_TIMEOUT)
     except netns.NetnsError as exc:
         return NodeSync(node, False, time.monotonic() - start, str(exc))
+    seconds = time.monotonic() - start
     lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
     messages = [m.group(1) if (m := _LOG_LINE.match(line)) else line for line in lines]
     messages = [_TIMINGS.sub("", message) for message in messages]
     if proc.returncode != 0:
         detail = "; ".join(messages[-3:]) or f"exit status {proc.returncode}"
-        return NodeSync(node, False, time.monotonic() - start, detail)
-    ip6 = scenario.node_ips6.get(node)
-    if ip6 is None:
-        return NodeSync(node, True, time.monotonic() - start, messages[-1] if messages else "")
-    try:
-        ipv6 = sync_ipv6_in_process(cluster, node, backend, [scenario.manifests],
-                                    cluster_cidrs=scenario.cluster_cidrs, node_ip6=ip6)
-    except (SyncError, NetfilterError, RulesetError, OSError) as exc:
-        return NodeSync(node, False, time.monotonic() - start, f"IPv6: {exc}")
-    detail = "; ".join([f"IPv4 {messages[-1]}" if messages else "IPv4 synced", f"IPv6 {ipv6}"])
-    return NodeSync(node, True, time.monotonic() - start, detail)
-
-
-def sync_ipv6_in_process(cluster: Cluster, node: str, backend: str, paths: Sequence[Path], *,
-                         cluster_cidrs: str, node_ip6: str, masquerade_all: bool = False,
-                         conntrack_cleanup: bool = True) -> str:
-    """Program ``node``'s IPv6 rules for the manifests at ``paths`` with an IPv6 engine of
-    this process writing into the node's namespace, stale IPv6 conntrack entries cleared
-    there too; returns its sync line.
-
-    ``iptsync run`` programs IPv4 only until its agent runs one engine per family; this does
-    what that engine will do.
-    """
-    settings = build_settings(
-        node_name=node, cluster_cidr=cluster_cidrs, masquerade_all=masquerade_all,
-        masquerade_bit=14, nodeport_addresses=None, node_ips=(ipaddress.ip_address(node_ip6),),
-        localhost_nodeports=True)
-    netfilter = Netfilter(Backend(backend), netns=cluster.ns(node), family=IPFamily.IPV6)
-    engine = Engine(netfilter, settings.for_family(IPFamily.IPV6),
-                    flows=clear_stale_flows if conntrack_cleanup else None)
-    for obj in load_objects(paths).objects:
-        engine.upsert(obj)
-    with netns.thread_in_netns(cluster.ns(node)):  # the conntrack socket opens in the node
-        report = engine.sync(full=True)
-    return _TIMINGS.sub("", report.line())
+        return NodeSync(node, False, seconds, detail)
+    synced = [message for message in messages if _SYNCED.match(message)]
+    return NodeSync(node, True, seconds, "; ".join(synced or messages[-1:]))
 
 
 def probe(cluster: Cluster, *, section: str, service: str, source: str, source_ip: str,

@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 
 from iptsync.lab.topology import Cluster, ClusterSpec, PodSpec, Reply, cleanup_stale
-from iptsync.lab.traffic import sync_ipv6_in_process
 
 pytestmark = pytest.mark.netns
 
@@ -124,10 +123,6 @@ class Lab:
             argv.extend(flags)
             result = self.cluster.exec(node, argv, check=False)
             assert 0 == result.returncode, result.stderr
-            sync_ipv6_in_process(self.cluster, node, self.backend, [path],
-                                 cluster_cidrs=CLUSTER_CIDRS, node_ip6=NODE_IPS6[node],
-                                 masquerade_all="--masquerade-all" in flags,
-                                 conntrack_cleanup=conntrack_cleanup)
 
     def ask(self, source: str, ip: str, port: int, *, count: int = 1, proto: str = "tcp",
             timeout: float = 1.0, src_port: int | None = None) -> list[Reply]:
