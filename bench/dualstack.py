@@ -64,7 +64,7 @@ TARGET_PARTIAL_OVER_FLOOR = 0.030  # seconds
 
 
 def v6(index: int, prefix: str) -> str:
-    return f"{prefix}:{index >> 16:x}:{index & 0xFFFF:x}"
+    return f"{prefix}{index >> 16:x}:{index & 0xFFFF:x}"
 
 
 def dual_stack_objects(index: int, endpoints: int, rng: random.Random) -> list[Manifest]:
@@ -158,7 +158,7 @@ def one_rule_floor(netfilter: Netfilter, round_: int) -> float:
     started = time.perf_counter()
     netfilter.restore(f"*nat\n:{chain} - [0:0]\n-A {chain} -j RETURN\nCOMMIT\n")
     elapsed = time.perf_counter() - started
-    netfilter.restore(f"*nat\n-X {chain}\nCOMMIT\n")
+    netfilter.restore(f"*nat\n-F {chain}\n-X {chain}\nCOMMIT\n")
     return elapsed
 
 

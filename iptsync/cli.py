@@ -94,14 +94,23 @@ def settings_from(params: dict[str, Any], config: ProxyConfig | None = None) -> 
     """Settings for this node from the configuration in effect (read from ``params`` when
     not given) and iptsync's --node-ip flags."""
     if config is None:
+        # proxy_config takes kube-proxy's flags out of params: a command that asks twice
+        # (diff, trace) gets the settings of the first time, not the defaults.
+        if isinstance(known := params.get(_SETTINGS), Settings):
+            return known
         config = proxy_config(params)
         log_verdicts(config, config_path(config))
     try:
-        return settings_from_config(
+        settings = settings_from_config(
             config, node_name=(config.hostname_override.strip() or socket.gethostname()).lower(),
             node_ips=parse_ips(params["node_ips"], "--node-ip"))
     except OptionError as err:
         raise click.UsageError(str(err)) from None
+    params[_SETTINGS] = settings
+    return settings
+
+
+_SETTINGS = "_settings"  # where settings_from keeps what it read in a command's params
 
 
 def config_path(config: ProxyConfig) -> str | None:
@@ -483,13 +492,16 @@ def cleanup_rules(backends: Iterable[Backend]) -> bool:
 @main.command(cls=KubeProxyCommand)
 @node_options
 @backend_option("auto")
-@click.option("--src", required=True, help="Source IP of the connection.")
-@click.option("--dst", required=True, help="Destination IP:PORT (service, node or LB IP).")
+@click.option("--src", required=True, help="Source IP of the connection (IPv4 or IPv6).")
+@click.option("--dst", required=True,
+              help="Destination IP:PORT, or [IPv6]:PORT (service, node or LB IP); its family "
+                   "picks the rules traced (iptables or ip6tables).")
 @click.option("--proto", type=click.Choice(["tcp", "udp", "sctp"]), default="tcp",
               show_default=True, help="Protocol.")
 @click.option("--from", "origin", type=click.Choice(["pod", "node", "external"]),
               default=None, help="Where the packet enters: a pod, the node itself, outside "
-              "(default: node for a node address, pod inside --cluster-cidr, else external).")
+              "(default: node for a node or loopback address, pod inside --cluster-cidr, "
+              "else external).")
 @click.option("--live", is_flag=True,
               help="Trace the rules netfilter holds now in this network namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -497,21 +509,25 @@ def trace(*, backend: str, src: str, dst: str, proto: str, origin: str | None, l
           as_json: bool, **params: Any) -> None:
     """Trace a new connection through the rules: endpoints and odds, masquerade, or where it
     is dropped or rejected, with the rules that decided it. --live reads this namespace's
-    rules (root); --objects renders them from manifests (no root)."""
+    rules (root); --objects renders them from manifests (no root). The destination's IP family
+    picks the rules: iptables for IPv4, ip6tables for IPv6 (--dst [fd00::1]:80)."""
     from iptsync.inspection import trace as tracer  # noqa: PLC0415  (keeps this command's imports local)
 
     setup_logging(params.pop("verbose"))
     if live == bool(params["objects"]):
         raise click.UsageError("give either --live or --objects")
-    settings = settings_from(params)
     problems: list[Problem] = []
     try:
         packet = tracer.make_packet(src, dst, proto)
+        settings = settings_from(params).for_family(packet.family)
         if live:
-            tables = tracer.from_saved(Netfilter(resolve_backend(backend)).save(("filter", "nat")))
-            node_ips = tuple(dict.fromkeys((*settings.node_ips, *interface_addresses())))
+            netfilter = Netfilter(resolve_backend(backend), family=packet.family)
+            tables = tracer.from_saved(netfilter.save(("filter", "nat")))
+            node_ips = tuple(ip for ip in dict.fromkeys((*settings.node_ips,
+                                                         *interface_addresses()))
+                             if IPFamily.of(ip) is packet.family)
         else:
-            desired = desired_from_params(params, as_json=as_json)
+            desired = desired_from_params(params, as_json=as_json, family=packet.family)
             tables, node_ips = tracer.from_desired(desired.tables), desired.settings.node_ips
             problems = desired.problems
     except tracer.TraceError as err:
@@ -537,7 +553,8 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
     point (cluster IP, external and load-balancer IPs, NodePort) and each kind of client
     (pods, the node, outside): which endpoints get the traffic and with what probability,
     whether it is masqueraded, or why it is rejected or dropped, and why each endpoint left
-    out is left out. Reads --objects; needs no root.
+    out is left out; a dual-stack Service in each of its IP families. Reads --objects; needs
+    no root.
     """
     from iptsync.inspection import explain as explainer  # noqa: PLC0415  (keeps this command's imports local)
 
@@ -548,14 +565,15 @@ def explain(*, service: str, as_json: bool, **params: Any) -> None:
         ref = explainer.parse_service_ref(service)
     except explainer.ExplainError as err:
         raise click.UsageError(str(err)) from None
-    desired = desired_from_params(params, as_json=as_json)
+    # Every family, whichever the node has: a note says when it has no address of one.
+    families = desired_per_family_from_params(params, list(IPFamily), as_json=as_json)
     try:
-        result = explainer.explain(desired.state, desired.settings, ref)
+        result = explainer.explain([(d.state, d.settings) for d in families], ref)
     except explainer.ExplainError as err:
         raise click.ClickException(str(err)) from None
     if as_json:
         print_json({**explainer.explanation_json(result),
-                    "problems": problems_json(desired.problems)})
+                    "problems": problems_json(families[0].problems)})
     else:
         sys.stdout.write(explainer.render_text(result))
 

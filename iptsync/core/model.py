@@ -166,6 +166,11 @@ class Endpoint:
         object.__setattr__(self, "key", f"{host}:{self.port}")
 
 
+def host_port(ip: IPAddress, port: int) -> str:
+    """``ip:port`` as kube-proxy writes it (Go's ``net.JoinHostPort``): ``[ip]:port`` for IPv6."""
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class SlicePort:
     """A port of an EndpointSlice; ``name`` matches the service port's name."""

@@ -27,7 +27,14 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
 from iptsync.core import names
-from iptsync.core.model import Endpoint, IPAddress, IPFamily, IPNetwork, ServicePort
+from iptsync.core.model import (
+    Endpoint,
+    IPAddress,
+    IPFamily,
+    IPNetwork,
+    ServicePort,
+    host_port,
+)
 from iptsync.core.state import is_local
 
 # Where a new connection comes from, as the rules can tell: a pod (inside --cluster-cidr),
@@ -270,7 +277,7 @@ class Entry:
     """An entry point of a service port and the decision for each origin."""
 
     kind: EntryKind
-    address: str  # ip:port, or :nodePort on the node's addresses
+    address: str  # ip:port ([ip]:port for IPv6), or :nodePort on the node's addresses
     decisions: tuple[Decision, ...]
 
 
@@ -309,10 +316,10 @@ class _PortDecisions:
 
     def entries(self) -> tuple[Entry, ...]:
         port = self.port
-        entries = [Entry("cluster-ip", f"{port.cluster_ip}:{port.port}", self._cluster_ip())]
-        entries += [Entry("external-ip", f"{ip}:{port.port}", self._external(ip, fw=False))
+        entries = [Entry("cluster-ip", host_port(port.cluster_ip, port.port), self._cluster_ip())]
+        entries += [Entry("external-ip", host_port(ip, port.port), self._external(ip, fw=False))
                     for ip in port.external_ips]
-        entries += [Entry("load-balancer-ip", f"{ip}:{port.port}",
+        entries += [Entry("load-balancer-ip", host_port(ip, port.port),
                           self._external(ip, fw=self.targets.uses_fw))
                     for ip in port.load_balancer_ips]
         if port.node_port:

@@ -10,6 +10,11 @@ rejected or dropped, and for every endpoint left out, why: not ready, terminatin
 whether the terminating fallback applies), on another node under a Local traffic policy,
 hinted for another zone, or the client is outside ``loadBalancerSourceRanges``.
 
+A dual-stack Service is explained once per IP family: each family's rules are separate
+(iptables and ip6tables), with their own cluster IP, external and load-balancer IPs, source
+ranges and endpoints (``[ip]:port`` for IPv6), so each family's ports are explained from that
+family's state and settings.
+
 The decisions are not derived here: :func:`iptsync.core.policy.entry_decisions` makes them, from
 the same endpoint categorisation and entry-point targets the renderer turns into rules. What
 this module adds is the set of node roles to ask about, the grouping of nodes and clients
@@ -23,11 +28,11 @@ Pure: cluster state + settings in, a structured explanation out; text and JSON r
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from iptsync.core.model import Endpoint, ServicePort
+from iptsync.core.model import Endpoint, IPFamily, ServicePort
 from iptsync.core.policy import (
     Decision,
     Entry,
@@ -101,20 +106,46 @@ class ServiceExplanation:
     skipped_reason: str | None = None  # headless or ExternalName: no rules at all
 
 
-def explain(state: ClusterState, settings: Settings, ref: ServiceRef) -> ServiceExplanation:
-    """Explain every port of the service (or the one ``ref`` names) for every node role."""
-    service = state.services.get((ref.namespace, ref.name))
-    if service is None:
+def explain(families: Iterable[tuple[ClusterState, Settings]],
+            ref: ServiceRef) -> ServiceExplanation:
+    """Explain every port of the service (or the one ``ref`` names) for every node role, in
+    each IP family given: a (state, settings) pair per family, as each family's engine has
+    them (the settings' ``family`` picks the ports of that family)."""
+    given = list(families)
+    found = [(service, state, settings) for state, settings in given
+             if (service := state.services.get((ref.namespace, ref.name))) is not None]
+    if not found:
         raise ExplainError(f"no Service {ref.namespace}/{ref.name} among the objects")
-    ports = [p for p in service.ports if ref.port is None or p.name.port == ref.port]
-    if ref.port is not None and not ports:
-        known = ", ".join(repr(p.name.port) for p in service.ports) or "none"
+    ports = [(port, state, settings) for service, state, settings in found
+             for port in service.ports if port.family is settings.family]
+    named = [item for item in ports if ref.port is None or item[0].name.port == ref.port]
+    if ref.port is not None and not named:
+        known = ", ".join(dict.fromkeys(repr(p.name.port) for p, _, _ in ports)) or "none"
         raise ExplainError(f"Service {ref.namespace}/{ref.name} has no port named "
                            f"{ref.port!r} (ports: {known})")
+    addressed = {settings.family for _, settings in given if settings.node_ips}
+    skipped = next((service.skipped_reason for service, _, _ in found
+                    if service.skipped_reason), None)
     return ServiceExplanation(
-        ref.namespace, ref.name, settings.node_name,
-        tuple(explain_port(p, state.endpoints(p), settings, state.node_zone) for p in ports),
-        service.skipped_reason)
+        ref.namespace, ref.name, given[0][1].node_name,
+        tuple(_with_family_note(explain_port(port, state.endpoints(port), settings,
+                                             state.node_zone), settings, addressed)
+              for port, state, settings in named),
+        skipped)
+
+
+def _with_family_note(explanation: PortExplanation, settings: Settings,
+                      addressed: set[IPFamily]) -> PortExplanation:
+    """Say so when this node is known by addresses of another family but none of this
+    port's (the agent programs a family only on a node with an address of it)."""
+    family = settings.family
+    if family in addressed or not addressed:
+        return explanation
+    note = (f"no {family.value} address of node {settings.node_name} is known here (its Node "
+            f"object's status.addresses, --node-ip): if it has none, iptsync there programs "
+            f"no {family.value} rules and this port's {family.value} entry points do nothing "
+            f"on it")
+    return replace(explanation, notes=(*explanation.notes, note))
 
 
 def explain_port(port: ServicePort, endpoints: Sequence[Endpoint], settings: Settings,
@@ -183,30 +214,35 @@ def render_text(explanation: ServiceExplanation) -> str:
     head = f"service {explanation.namespace}/{explanation.name}"
     if explanation.skipped_reason:
         return f"{head}: {explanation.skipped_reason}\n"
+    # An IPv4-only Service reads as it always did; with IPv6 every port names its family.
+    labelled = any(p.port.family is not IPFamily.IPV4 for p in explanation.ports)
     lines: list[str] = []
     for port_explanation in explanation.ports:
         if lines:
             lines.append("")
-        lines.extend(_port_lines(port_explanation))
+        lines.extend(_port_lines(port_explanation, labelled))
     return "\n".join(lines) + "\n"
 
 
-def _port_lines(explanation: PortExplanation) -> list[str]:
+def _port_lines(explanation: PortExplanation, labelled: bool) -> list[str]:
     port = explanation.port
     etp = "Local" if port.external_policy_local else "Cluster"
     itp = "Local" if port.internal_policy_local else "Cluster"
-    lines = [f"{port.name} {port.port}/{port.protocol.value}: "
+    of_family = f", {port.family.value}" if labelled else ""  # after the port's protocol
+    family = f" {port.family.value}" if labelled else ""  # "the node's IPv6 addresses"
+    lines = [f"{port.name} {port.port}/{port.protocol.value}{of_family}: "
              f"externalTrafficPolicy={etp}, internalTrafficPolicy={itp}"]
     lines.append(f"endpoints ({len(explanation.endpoints)}):" if explanation.endpoints
                  else "endpoints: none")
-    lines.extend(f"  {ep.key:<22} {ep.node_name or '(no node)':<12} {_conditions(ep)}"
+    width = max([22, *(len(ep.key) for ep in explanation.endpoints)])
+    lines.extend(f"  {ep.key:<{width}} {ep.node_name or '(no node)':<12} {_conditions(ep)}"
                  for ep in explanation.endpoints)
     lines.extend(f"note: {note}" for note in explanation.notes)
     for view in explanation.views:
         lines.append("")
         lines.append("on " + "; ".join(_role_label(role) for role in view.roles) + ":")
         for entry in view.entries:
-            where = (f"{entry.address[1:]} on the node's addresses"
+            where = (f"{entry.address[1:]} on the node's{family} addresses"
                      if entry.kind == "node-port" else entry.address)
             lines.append(f"  {ENTRY_LABELS[entry.kind]} {where}")
             lines.extend(_entry_lines(entry))
@@ -291,6 +327,7 @@ def _port_json(explanation: PortExplanation) -> dict[str, Any]:
     port = explanation.port
     return {
         "name": str(port.name),
+        "family": port.family.value,
         "port_name": port.name.port,
         "protocol": port.protocol.value,
         "port": port.port,
@@ -304,13 +341,13 @@ def _port_json(explanation: PortExplanation) -> dict[str, Any]:
         "nodes": [{"roles": [{"node": r.name, "this_node": r.this_node, "zone": r.zone,
                               "local_ready_endpoints": list(r.local_ready)}
                              for r in view.roles],
-                   "entries": [_entry_json(entry) for entry in view.entries]}
+                   "entries": [_entry_json(entry, port.family) for entry in view.entries]}
                   for view in explanation.views],
     }
 
 
-def _entry_json(entry: Entry) -> dict[str, Any]:
-    return {"kind": entry.kind, "address": entry.address,
+def _entry_json(entry: Entry, family: IPFamily) -> dict[str, Any]:
+    return {"kind": entry.kind, "family": family.value, "address": entry.address,
             "outcomes": [{"from": o.origin, "sources": o.sources or None,
                          "verdict": o.verdict, "endpoints": o.probabilities,
                          "chain": o.chain, "masquerade": o.masquerade,

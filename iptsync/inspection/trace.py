@@ -7,6 +7,10 @@ cross on the node and reports every possible outcome with its probability: which
 it is DNATed to, whether it is masqueraded, or where it is dropped or rejected, each with the
 exact path of rules that decided it.
 
+Both IP families work the same way: a packet is IPv4 or IPv6 (its destination says which,
+and its source must agree), and is traced through that family's rules (``iptables`` or
+``ip6tables``); addresses with ports print as kube-proxy writes them, ``[ip]:port`` for IPv6.
+
 Both rule sources work and give the same structure (:class:`Tables`): the rendered rules of
 :mod:`iptsync.engine.desired` (:func:`from_desired`) and the live rules read by
 :meth:`iptsync.kernel.netfilter.Netfilter.save` (:func:`from_saved`). Each canonical rule is parsed
@@ -20,7 +24,7 @@ targets) is assumed to match or to fall through, and is reported as a warning.
 Hooks crossed, by where the packet enters:
 
 * ``pod`` and ``external``: nat PREROUTING, routing, then filter INPUT and nat INPUT (to a
-  node address or 127/8) or filter FORWARD and nat POSTROUTING (anything else);
+  node address, 127/8 or ::1) or filter FORWARD and nat POSTROUTING (anything else);
 * ``node`` (locally generated): nat OUTPUT, filter OUTPUT, nat POSTROUTING, and filter INPUT
   when the destination is local.
 
@@ -34,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from iptsync.core.model import IPFamily, host_port
 from iptsync.core.plan import DesiredTables
 from iptsync.core.policy import ORIGINS, Origin, Verdict
 from iptsync.core.ruleset import (
@@ -50,7 +55,8 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
 }
-LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+LOOPBACK = {IPFamily.IPV4: ipaddress.ip_network("127.0.0.0/8"),
+            IPFamily.IPV6: ipaddress.ip_network("::1/128")}
 MAX_DEPTH = 64  # the kernel refuses deeper jump chains (and loops) when the rules are loaded
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -195,36 +201,64 @@ class Packet:
     proto: str = "tcp"
     sport: int | None = None  # unknown: rules testing --sport are assumed to match
 
+    @property
+    def family(self) -> IPFamily:
+        """The packet's IP family: whose rules (iptables or ip6tables) it crosses."""
+        return IPFamily.of(self.dst)
+
     def __str__(self) -> str:
-        sport = f":{self.sport}" if self.sport is not None else ""
-        return f"{self.proto} {self.src}{sport} -> {self.dst}:{self.dport}"
+        src = str(self.src) if self.sport is None else host_port(self.src, self.sport)
+        return f"{self.proto} {src} -> {host_port(self.dst, self.dport)}"
 
 
 def make_packet(src: str, dst: str, proto: str = "tcp", sport: int | None = None) -> Packet:
-    """A packet from ``--src IP --dst IP:PORT --proto P`` text; :class:`TraceError` if bad."""
-    host, sep, port_text = dst.rpartition(":")
-    if not sep:
-        raise TraceError(f"--dst {dst!r}: expected IP:PORT")
+    """A packet from ``--src IP --dst IP:PORT --proto P`` text (``--dst [IPv6]:PORT``, as
+    kube-proxy writes endpoints); :class:`TraceError` naming the flag if bad."""
+    host, port_text = _host_and_port(dst)
     try:
         source = ipaddress.ip_address(src)
     except ValueError:
         raise TraceError(f"--src {src!r} is not an IP address") from None
     try:
-        destination = ipaddress.ip_address(host.strip("[]"))
+        destination = ipaddress.ip_address(host)
     except ValueError:
         raise TraceError(f"--dst {dst!r}: {host!r} is not an IP address") from None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise TraceError(f"--dst {dst!r}: {port_text!r} is not a port (1-65535)")
     if proto.lower() not in PROTOCOLS:
         raise TraceError(f"--proto {proto!r}: expected one of {', '.join(PROTOCOLS)}")
+    if source.version != destination.version:
+        # A connection never changes family: the node's iptables and ip6tables rules are
+        # separate, and no rule translates one family into the other.
+        raise TraceError(
+            f"--src {src} is an {IPFamily.of(source).value} address but --dst {dst} is "
+            f"{IPFamily.of(destination).value}: a connection stays in one IP family; give "
+            f"both of the same family (a dual-stack Service has an address of each)")
     return Packet(source, destination, int(port_text), proto.lower(), sport)
+
+
+def _host_and_port(dst: str) -> tuple[str, str]:
+    """``IP:PORT`` or ``[IP]:PORT`` -> (IP, PORT) text; an IPv6 address needs the brackets,
+    or its last group could not be told from the port."""
+    if dst.startswith("["):
+        host, closed, rest = dst[1:].partition("]")
+        if not closed or not rest.startswith(":"):
+            raise TraceError(f"--dst {dst!r}: expected [IPv6]:PORT, e.g. [fd00::1]:80")
+        return host, rest[1:]
+    host, sep, port_text = dst.rpartition(":")
+    if ":" in host:
+        raise TraceError(f"--dst {dst!r}: an IPv6 destination needs brackets and a port, "
+                         f"as in [fd00::1]:80")
+    if not sep:
+        raise TraceError(f"--dst {dst!r}: expected IP:PORT (or [IPv6]:PORT)")
+    return host, port_text
 
 
 def default_origin(src: Address, cluster_cidrs: Iterable[Network],
                    node_ips: Iterable[Address] = ()) -> Origin:
-    """``node`` for one of the node's addresses, ``pod`` inside the cluster CIDR, else
-    ``external``."""
-    if src in set(node_ips):
+    """``node`` for one of the node's addresses or a loopback one (only the node itself sends
+    from 127/8 or ::1), ``pod`` inside the cluster CIDR, else ``external``."""
+    if src.is_loopback or src in set(node_ips):
         return "node"
     return "pod" if any(src in cidr for cidr in cluster_cidrs) else "external"
 
@@ -245,7 +279,7 @@ class Outcome:
     """One way the connection can end, with its probability and the rules that decided it."""
 
     verdict: Verdict
-    endpoint: str | None  # "ip:port" after DNAT
+    endpoint: str | None  # "ip:port" ("[ip]:port" for IPv6) after DNAT
     probability: float
     masquerade: bool  # the source address is rewritten (MASQUERADE or SNAT)
     path: tuple[Step, ...]
@@ -269,7 +303,7 @@ class TraceResult:
 
     @property
     def endpoints(self) -> dict[str, float]:
-        """DNAT destination ``ip:port`` -> summed probability."""
+        """DNAT destination ``ip:port`` (``[ip]:port`` for IPv6) -> summed probability."""
         out: dict[str, float] = {}
         for outcome in self.outcomes:
             if outcome.endpoint is not None:
@@ -351,7 +385,7 @@ class _Context:
             self.warnings.append(text)
 
     def is_local(self, ip: Address) -> bool:
-        return ip in self.local or ip in LOOPBACK
+        return ip in self.local or ip in LOOPBACK[IPFamily.of(ip)]
 
 
 def trace(tables: Tables, packet: Packet, *, origin: str,
@@ -405,13 +439,9 @@ def _outcome(flow: _Flow, verdict: str) -> Outcome:
     if verdict in ("DROP", "REJECT"):
         final: Verdict = "DROP" if verdict == "DROP" else "REJECT"
         return Outcome(final, None, flow.probability, flow.masquerade, flow.path)
-    endpoint = _endpoint(flow.dst, flow.dport) if flow.dnat else None
+    endpoint = host_port(flow.dst, flow.dport) if flow.dnat else None
     return Outcome("DNAT" if flow.dnat else "ACCEPT", endpoint, flow.probability,
                    flow.masquerade, flow.path)
-
-
-def _endpoint(ip: Address, port: int) -> str:
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def _hooks(ctx: _Context, flows: list[_Flow],
@@ -540,8 +570,12 @@ def _set_mark(ctx: _Context, rule: TraceRule, mark: int) -> int:
 def _dnat(ctx: _Context, rule: TraceRule, flow: _Flow) -> _Flow:
     options = {name: values[0] for _, name, values in rule.target_options if values}
     if rule.target == "REDIRECT":
-        ip: Address = ipaddress.IPv4Address("127.0.0.1") if ctx.hook == "OUTPUT" else (
-            ctx.local[0] if ctx.local else ipaddress.IPv4Address("127.0.0.1"))
+        # To the node itself: loopback from the node, else the first node address of the
+        # packet's family (the kernel takes the receiving interface's).
+        family = IPFamily.of(flow.dst)
+        own = [ip for ip in ctx.local if IPFamily.of(ip) is family]
+        ip: Address = own[0] if own and ctx.hook != "OUTPUT" else ipaddress.ip_address(
+            "127.0.0.1" if family is IPFamily.IPV4 else "::1")
         port_text = options.get("--to-ports", str(flow.dport))
         port = int(port_text.split("-")[0]) if port_text.split("-")[0].isdigit() else flow.dport
         return replace(flow, dst=ip, dport=port, dnat=True)
@@ -816,8 +850,9 @@ def render_text(result: TraceResult) -> str:
     nodes = ", ".join(str(ip) for ip in result.node_ips) or "none given"
     entering = {"pod": "from a pod", "external": "from outside the node",
                 "node": "from the node itself"}[result.origin]
+    family = result.packet.family
     lines = [f"packet:     {result.packet}, a new connection {entering}",
-             f"node IPs:   {nodes}; 127.0.0.0/8 is local too",
+             f"node IPs:   {nodes}; {LOOPBACK[family]} is local too",
              f"verdict:    {result.verdict}"]
     for outcome in result.outcomes:
         masq = ""
@@ -850,7 +885,8 @@ def result_json(result: TraceResult) -> dict[str, Any]:
     packet = result.packet
     return {
         "packet": {"src": str(packet.src), "dst": str(packet.dst), "dport": packet.dport,
-                   "proto": packet.proto, "sport": packet.sport, "from": result.origin},
+                   "proto": packet.proto, "sport": packet.sport, "from": result.origin,
+                   "family": packet.family.value},
         "node_ips": [str(ip) for ip in result.node_ips],
         "verdict": result.verdict,
         "endpoints": result.endpoints,

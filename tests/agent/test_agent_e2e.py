@@ -256,7 +256,7 @@ def test_health_metrics_and_health_check_node_port(running: RunningAgent) -> Non
             "serviceProxyHealthy": True} == json.loads(body)
     assert "0" == running.header(HEALTH_CHECK_PORT, "/", "X-Load-Balancing-Endpoint-Weight")
     assert 1 == running.metric(
-        'kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"}')
+        'kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="external"}')
     running.server.update(web_slice(["web-a", "web-b"]))
     eventually(lambda: running.http(HEALTH_CHECK_PORT, "/")[0] == 200)
     assert 1 == json.loads(running.http(HEALTH_CHECK_PORT, "/")[1])["localEndpoints"]
@@ -331,6 +331,7 @@ def test_rules_written_by_the_last_sync_are_counted_per_table(running: RunningAg
     running.server.create(web_service())
     running.server.create(web_slice(["web-a"]))
     eventually(lambda: running.metric(
-        'kubeproxy_sync_proxy_rules_iptables_last{table="nat"}') > 0)
+        'kubeproxy_sync_proxy_rules_iptables_last{ip_family="IPv4",table="nat"}') > 0)
     eventually(lambda: running.metric("kubeproxy_sync_proxy_rules_iptables_last") == 0)
-    assert running.metric('kubeproxy_sync_proxy_rules_iptables_total{table="nat"}') > 0
+    assert running.metric(
+        'kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}') > 0

@@ -83,7 +83,7 @@ def explain_objects(name: str, *objects: dict[str, Any], port: str | None = None
     """Explain default/NAME among the objects (and the two nodes) for node1."""
     desired = desired_from_objects([*NODES, *objects], settings)
     assert [] == desired.problems
-    return explain(desired.state, desired.settings, ServiceRef("default", name, port))
+    return explain([(desired.state, desired.settings)], ServiceRef("default", name, port))
 
 
 def _n1(ip: str, **kwargs: Any) -> dict[str, Any]:

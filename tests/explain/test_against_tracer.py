@@ -39,7 +39,7 @@ def source_ip(outcome: Decision) -> str:
 def test_explain_agrees_with_the_tracer_on_this_node(case: str) -> None:
     """For each entry point and client, verdict, endpoint shares and masquerade match."""
     desired = desired_from_objects([*NODES, *CASES[case]], SETTINGS)
-    explanation = explain(desired.state, desired.settings, ServiceRef("default", case))
+    explanation = explain([(desired.state, desired.settings)], ServiceRef("default", case))
     tables = from_desired(desired.tables)
     view = next(v for v in explanation.ports[0].views if v.roles[0].this_node)
     checked = 0

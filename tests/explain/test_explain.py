@@ -265,12 +265,13 @@ def test_json_holds_roles_entries_outcomes_and_exclusions() -> None:
     data = json.loads(json.dumps(explanation_json(explain_case("etp-local-remote"))))
     assert ["node", "ports", "service", "skipped"] == sorted(data)
     port = data["ports"][0]
-    assert ["endpoints", "external_traffic_policy", "internal_traffic_policy", "name", "nodes",
-            "notes", "port", "port_name", "protocol"] == sorted(port)
+    assert ["endpoints", "external_traffic_policy", "family", "internal_traffic_policy", "name",
+            "nodes", "notes", "port", "port_name", "protocol"] == sorted(port)
+    assert "IPv4" == port["family"]
     assert {"node": "node1", "this_node": True, "zone": "zone-a",
             "local_ready_endpoints": []} == port["nodes"][0]["roles"][0]
     entry = port["nodes"][0]["entries"][1]
-    assert ("node-port", ":30401") == (entry["kind"], entry["address"])
+    assert ("node-port", "IPv4", ":30401") == (entry["kind"], entry["family"], entry["address"])
     outside = entry["outcomes"][2]
     assert ["chain", "endpoints", "excluded", "from", "masquerade", "reason", "sources",
             "terminating_fallback", "verdict"] == sorted(outside)
@@ -286,6 +287,9 @@ def test_json_holds_roles_entries_outcomes_and_exclusions() -> None:
 def test_text_names_each_node_entry_client_and_exclusion() -> None:
     """The text form lists nodes, entry points, client groups, and each left-out endpoint."""
     text = render_text(explain_case("etp-local-remote"))
+    # An IPv4-only Service's ports are not labelled with their family.
+    assert ("default/etp-local-remote 80/TCP: externalTrafficPolicy=Local, "
+            "internalTrafficPolicy=Cluster") == text.splitlines()[0]
     assert ("on node1 (this node, no local ready endpoint, zone zone-a); any other node "
             "(no endpoints there):") in text.splitlines()
     assert "  NodePort 30401 on the node's addresses" in text
