@@ -89,16 +89,6 @@ CASES = (
          "REJECT", 2),
     Case("masquerade-all", "node2", "pod:web-b", lambda f: f.svc(23), 80, "DNAT", 3),
 )
-IPV6_TRACE = pytest.mark.xfail(
-    strict=True, reason="trace --live reads no ip6tables yet (#14, i14-inspect)")
-ALIKE_IN_IPV4 = {"etp-local-without-endpoint", "no-endpoints-nodeport"}
-"""Cases whose IPv6 packets the IPv4 rules already judge right: their rules match a local
-destination (addrtype LOCAL) and a port, no address, the same in iptables and ip6tables."""
-PARAMS = [pytest.param(case, fam, id=f"{case.name}-{fam.name}",
-                       marks=[IPV6_TRACE] if fam.v6 and case.name not in ALIKE_IN_IPV4 else [])
-          for case in CASES for fam in FAMILIES]
-
-
 @pytest.fixture(scope="module")
 def synced(lab: Lab) -> Lab:
     """The lab with every case's dual-stack services synced (node2 with --masquerade-all)."""
@@ -117,7 +107,8 @@ def traced(lab: Lab, case: Case, fam: Family) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-@pytest.mark.parametrize(("case", "fam"), PARAMS)
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_trace_agrees_with_real_packets(synced: Lab, case: Case, fam: Family) -> None:
     """The live trace knows the node's address of the packet's family, and its verdict,
     endpoints and masquerade match what real requests get."""
