@@ -136,12 +136,17 @@ def lab(request: pytest.FixtureRequest, netns_available: None,
     cleanup_stale()
     spec = ClusterSpec(pods=tuple(PodSpec(name, node, ip, ip6=ip6)
                                   for name, (node, ip, ip6) in PODS.items()))
-    with Cluster(spec) as cluster:
+    workdir = tmp_path_factory.mktemp(request.param)
+    with pytest.MonkeyPatch.context() as env, Cluster(spec) as cluster:
+        # The lab's namespaces are this module's alone, so its syncs take an xtables lock of
+        # their own: other programs' legacy restores elsewhere on the machine hold the host's
+        # /run/xtables.lock for seconds and would time these syncs out.
+        env.setenv("XTABLES_LOCKFILE", str(workdir / "xtables.lock"))
         for fam in FAMILIES:
             cluster.route_from_client(f"{fam.ext(0)}/{112 if fam.v6 else 24}", via_node="node1")
             cluster.route_from_client(f"{fam.lb(0)}/{112 if fam.v6 else 24}", via_node="node1")
             cluster.route_from_client(f"{fam.svc(0)}/{112 if fam.v6 else 12}", via_node="node1")
-        yield Lab(cluster, request.param, tmp_path_factory.mktemp(request.param))
+        yield Lab(cluster, request.param, workdir)
 
 
 def service(name: str, *cluster_ips: str, port: int = 80, proto: str = "TCP",
