@@ -3,9 +3,9 @@
 Why: the report and the exit status rest on these; keeping them apart from measuring and
 presenting means a changed expectation is one place, and the verdicts can be read without the
 namespaces. Every node applied the rules; every pod behind a service answered at each of its
-addresses; pods saw the client pod's own address through a cluster IP and a node address
-through a NodePort; the dumped service's rules are the node's; the ExternalName service left
-no rule anywhere.
+addresses, in each IP family; pods saw the client pod's own address through a cluster IP and
+a node address through a NodePort; the dumped service's rules are the node's, in iptables and
+ip6tables; the ExternalName service left no rule anywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from iptsync.lab.readback import ExternalNameResult, LiveComparison
+from iptsync.lab.readback import (
+    ExternalNameResult,
+    LiveComparison,
+    OtherFamilyResult,
+    ReadBack,
+)
 from iptsync.lab.scenario import Scenario
 from iptsync.lab.traffic import NodeSync, Probe
 
@@ -55,7 +60,7 @@ def _probe_checks(scenario: Scenario, p: Probe) -> list[Check]:
     elif p.section == "nodeport":
         checks.append(Check(
             f"{p.service}: NodePort {p.target} source masqueraded to a node address",
-            bool(p.seen_as) and set(p.seen_as) <= set(scenario.node_ips.values()),
+            bool(p.seen_as) and set(p.seen_as) <= set(scenario.node_ips_of(p.family).values()),
             f"seen: {seen}"))
     return checks
 
@@ -67,8 +72,8 @@ def _live_check(scenario: Scenario, live: LiveComparison) -> Check:
         detail = f"{len(live.compared)} chains identical"
     else:
         detail = f"differing: {', '.join(live.differing)}"
-    return Check(f"{live.node} holds exactly what iptsync dump prints for "
-                 f"{scenario.dump_service.name} ({live.command})",
+    return Check(f"{live.node} holds exactly what iptsync dump --ip-family {live.family} "
+                 f"prints for {scenario.dump_service.name} ({live.command})",
                  live.error is None and live.matches, detail)
 
 
@@ -89,13 +94,26 @@ def _external_name_check(scenario: Scenario, external: ExternalNameResult) -> Ch
         detail)
 
 
+def _other_family_check(scenario: Scenario, result: OtherFamilyResult) -> Check:
+    tool = "ip6tables" if result.family == "IPv6" else "iptables"
+    found = {node: lines for node, lines in result.live_mentions.items() if lines}
+    return Check(
+        f"{result.service.partition('/')[2]} ({'IPv6' if result.family == 'IPv4' else 'IPv4'} "
+        f"only): no rule in {tool} on any node",
+        not found and len(result.live_mentions) == len(scenario.nodes),
+        "; ".join(f"{node}: {len(lines)} rules, e.g. {lines[0]}" for node, lines in found.items())
+        or f"{tool} of {len(result.live_mentions)} of {len(scenario.nodes)} nodes read")
+
+
 def evaluate(scenario: Scenario, syncs: Sequence[NodeSync], probes: Sequence[Probe],
-             live: LiveComparison, external: ExternalNameResult) -> tuple[Check, ...]:
-    """Every check, in the report's order: syncs, traffic, live rules, ExternalName."""
+             rules: ReadBack) -> tuple[Check, ...]:
+    """Every check, in the report's order: syncs, traffic, live rules, ExternalName, the
+    single-stack services in the other family."""
     checks = [Check(f"{s.node}: iptsync run --once applied the rules", s.ok,
                     f"{s.detail} ({s.seconds:.1f} s)") for s in syncs]
     for p in probes:
         checks += _probe_checks(scenario, p)
-    checks.append(_live_check(scenario, live))
-    checks.append(_external_name_check(scenario, external))
+    checks += [_live_check(scenario, live) for live in rules.lives]
+    checks.append(_external_name_check(scenario, rules.external_name))
+    checks += [_other_family_check(scenario, result) for result in rules.other_family]
     return tuple(checks)

@@ -45,7 +45,8 @@ def cannot_run_reason(backend: str) -> str | None:
     reason = netns.netns_unavailable_reason()
     if reason is not None:
         return f"iptsync lab cannot run here: {reason}"
-    for tool in (f"iptables-{backend}-restore", f"iptables-{backend}-save"):
+    for tool in (f"{family}-{backend}-{what}" for family in ("iptables", "ip6tables")
+                 for what in ("restore", "save")):
         if shutil.which(tool) is None:
             return f"iptsync lab needs {tool} (Debian package iptables)"
     return None

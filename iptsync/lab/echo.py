@@ -2,20 +2,24 @@
 
 Data-plane tests need to know, for each request, *which* backend answered and *which source
 address* the backend saw (to check DNAT, SNAT/masquerade and session affinity). So the server
-answers every TCP connection and every UDP datagram with one line ``NAME CLIENTIP:CLIENTPORT``,
-and the client prints one JSON object per request, classifying failures the way the rules
-produce them: an ICMP port-unreachable (iptables ``REJECT``) is ``"refused"`` for TCP and UDP
-(the UDP socket is connected so ``ECONNREFUSED`` surfaces) and a silent ``DROP`` is
-``"timeout"``.
+answers every TCP connection and every UDP datagram with one line ``NAME CLIENTIP:CLIENTPORT``
+(``NAME [CLIENTIP]:CLIENTPORT`` for IPv6), and the client prints one JSON object per request,
+classifying failures the way the rules produce them: an ICMP or ICMPv6 port-unreachable
+(iptables ``REJECT``) is ``"refused"`` for TCP and UDP (the UDP socket is connected so
+``ECONNREFUSED`` surfaces) and a silent ``DROP`` is ``"timeout"``.
+
+Both IP families: the server listens on every ``--bind`` address (``0.0.0.0`` and ``::`` in a
+dual-stack lab, the IPv6 socket IPv6-only so IPv4 clients keep their plain address), and the
+client picks the family from the address it is sent to (``--to [fd00::1]:80``).
 
 Only the standard library is used and no name is ever resolved (IP addresses only), so it
 starts fast and behaves the same inside an isolated namespace without DNS.
 
 Usage::
 
-    python -m iptsync.lab.echo serve --name NAME [--tcp PORT ...] [--udp PORT ...]
-    python -m iptsync.lab.echo ask --proto tcp|udp --to IP:PORT [--count N] [--timeout S]
-        [--src-ip IP] [--src-port PORT] [--interval S]
+    python -m iptsync.lab.echo serve --name NAME [--tcp PORT ...] [--udp PORT ...] [--bind IP ...]
+    python -m iptsync.lab.echo ask --proto tcp|udp --to IP:PORT|[IP]:PORT [--count N]
+        [--timeout S] [--src-ip IP] [--src-port PORT] [--interval S]
 """
 
 from __future__ import annotations
@@ -43,12 +47,31 @@ TCP_READ_TIMEOUT = 0.3
 
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; missing from some Pythons
 _PKTINFO = struct.Struct("@i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)  # Linux values
+_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_PKTINFO6 = struct.Struct("@16si")  # struct in6_pktinfo: addr, ifindex
 _MAX_REQUEST = 4096
 
 
+def join_host_port(ip: str, port: int) -> str:
+    """``IP:PORT``, or ``[IP]:PORT`` for an IPv6 address (as iptsync prints endpoints)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def split_host_port(text: str) -> tuple[str, str]:
+    """``IP:PORT`` or ``[IP]:PORT`` -> (IP, PORT) as text; ``("", "")`` when there is no port."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return "", ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
 def reply_line(name: str, peer: tuple[str, int]) -> bytes:
-    """The server's answer: ``NAME IP:PORT`` of the peer as the server sees it, newline-ended."""
-    return f"{name} {peer[0]}:{peer[1]}\n".encode()
+    """The server's answer: ``NAME IP:PORT`` (``NAME [IP]:PORT`` for IPv6) of the peer as the
+    server sees it, newline-ended."""
+    return f"{name} {join_host_port(peer[0], peer[1])}\n".encode()
 
 
 # --------------------------------------------------------------------------- server
@@ -88,7 +111,7 @@ def _serve_tcp(sock: socket.socket, name: str) -> None:
 
 
 def _serve_udp(sock: socket.socket, name: str) -> None:
-    space = socket.CMSG_SPACE(_PKTINFO.size)
+    space = socket.CMSG_SPACE(max(_PKTINFO.size, _PKTINFO6.size))
     while True:
         try:
             _data, ancdata, _flags, peer = sock.recvmsg(_MAX_REQUEST, space)
@@ -103,6 +126,11 @@ def _serve_udp(sock: socket.socket, name: str) -> None:
                 _ifindex, _spec_dst, dst = _PKTINFO.unpack(payload[: _PKTINFO.size])
                 if not ipaddress.IPv4Address(dst).is_multicast:
                     cmsgs = [(socket.IPPROTO_IP, _IP_PKTINFO, _PKTINFO.pack(0, dst, bytes(4)))]
+            elif (level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO
+                  and len(payload) >= _PKTINFO6.size):
+                dst6, _ifindex = _PKTINFO6.unpack(payload[: _PKTINFO6.size])
+                if not ipaddress.IPv6Address(dst6).is_multicast:
+                    cmsgs = [(socket.IPPROTO_IPV6, _IPV6_PKTINFO, _PKTINFO6.pack(dst6, 0))]
         with contextlib.suppress(OSError):
             sock.sendmsg([reply_line(name, (peer[0], peer[1]))], cmsgs, 0, peer)
 
@@ -115,23 +143,37 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-def serve(
-    name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int], bind: str = "0.0.0.0"
-) -> None:
-    """Bind all sockets, print the ready line, then answer requests until killed."""
-    sockets: list[tuple[str, socket.socket]] = []
-    for port in tcp_ports:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((bind, port))
-        s.listen(256)
-        sockets.append(("tcp", s))
-    for port in udp_ports:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+def _listening(kind: socket.SocketKind, bind: str, port: int) -> socket.socket:
+    """A socket bound to ``bind:port``; an IPv6 one takes IPv6 only (IPv4 has its own)."""
+    family = _family(bind)
+    s = socket.socket(family, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_DGRAM:
+            s.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+    elif kind == socket.SOCK_DGRAM:
         s.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
-        s.bind((bind, port))
-        sockets.append(("udp", s))
+    s.bind((bind, port))
+    if kind == socket.SOCK_STREAM:
+        s.listen(256)
+    return s
+
+
+def serve(
+    name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int],
+    binds: Sequence[str] = ("0.0.0.0",),
+) -> None:
+    """Bind all sockets (each port on each of ``binds``), print the ready line, then answer
+    requests until killed."""
+    sockets: list[tuple[str, socket.socket]] = []
+    for bind in binds:
+        sockets += [("tcp", _listening(socket.SOCK_STREAM, bind, port)) for port in tcp_ports]
+        sockets += [("udp", _listening(socket.SOCK_DGRAM, bind, port)) for port in udp_ports]
     for proto, s in sockets:
         target = _serve_tcp if proto == "tcp" else _serve_udp
         threading.Thread(target=target, args=(s, name), daemon=True).start()
@@ -169,17 +211,18 @@ def parse_reply(data: bytes) -> dict[str, Any]:
     parts = text.split()
     if len(parts) != 2:
         return {"ok": False, "error": f"bad-reply: {text[:80]}"}
-    host, _, port = parts[1].rpartition(":")
+    host, port = split_host_port(parts[1])
     if not host or not port.isdigit():
         return {"ok": False, "error": f"bad-reply: {text[:80]}"}
-    return {"ok": True, "server": parts[0], "seen_as": f"{host}:{port}"}
+    return {"ok": True, "server": parts[0], "seen_as": join_host_port(host, int(port))}
 
 
 def _bind_source(sock: socket.socket, src_ip: str | None, src_port: int | None) -> None:
     if src_ip is None and src_port is None:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((src_ip or "0.0.0.0", src_port or 0))
+    wildcard = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+    sock.bind((src_ip or wildcard, src_port or 0))
 
 
 def ask_tcp(
@@ -187,7 +230,7 @@ def ask_tcp(
 ) -> dict[str, Any]:
     """One request over a new TCP connection; returns the JSON result object."""
     deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(_family(ip), socket.SOCK_STREAM)
     try:
         _bind_source(sock, src_ip, src_port)
         sock.settimeout(timeout)
@@ -214,7 +257,7 @@ def ask_udp(
     ip: str, port: int, timeout: float, src_ip: str | None = None, src_port: int | None = None
 ) -> dict[str, Any]:
     """One request as a datagram from a new, connected UDP socket; returns the result object."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(ip), socket.SOCK_DGRAM)
     try:
         _bind_source(sock, src_ip, src_port)
         sock.settimeout(timeout)
@@ -259,18 +302,18 @@ def _port(text: str) -> int:
     return value
 
 
-def _ipv4(text: str) -> str:
+def _ip(text: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.ip_address(text))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text}") from exc
+        raise argparse.ArgumentTypeError(f"not an IP address: {text}") from exc
 
 
 def _endpoint(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
-    return _ipv4(host), _port(port)
+    host, port = split_host_port(text)
+    if not port:
+        raise argparse.ArgumentTypeError(f"expected IP:PORT or [IP]:PORT, got {text!r}")
+    return _ip(host), _port(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,13 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--name", required=True)
     srv.add_argument("--tcp", type=_port, action="append", default=[], metavar="PORT")
     srv.add_argument("--udp", type=_port, action="append", default=[], metavar="PORT")
-    srv.add_argument("--bind", type=_ipv4, default="0.0.0.0")
+    srv.add_argument("--bind", type=_ip, action="append", default=[], metavar="IP",
+                     help="address to listen on, repeatable (default 0.0.0.0)")
     cli = sub.add_parser("ask", help="send requests, print one JSON line per request")
     cli.add_argument("--proto", choices=("tcp", "udp"), required=True)
-    cli.add_argument("--to", type=_endpoint, required=True, metavar="IP:PORT")
+    cli.add_argument("--to", type=_endpoint, required=True, metavar="IP:PORT|[IP]:PORT")
     cli.add_argument("--count", type=int, default=1)
     cli.add_argument("--timeout", type=float, default=1.0)
-    cli.add_argument("--src-ip", type=_ipv4, default=None)
+    cli.add_argument("--src-ip", type=_ip, default=None)
     cli.add_argument("--src-port", type=_port, default=None)
     cli.add_argument("--interval", type=float, default=0.0)
     return parser
@@ -306,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not tcp and not udp:
             tcp, udp = [DEFAULT_PORT], [DEFAULT_PORT]
         try:
-            serve(args.name, tcp, udp, args.bind)
+            serve(args.name, tcp, udp, args.bind or ["0.0.0.0"])
         except KeyboardInterrupt:
             return 0
         return 0

@@ -18,10 +18,13 @@ from iptsync.lab.readback import (
     DumpExcerpt,
     ExternalNameResult,
     LiveComparison,
+    OtherFamilyResult,
+    ReadBack,
     compare_live,
     dump_service,
     external_name_result,
     live_tables,
+    other_family_result,
     save_command,
 )
 from iptsync.lab.scenario import Scenario, load_scenario, manifests_dir
@@ -43,9 +46,13 @@ class LabResult:
     """Namespace key (``switch``, ``client``, ``node:node1``, ``pod:client1``...) -> name."""
     syncs: tuple[NodeSync, ...]
     probes: tuple[Probe, ...]
-    dump: DumpExcerpt
-    live: LiveComparison
+    dumps: tuple[DumpExcerpt, ...]
+    """The dumped service's rules, one excerpt per IP family it has."""
+    lives: tuple[LiveComparison, ...]
+    """The dump node's live rules compared with each excerpt, in the same order."""
     external_name: ExternalNameResult
+    other_family: tuple[OtherFamilyResult, ...]
+    """Each single-stack service looked for in the other family's tables."""
     checks: tuple[Check, ...]
 
     @property
@@ -68,25 +75,42 @@ class LabResult:
         return [probe for probe in self.probes if probe.section == section]
 
 
-def read_back(cluster: Cluster, scenario: Scenario, backend: str,
-              ) -> tuple[DumpExcerpt, LiveComparison, ExternalNameResult]:
-    """The dump of the scenario's service, compared with its node; the ExternalName's traces."""
-    dump = dump_service(scenario.manifests, scenario.dump_node, scenario.dump_service.ref,
-                        scenario.cluster_cidr)
+FAMILY_PREFIX = {"IPv4": "", "IPv6": "ip6 "}
+"""How the tables of each family are keyed in the live tables read back: ``nat``, ``ip6 nat``."""
+
+
+def read_back(cluster: Cluster, scenario: Scenario, backend: str) -> ReadBack:
+    """The dump of the scenario's service in each of its families, each compared with its
+    node; the ExternalName's traces in both families' tables; the single-stack services'
+    traces in the other family's."""
+    dumps = tuple(dump_service(scenario.manifests, scenario.dump_node,
+                               scenario.dump_service.ref, scenario.cluster_cidrs, family)
+                  for family in scenario.dump_service.families)
     live: dict[str, dict[str, str]] = {}
     error: str | None = None
     for node in scenario.nodes:
-        try:
-            live[node.name] = live_tables(cluster, node.name, backend)
-        except (NetfilterError, OSError) as exc:
-            error = error or f"{node.name}: {exc}"
-    command = save_command(backend, "nat")
-    if scenario.dump_node in live:
-        comparison = compare_live(dump, live[scenario.dump_node]["nat"], command)
-    else:
-        comparison = LiveComparison(scenario.dump_node, command, False, tuple(dump.chains), (),
-                                    error or "no rules read")
-    return dump, comparison, external_name_result(scenario.external_name, dump, live, error)
+        families = ["IPv4", *(["IPv6"] if node.ip6 is not None else [])]
+        for family in families:
+            try:
+                tables = live_tables(cluster, node.name, backend, family)
+            except (NetfilterError, OSError) as exc:
+                error = error or f"{node.name}: {exc}"
+                continue
+            live.setdefault(node.name, {}).update(
+                {FAMILY_PREFIX[family] + table: text for table, text in tables.items()})
+    comparisons = []
+    for dump in dumps:
+        command = save_command(backend, "nat", dump.family)
+        text = live.get(scenario.dump_node, {}).get(FAMILY_PREFIX[dump.family] + "nat")
+        comparisons.append(
+            compare_live(dump, text, command) if text is not None else
+            LiveComparison(scenario.dump_node, dump.family, command, False, tuple(dump.chains),
+                           (), error or "no rules read"))
+    return ReadBack(
+        dumps, tuple(comparisons),
+        external_name_result(scenario.external_name, dumps, live, error),
+        tuple(other_family_result(s, live, FAMILY_PREFIX) for s in scenario.services
+              if len(s.families) == 1))
 
 
 def measure(cluster: Cluster, scenario: Scenario, backend: str, requests: int,
@@ -99,11 +123,12 @@ def measure(cluster: Cluster, scenario: Scenario, backend: str, requests: int,
     progress(f"sending {requests} requests to each service address")
     probes = probe_services(cluster, scenario, requests)
     progress("reading the rules back")
-    dump, live, external = read_back(cluster, scenario, backend)
+    rules = read_back(cluster, scenario, backend)
     return LabResult(
         scenario=scenario, backend=backend, prefix=cluster.prefix, requests=requests,
-        namespaces=cluster.namespaces, syncs=syncs, probes=probes, dump=dump, live=live,
-        external_name=external, checks=evaluate(scenario, syncs, probes, live, external),
+        namespaces=cluster.namespaces, syncs=syncs, probes=probes, dumps=rules.dumps,
+        lives=rules.lives, external_name=rules.external_name, other_family=rules.other_family,
+        checks=evaluate(scenario, syncs, probes, rules),
     )
 
 
@@ -126,7 +151,7 @@ def run_lab(backend: str = "nft", requests: int = DEFAULT_REQUESTS, *,
         cluster = Cluster(scenario.cluster_spec())
     except ValueError as exc:  # addresses that do not fit together, e.g. two nodes' pod CIDRs
         raise LabError(f"{scenario.manifests}: {exc}") from None
-    progress(f"building the cluster in namespaces {cluster.prefix}* "
+    progress(f"building the dual-stack cluster in namespaces {cluster.prefix}* "
              f"({len(scenario.nodes)} nodes, {len(scenario.pods)} pods, 1 client)")
     with cluster:
         try:

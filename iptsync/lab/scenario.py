@@ -3,11 +3,14 @@
 Why: the addresses the lab builds, sends requests to and expects answers from are the ones in
 the manifests iptsync syncs, so they are read from those files rather than declared a second
 time in Python. ``examples/lab`` holds Kubernetes manifests (Services, EndpointSlices, Nodes
-with their address and pod CIDR, Pods with their node, IP, labels and ports) and one
-``LabNetwork`` document for what is not a Kubernetes object: the node network, the external
-client and its routes, the cluster CIDR, the pod that sends the in-cluster requests and the
-service whose dump the report shows. iptsync reads only the Services, EndpointSlices and Nodes
-and passes over the other kinds, so ``iptsync dump --objects examples/lab`` works unchanged.
+with their addresses and pod CIDRs, Pods with their node, IPs, labels and ports) and one
+``LabNetwork`` document for what is not a Kubernetes object: the node networks, the external
+client and its routes, the cluster CIDRs, the pod that sends the in-cluster requests and the
+service whose dump the report shows. The lab is dual-stack: where Kubernetes has a list with
+one entry per IP family (a Service's clusterIPs, a Node's podCIDRs, a Pod's podIPs), the lab
+reads one IPv4 and one IPv6 entry, and so do the LabNetwork's lists. iptsync reads only the
+Services, EndpointSlices and Nodes and passes over the other kinds, so
+``iptsync dump --objects examples/lab`` works unchanged.
 
 A pod backs the service whose selector its labels match, as in Kubernetes. A scenario that does
 not fit raises :class:`LabError` naming the object and the field.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,11 +45,13 @@ class LabPod:
     service: str | None
     tcp_ports: tuple[int, ...]
     udp_ports: tuple[int, ...]
+    ip6: str | None = None
 
 
 @dataclass(frozen=True)
 class LabService:
-    """A Service of the manifests, as the report describes it (its first port)."""
+    """A Service of the manifests, as the report describes it (its first port; its cluster
+    IP and load-balancer IP of each IP family it has)."""
 
     namespace: str
     name: str
@@ -58,11 +63,25 @@ class LabService:
     node_port: int | None
     lb_ip: str | None
     external_name: str | None
+    cluster_ip6: str | None = None
+    lb_ip6: str | None = None
 
     @property
     def ref(self) -> str:
         """``namespace/name``, as rule comments spell it."""
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """``IPv4``, ``IPv6`` or both: the families the Service has a cluster IP of."""
+        return tuple(family for family, ip in (("IPv4", self.cluster_ip),
+                                               ("IPv6", self.cluster_ip6)) if ip is not None)
+
+    def cluster_ip_of(self, family: str) -> str | None:
+        return self.cluster_ip6 if family == "IPv6" else self.cluster_ip
+
+    def lb_ip_of(self, family: str) -> str | None:
+        return self.lb_ip6 if family == "IPv6" else self.lb_ip
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,10 @@ class Scenario:
     gateway_ip: str
     cluster_cidr: str
     client_ip: str
+    node_cidr6: str
+    gateway_ip6: str
+    cluster_cidr6: str
+    client_ip6: str
     client_routes: tuple[ClientRoute, ...]
     client_pod: LabPod
     """The pod that sends the in-cluster requests."""
@@ -99,6 +122,19 @@ class Scenario:
         """Node name -> node IP."""
         return {node.name: node.ip for node in self.nodes}
 
+    @property
+    def node_ips6(self) -> dict[str, str]:
+        """Node name -> node IPv6 address (for the dual-stack nodes)."""
+        return {node.name: node.ip6 for node in self.nodes if node.ip6 is not None}
+
+    def node_ips_of(self, family: str) -> dict[str, str]:
+        return self.node_ips6 if family == "IPv6" else self.node_ips
+
+    @property
+    def cluster_cidrs(self) -> str:
+        """Both cluster CIDRs as ``--cluster-cidr`` takes them: ``IPv4CIDR,IPv6CIDR``."""
+        return f"{self.cluster_cidr},{self.cluster_cidr6}"
+
     def pods_of(self, service: str) -> tuple[str, ...]:
         """Names of the pods behind ``service``, in the manifests' order."""
         return tuple(pod.name for pod in self.pods if pod.service == service)
@@ -110,27 +146,29 @@ class Scenario:
     def describe_ip(self, ip: str) -> str:
         """Who an address belongs to in the lab: ``pod client1``, ``node1``, ``the client``."""
         for pod in self.pods:
-            if pod.ip == ip:
+            if ip in (pod.ip, pod.ip6):
                 return f"pod {pod.name}"
-        for name, node_ip in self.node_ips.items():
-            if node_ip == ip:
-                return name
-        return "the external client" if ip == self.client_ip else "unknown"
+        for node in self.nodes:
+            if ip in (node.ip, node.ip6):
+                return node.name
+        return "the external client" if ip in (self.client_ip, self.client_ip6) else "unknown"
 
     def route_via(self, ip: str) -> str:
         """The node the external client sends ``ip`` through (``?`` when no route covers it)."""
-        addr = ipaddress.IPv4Address(ip)
+        addr = ipaddress.ip_address(ip)
         return next((route.via for route in self.client_routes
-                     if addr in ipaddress.IPv4Network(route.to)), "?")
+                     if addr in ipaddress.ip_network(route.to)), "?")
 
     def cluster_spec(self) -> ClusterSpec:
         """The namespaces to build: these nodes, and every pod with its echo server's ports."""
         return ClusterSpec(
             nodes=self.nodes,
-            pods=tuple(PodSpec(pod.name, pod.node, pod.ip, pod.tcp_ports, pod.udp_ports)
+            pods=tuple(PodSpec(pod.name, pod.node, pod.ip, pod.tcp_ports, pod.udp_ports, pod.ip6)
                        for pod in self.pods),
             node_cidr=self.node_cidr, gateway_ip=self.gateway_ip, client_ip=self.client_ip,
-            cluster_cidr=self.cluster_cidr,
+            cluster_cidr=self.cluster_cidr, node_cidr6=self.node_cidr6,
+            gateway_ip6=self.gateway_ip6, client_ip6=self.client_ip6,
+            cluster_cidr6=self.cluster_cidr6,
         )
 
 
@@ -194,16 +232,36 @@ class _Fields:
         return None if self.get(path, required=False) is None else self.number(path)
 
     def ip(self, path: str) -> str:
+        """An address of either family, in its canonical spelling."""
         try:
-            return str(ipaddress.IPv4Address(self.text(path)))
+            return str(ipaddress.ip_address(self.text(path)))
         except ValueError:
-            raise self.error(path, f"not an IPv4 address: {self.get(path)!r}") from None
+            raise self.error(path, f"not an IP address: {self.get(path)!r}") from None
 
     def cidr(self, path: str) -> str:
+        """A network of either family, in its canonical spelling."""
         try:
-            return str(ipaddress.IPv4Network(self.text(path)))
+            return str(ipaddress.ip_network(self.text(path)))
         except ValueError:
-            raise self.error(path, f"not an IPv4 network: {self.get(path)!r}") from None
+            raise self.error(path, f"not an IP network: {self.get(path)!r}") from None
+
+    def optional_per_family(self, path: str, read: Callable[[str], str]
+                            ) -> tuple[str | None, str | None]:
+        """The list at ``path``: at most one entry of each family, in either order (each read
+        with ``read``, which names the entry in its errors) -> (IPv4, IPv6)."""
+        entries = [read(f"{path}[{i}]") for i in range(self.count(path))]
+        v4 = [e for e in entries if ":" not in e]
+        v6 = [e for e in entries if ":" in e]
+        if len(v4) > 1 or len(v6) > 1:
+            raise self.error(path, f"holds more than one address of a family: {entries}")
+        return (v4[0] if v4 else None), (v6[0] if v6 else None)
+
+    def per_family(self, path: str, read: Callable[[str], str]) -> tuple[str, str]:
+        """The list at ``path``: exactly one entry of each family -> (IPv4, IPv6)."""
+        v4, v6 = self.optional_per_family(path, read)
+        if v4 is None or v6 is None:
+            raise self.error(path, "needs one IPv4 and one IPv6 entry")
+        return v4, v6
 
     def count(self, path: str) -> int:
         """How many entries the list at ``path`` has (0 when it is missing)."""
@@ -225,13 +283,25 @@ class _Fields:
 
 
 def _node(fields: _Fields) -> NodeSpec:
-    internal = [i for i in range(fields.count("status.addresses"))
+    internal = [fields.ip(f"status.addresses[{i}].address")
+                for i in range(fields.count("status.addresses"))
                 if fields.get(f"status.addresses[{i}].type", required=False) == "InternalIP"]
-    if len(internal) != 1:
-        raise fields.error("status.addresses", "needs exactly one InternalIP address")
-    return NodeSpec(fields.text("metadata.name"),
-                    fields.ip(f"status.addresses[{internal[0]}].address"),
-                    fields.cidr("spec.podCIDR"))
+    v4 = [ip for ip in internal if ":" not in ip]
+    v6 = [ip for ip in internal if ":" in ip]
+    if len(v4) != 1 or len(v6) > 1:
+        raise fields.error("status.addresses",
+                           "needs one IPv4 InternalIP address and at most one IPv6 one")
+    if fields.count("spec.podCIDRs"):
+        pod_cidr, pod_cidr6 = fields.optional_per_family("spec.podCIDRs", fields.cidr)
+        if pod_cidr is None:
+            raise fields.error("spec.podCIDRs", "needs an IPv4 pod CIDR")
+    else:
+        pod_cidr, pod_cidr6 = fields.cidr("spec.podCIDR"), None
+    ip6 = v6[0] if v6 else None
+    if (ip6 is None) != (pod_cidr6 is None):
+        raise fields.error("spec.podCIDRs", "a node with an IPv6 InternalIP address needs an "
+                           "IPv6 pod CIDR, and one without needs none")
+    return NodeSpec(fields.text("metadata.name"), v4[0], pod_cidr, ip6, pod_cidr6)
 
 
 def _service(fields: _Fields) -> LabService:
@@ -242,19 +312,32 @@ def _service(fields: _Fields) -> LabService:
     headless = fields.get("spec.clusterIP", required=False) == "None"  # no address to probe
     has_port = fields.count("spec.ports") > 0
     target = fields.get("spec.ports[0].targetPort", required=False)
+    cluster_ips: tuple[str | None, str | None] = (None, None)
+    if not (external or headless):
+        cluster_ips = (fields.optional_per_family("spec.clusterIPs", fields.ip)
+                       if fields.count("spec.clusterIPs") else
+                       _by_family(fields.ip("spec.clusterIP")))
+    lb_ips = fields.optional_per_family(
+        "status.loadBalancer.ingress",
+        lambda path: fields.ip(f"{path}.ip"))
     return LabService(
         namespace=fields.optional_text("metadata.namespace") or "default",
         name=fields.text("metadata.name"),
         kind=kind,
         selector=fields.labels("spec.selector"),
-        cluster_ip=None if external or headless else fields.ip("spec.clusterIP"),
+        cluster_ip=cluster_ips[0],
         port=fields.number("spec.ports[0].port") if has_port else None,
         target_port=target if isinstance(target, int | str) else None,
         node_port=fields.optional_number("spec.ports[0].nodePort"),
-        lb_ip=(fields.ip("status.loadBalancer.ingress[0].ip")
-               if fields.count("status.loadBalancer.ingress") else None),
+        lb_ip=lb_ips[0],
         external_name=fields.text("spec.externalName") if external else None,
+        cluster_ip6=cluster_ips[1],
+        lb_ip6=lb_ips[1],
     )
+
+
+def _by_family(ip: str) -> tuple[str | None, str | None]:
+    return (None, ip) if ":" in ip else (ip, None)
 
 
 def _container_ports(fields: _Fields, protocol: str) -> tuple[int, ...]:
@@ -276,14 +359,26 @@ def _pod(fields: _Fields, services: Sequence[LabService], nodes: Sequence[NodeSp
         raise fields.error("metadata.labels", f"match the selectors of {', '.join(backs)}; "
                            "the lab's report gives each pod one service")
     node = _node_name(fields, "spec.nodeName", nodes)
-    ip = fields.ip("status.podIP")
-    pod_cidr = next(n.pod_cidr for n in nodes if n.name == node)
-    if ipaddress.IPv4Address(ip) not in ipaddress.IPv4Network(pod_cidr):
-        raise fields.error("status.podIP", f"{ip} is not in {node}'s pod CIDR {pod_cidr}")
+    spec = next(n for n in nodes if n.name == node)
+    if fields.count("status.podIPs"):
+        path = "status.podIPs"
+        ip, ip6 = fields.optional_per_family(path, lambda entry: fields.ip(f"{entry}.ip"))
+        if ip is None:
+            raise fields.error(path, "needs an IPv4 address")
+    else:
+        path, ip, ip6 = "status.podIP", fields.ip("status.podIP"), None
+    for addr, pod_cidr in ((ip, spec.pod_cidr), (ip6, spec.pod_cidr6)):
+        if addr is None:
+            continue
+        if pod_cidr is None:
+            raise fields.error(path, f"{addr}: {node} has no IPv6 pod CIDR")
+        if ipaddress.ip_address(addr) not in ipaddress.ip_network(pod_cidr):
+            raise fields.error(path, f"{addr} is not in {node}'s pod CIDR {pod_cidr}")
     return LabPod(
         name=fields.text("metadata.name"), node=node, ip=ip,
         service=backs[0] if backs else None,
         tcp_ports=_container_ports(fields, "TCP"), udp_ports=_container_ports(fields, "UDP"),
+        ip6=ip6,
     )
 
 
@@ -321,15 +416,23 @@ def load_scenario(manifests: Path) -> Scenario:
         ClientRoute(lab.cidr(f"spec.externalClient.routes[{i}].to"),
                     _node_name(lab, f"spec.externalClient.routes[{i}].via", nodes))
         for i in range(lab.count("spec.externalClient.routes")))
+    node_cidrs = lab.per_family("spec.nodeNetworks", lab.cidr)
+    gateways = lab.per_family("spec.gateways", lab.ip)
+    cluster_cidrs = lab.per_family("spec.clusterCIDRs", lab.cidr)
+    client_ips = lab.per_family("spec.externalClient.ips", lab.ip)
     return Scenario(
         manifests=manifests,
         nodes=nodes,
         pods=pods,
         services=tuple(services),
-        node_cidr=lab.cidr("spec.nodeNetwork"),
-        gateway_ip=lab.ip("spec.gateway"),
-        cluster_cidr=lab.cidr("spec.clusterCIDR"),
-        client_ip=lab.ip("spec.externalClient.ip"),
+        node_cidr=node_cidrs[0],
+        gateway_ip=gateways[0],
+        cluster_cidr=cluster_cidrs[0],
+        client_ip=client_ips[0],
+        node_cidr6=node_cidrs[1],
+        gateway_ip6=gateways[1],
+        cluster_cidr6=cluster_cidrs[1],
+        client_ip6=client_ips[1],
         client_routes=routes,
         client_pod=_one([p for p in pods if p.name == client_pod],
                         f"Pod {client_pod} (spec.inClusterClient)", manifests),

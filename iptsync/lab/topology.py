@@ -2,24 +2,32 @@
 
 Why: iptsync's rules only prove themselves when real packets traverse them. This module builds,
 on one Linux machine and without touching the host's network namespace, a topology shaped like
-a small cluster with a Calico-style routed pod network, so every pod packet crosses its node's
-netfilter hooks exactly as on a real node::
+a small dual-stack cluster with a Calico-style routed pod network, so every pod packet crosses
+its node's netfilter hooks exactly as on a real node::
 
-              switch ns: bridge br0 = 10.100.0.1 (the "upstream router"; forwards nothing)
+        switch ns: bridge br0 = 10.100.0.1, fd00:100::1 (the "upstream router"; forwards nothing)
          sw0 |                   sw1 |                     swN |
      eth0 10.100.0.2         eth0 10.100.0.3          eth0 10.100.0.100
+          fd00:100::2             fd00:100::3              fd00:100::100
        node1 ns                node2 ns                  client ns
      vp0 |    vp1 |            vp2 |
-     pod ns   pod ns           pod ns       each: eth0 = PODIP/32, default via 169.254.1.1
-     10.0.1.x 10.0.1.y         10.0.2.z
+     pod ns   pod ns           pod ns       each: eth0 = PODIP/32 and PODIP6/128,
+     10.0.1.x 10.0.1.y         10.0.2.z           default via 169.254.1.1 and fe80::1
+     fd00:10:244:1::x          fd00:10:244:2::z
 
-* Nodes: ``ip_forward=1``, ``rp_filter=0``, ICMP rate limits off, a route to every other node's
-  pod CIDR via that node, and a default route via the switch (so node-local processes can
-  connect to service VIPs that exist only as DNAT rules). Pods hang off their node on a routed
-  veth (no bridge on the node): ``PODIP/32 dev vpN`` on the node, proxy ARP on ``vpN`` answering
-  for the pod's gateway ``169.254.1.1``.
-* The external client has only its on-link route; tests add routes for external IPs or
-  load-balancer IPs with :meth:`Cluster.route_from_client`.
+* Both IP families everywhere: nodes, pods and the client have an IPv4 and an IPv6 address
+  (a node given no IPv6 address is IPv4-only, and so are its pods). Duplicate address detection
+  is off in every namespace (``accept_dad=0``, ``nodad`` on every address), so addresses are
+  usable at once; router advertisements and solicitations are off.
+* Nodes: ``ip_forward=1`` and IPv6 ``forwarding=1``, ``rp_filter=0``, ICMP and ICMPv6 rate
+  limits off, a route per family to every other node's pod CIDR via that node, and a default
+  route per family via the switch (so node-local processes can connect to service VIPs that
+  exist only as DNAT rules). Pods hang off their node on a routed veth (no bridge on the node):
+  ``PODIP/32 dev vpN`` and ``PODIP6/128 dev vpN`` on the node, proxy ARP on ``vpN`` answering
+  for the pod's IPv4 gateway ``169.254.1.1``, and the link-local ``fe80::1`` on every ``vpN``
+  as the pod's IPv6 gateway.
+* The external client has only its on-link routes; tests add routes for external IPs or
+  load-balancer IPs (either family) with :meth:`Cluster.route_from_client`.
 * Every pod runs :mod:`iptsync.lab.echo` (TCP and UDP 8080 by default) so :meth:`Cluster.ask`
   can tell which backend answered and which source address it saw.
 
@@ -55,13 +63,19 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from iptsync.lab import netns
-from iptsync.lab.echo import DEFAULT_PORT, READY_PREFIX
+from iptsync.lab.echo import DEFAULT_PORT, READY_PREFIX, join_host_port, split_host_port
 
 NODE_CIDR = "10.100.0.0/24"
 GATEWAY_IP = "10.100.0.1"
 CLIENT_IP = "10.100.0.100"
 CLUSTER_CIDR = "10.0.0.0/14"
 POD_GATEWAY_IP = "169.254.1.1"
+NODE_CIDR6 = "fd00:100::/64"
+GATEWAY_IP6 = "fd00:100::1"
+CLIENT_IP6 = "fd00:100::100"
+CLUSTER_CIDR6 = "fd00:10:244::/56"
+POD_GATEWAY_IP6 = "fe80::1"
+"""The pods' IPv6 gateway: a link-local address on every node-side pod veth."""
 READY_TIMEOUT = 15.0
 """Seconds to wait for echo servers to print their ready line."""
 
@@ -71,6 +85,16 @@ PREFIX_RE = re.compile(r"^ipts(\d+)x(\d+)-")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
 _RESERVED_NODE_NAMES = frozenset({"switch", "client"})
 _instance_counter = itertools.count()
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """``inner`` lies inside ``outer`` (two CIDRs overlap exactly when one lies in the other)."""
+    return inner.version == outer.version and inner.network_address in outer and (
+        inner.broadcast_address in outer)
 
 
 class LabError(RuntimeError):
@@ -126,32 +150,42 @@ def cleanup_stale(prefix: str | None = None) -> list[str]:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One node: its name, its IP on the node network and the pod CIDR routed to it."""
+    """One node: its name, its IPs on the node network and the pod CIDRs routed to it.
+
+    ``ip6`` and ``pod_cidr6`` are both set (a dual-stack node) or both ``None`` (IPv4 only).
+    """
 
     name: str
     ip: str
     pod_cidr: str
+    ip6: str | None = None
+    pod_cidr6: str | None = None
 
 
 def default_nodes(count: int = 2) -> tuple[NodeSpec, ...]:
-    """``node1``..``nodeN`` at 10.100.0.2.. with pod CIDRs 10.0.1.0/24, 10.0.2.0/24, ..."""
+    """Dual-stack ``node1``..``nodeN`` at 10.100.0.2.. and fd00:100::2.., with pod CIDRs
+    10.0.1.0/24 and fd00:10:244:1::/64, 10.0.2.0/24 and fd00:10:244:2::/64, ..."""
     if not 1 <= count <= 250:
         raise ValueError("node count must be between 1 and 250")
     return tuple(
-        NodeSpec(name=f"node{i}", ip=f"10.100.0.{i + 1}", pod_cidr=f"10.0.{i}.0/24")
+        NodeSpec(name=f"node{i}", ip=f"10.100.0.{i + 1}", pod_cidr=f"10.0.{i}.0/24",
+                 ip6=f"fd00:100::{i + 1:x}", pod_cidr6=f"fd00:10:244:{i:x}::/64")
         for i in range(1, count + 1)
     )
 
 
 @dataclass(frozen=True)
 class PodSpec:
-    """A pod to create: on ``node``, with ``ip`` (next free in the node's CIDR if ``None``)."""
+    """A pod to create: on ``node``, with ``ip`` (next free in the node's CIDR if ``None``)
+    and, on a dual-stack node, ``ip6`` (if ``None``: the IPv4 address's last number written
+    as hex digits in the node's IPv6 pod CIDR, so 10.0.1.10 goes with fd00:10:244:1::10)."""
 
     name: str
     node: str
     ip: str | None = None
     tcp_ports: tuple[int, ...] = (DEFAULT_PORT,)
     udp_ports: tuple[int, ...] = (DEFAULT_PORT,)
+    ip6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +198,10 @@ class ClusterSpec:
     gateway_ip: str = GATEWAY_IP
     client_ip: str = CLIENT_IP
     cluster_cidr: str = CLUSTER_CIDR
+    node_cidr6: str = NODE_CIDR6
+    gateway_ip6: str = GATEWAY_IP6
+    client_ip6: str = CLIENT_IP6
+    cluster_cidr6: str = CLUSTER_CIDR6
 
 
 # --------------------------------------------------------------------------- runtime objects
@@ -189,7 +227,7 @@ class Reply:
         """Build from one JSON object printed by ``python -m iptsync.lab.echo ask``."""
         if not obj.get("ok"):
             return cls(ok=False, error=str(obj.get("error", "unknown")))
-        host, _, port = str(obj["seen_as"]).rpartition(":")
+        host, port = split_host_port(str(obj["seen_as"]))
         return cls(ok=True, server=str(obj["server"]), seen_as_ip=host, seen_as_port=int(port))
 
 
@@ -227,7 +265,7 @@ class EchoServer:
 
 @dataclass(frozen=True)
 class Pod:
-    """A pod: its namespace, IP, node, the node-side veth and its echo server (if any)."""
+    """A pod: its namespace, IPs, node, the node-side veth and its echo server (if any)."""
 
     name: str
     node: str
@@ -235,12 +273,13 @@ class Pod:
     ns: str
     host_veth: str
     server: EchoServer | None
+    ip6: str | None = None
 
 
 def _spawn_echo(
     ns: str, name: str, tcp_ports: Sequence[int], udp_ports: Sequence[int], log_path: Path
 ) -> EchoServer:
-    args = ["serve", "--name", name]
+    args = ["serve", "--name", name, "--bind", "0.0.0.0", "--bind", "::"]
     for port in tcp_ports:
         args += ["--tcp", str(port)]
     for port in udp_ports:
@@ -321,7 +360,6 @@ class Cluster:
         self._tmpdir: Path | None = None
         self._started = False
         self._closed = False
-        self._ipv6 = Path("/proc/sys/net/ipv6").exists()
 
     def __repr__(self) -> str:
         nodes, pods = list(self._nodes), list(self._pods)
@@ -395,30 +433,44 @@ class Cluster:
 
     def _validate_spec(self) -> None:
         spec = self.spec
-        node_net = ipaddress.IPv4Network(spec.node_cidr)
-        cluster_net = ipaddress.IPv4Network(spec.cluster_cidr)
-        used_ips = {ipaddress.IPv4Address(spec.gateway_ip), ipaddress.IPv4Address(spec.client_ip)}
+        networks: dict[int, tuple[IPNetwork, IPNetwork]] = {
+            4: (ipaddress.IPv4Network(spec.node_cidr), ipaddress.IPv4Network(spec.cluster_cidr)),
+            6: (ipaddress.IPv6Network(spec.node_cidr6),
+                ipaddress.IPv6Network(spec.cluster_cidr6))}
+        used_ips: set[IPAddress] = {
+            ipaddress.IPv4Address(spec.gateway_ip), ipaddress.IPv4Address(spec.client_ip),
+            ipaddress.IPv6Address(spec.gateway_ip6), ipaddress.IPv6Address(spec.client_ip6)}
         for addr in used_ips:
-            if addr not in node_net:
-                raise ValueError(f"{addr} is not in the node network {node_net}")
+            if addr not in networks[addr.version][0]:
+                raise ValueError(f"{addr} is not in the node network {networks[addr.version][0]}")
         if not spec.nodes:
             raise ValueError("a cluster needs at least one node")
-        pod_nets: list[ipaddress.IPv4Network] = []
+        pod_nets: list[IPNetwork] = []
         for node in spec.nodes:
             _check_name("node", node.name)
             if node.name in _RESERVED_NODE_NAMES or node.name in self._nodes:
                 raise ValueError(f"node name {node.name!r} is reserved or repeated")
-            addr = ipaddress.IPv4Address(node.ip)
-            if addr not in node_net or addr in used_ips:
-                raise ValueError(f"node {node.name}: IP {addr} outside {node_net} or in use")
-            used_ips.add(addr)
-            pod_net = ipaddress.IPv4Network(node.pod_cidr)
-            if not pod_net.subnet_of(cluster_net) or any(pod_net.overlaps(n) for n in pod_nets):
-                raise ValueError(
-                    f"node {node.name}: pod CIDR {pod_net} outside {cluster_net} "
-                    "or overlapping another node's"
-                )
-            pod_nets.append(pod_net)
+            if (node.ip6 is None) != (node.pod_cidr6 is None):
+                raise ValueError(f"node {node.name}: give both an IPv6 address and an IPv6 "
+                                 "pod CIDR, or neither")
+            pairs: list[tuple[IPAddress, IPNetwork]] = [
+                (ipaddress.IPv4Address(node.ip), ipaddress.IPv4Network(node.pod_cidr))]
+            if node.ip6 is not None and node.pod_cidr6 is not None:
+                pairs.append((ipaddress.IPv6Address(node.ip6),
+                              ipaddress.IPv6Network(node.pod_cidr6)))
+            for addr, pod_net in pairs:
+                node_net, cluster_net = networks[addr.version]
+                if addr not in node_net or addr in used_ips:
+                    raise ValueError(f"node {node.name}: IP {addr} outside {node_net} or in use")
+                used_ips.add(addr)
+                same_family = [n for n in pod_nets if n.version == pod_net.version]
+                if not _within(pod_net, cluster_net) or any(
+                        _within(pod_net, n) or _within(n, pod_net) for n in same_family):
+                    raise ValueError(
+                        f"node {node.name}: pod CIDR {pod_net} outside {cluster_net} "
+                        "or overlapping another node's"
+                    )
+                pod_nets.append(pod_net)
             self._nodes[node.name] = node
 
     def _new_ns(self, key: str, suffix: str) -> str:
@@ -427,59 +479,86 @@ class Cluster:
         netns.run(["ip", "netns", "add", name])
         self._ns[key] = name
         netns.ip(name, "link", "set", "lo", "up")
+        netns.set_sysctls(name, self._base_sysctls())
         return name
 
-    def _base_sysctls(self) -> dict[str, str | int]:
-        values: dict[str, str | int] = {"net.ipv4.icmp_ratelimit": 0, "net.ipv4.icmp_ratemask": 0}
-        if self._ipv6:  # keep IPv6 chatter (router solicitations, DAD) out of conntrack tables
-            values["net.ipv6.conf.all.disable_ipv6"] = 1
-            values["net.ipv6.conf.default.disable_ipv6"] = 1
+    @staticmethod
+    def _base_sysctls() -> dict[str, str | int]:
+        """Every namespace's: no ICMP rate limits (tests count REJECT answers), and IPv6
+        addresses usable at once (no duplicate address detection) and left alone (no router
+        advertisements or solicitations). Set right after the namespace is made, before any
+        interface enters it, so the ``default`` values reach every interface it gets."""
+        values: dict[str, str | int] = {"net.ipv4.icmp_ratelimit": 0, "net.ipv4.icmp_ratemask": 0,
+                                        "net.ipv6.icmp.ratelimit": 0}
+        for scope in ("all", "default"):
+            values |= {f"net.ipv6.conf.{scope}.disable_ipv6": 0,
+                       f"net.ipv6.conf.{scope}.accept_dad": 0,
+                       f"net.ipv6.conf.{scope}.accept_ra": 0,
+                       f"net.ipv6.conf.{scope}.router_solicitations": 0}
         return values
+
+    @staticmethod
+    def _interface_sysctls(ifname: str) -> dict[str, str | int]:
+        """One interface's own copy of the IPv6 settings (DAD runs unless both ``all`` and
+        the interface say no)."""
+        return {f"net.ipv6.conf.{ifname}.accept_dad": 0, f"net.ipv6.conf.{ifname}.accept_ra": 0}
 
     def _build(self) -> None:
         spec = self.spec
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}lab-"))
+        if not Path("/proc/sys/net/ipv6").exists():
+            raise LabError("the lab is dual-stack and this kernel has no IPv6")
         prefixlen = ipaddress.IPv4Network(spec.node_cidr).prefixlen
+        prefixlen6 = ipaddress.IPv6Network(spec.node_cidr6).prefixlen
         switch = self._new_ns("switch", "switch")
         client = self._new_ns("client", "client")
         for node in spec.nodes:
             self._new_ns(f"node:{node.name}", f"node-{node.name}")
-        netns.set_sysctls(switch, self._base_sysctls())
-        netns.set_sysctls(client, self._base_sysctls())
         for node in spec.nodes:
             netns.set_sysctls(
                 self.ns(node.name),
                 {
-                    **self._base_sysctls(),
                     "net.ipv4.ip_forward": 1,
+                    "net.ipv6.conf.all.forwarding": 1,
+                    "net.ipv6.conf.default.forwarding": 1,
                     "net.ipv4.conf.all.rp_filter": 0,
                     "net.ipv4.conf.default.rp_filter": 0,
                     "net.ipv4.conf.lo.rp_filter": 0,
                 },
             )
+        # No multicast snooping: neighbour discovery goes by multicast, and a snooping bridge
+        # would hold it back until it has seen each host's MLD report.
         netns.ip_batch(
             switch,
             [
-                "link add br0 type bridge",
-                "link set br0 up",
+                "link add br0 type bridge mcast_snooping 0",
                 f"addr add {spec.gateway_ip}/{prefixlen} dev br0",
+                f"addr add {spec.gateway_ip6}/{prefixlen6} dev br0 nodad",
+                "link set br0 up",
             ],
         )
-        attached = [(self.ns(n.name), n.ip) for n in spec.nodes] + [(client, spec.client_ip)]
-        for index, (ns, addr) in enumerate(attached):
+        attached = [(self.ns(n.name), n.ip, n.ip6) for n in spec.nodes]
+        attached.append((client, spec.client_ip, spec.client_ip6))
+        for index, (ns, addr, addr6) in enumerate(attached):
             port = f"sw{index}"
             netns.add_veth(switch, port, ns, "eth0")
+            netns.set_sysctls(switch, self._interface_sysctls(port))
+            netns.set_sysctls(ns, self._interface_sysctls("eth0"))
             netns.ip_batch(switch, [f"link set {port} master br0", f"link set {port} up"])
-            netns.ip_batch(ns, [f"addr add {addr}/{prefixlen} dev eth0", "link set eth0 up"])
+            commands = [f"addr add {addr}/{prefixlen} dev eth0"]
+            if addr6 is not None:
+                commands.append(f"addr add {addr6}/{prefixlen6} dev eth0 nodad")
+            netns.ip_batch(ns, [*commands, "link set eth0 up"])
         for node in spec.nodes:
             ns = self.ns(node.name)
             netns.set_sysctl(ns, "net.ipv4.conf.eth0.rp_filter", 0)
-            routes = [
-                f"route add {other.pod_cidr} via {other.ip} dev eth0"
-                for other in spec.nodes
-                if other.name != node.name
-            ]
+            others = [other for other in spec.nodes if other.name != node.name]
+            routes = [f"route add {other.pod_cidr} via {other.ip} dev eth0" for other in others]
             routes.append(f"route add default via {spec.gateway_ip} dev eth0")
+            if node.ip6 is not None:
+                routes += [f"route add {other.pod_cidr6} via {other.ip6} dev eth0"
+                           for other in others if other.ip6 is not None]
+                routes.append(f"route add default via {spec.gateway_ip6} dev eth0")
             netns.ip_batch(ns, routes)
         if spec.pods:
             self.add_pods(spec.pods)
@@ -521,6 +600,11 @@ class Cluster:
         """IP of the external client on the node network."""
         return self.spec.client_ip
 
+    @property
+    def client_ip6(self) -> str:
+        """IPv6 address of the external client on the node network."""
+        return self.spec.client_ip6
+
     # ------------------------------------------------------------------ nodes
 
     @property
@@ -537,6 +621,18 @@ class Cluster:
         """Node name -> node IP."""
         return {name: n.ip for name, n in self._nodes.items()}
 
+    def node_ip6(self, node: str) -> str:
+        """IPv6 address of ``node`` on the node network (LabError for an IPv4-only node)."""
+        spec = self._node(node)
+        if spec.ip6 is None:
+            raise LabError(f"node {spec.name} has no IPv6 address")
+        return spec.ip6
+
+    @property
+    def node_ips6(self) -> dict[str, str]:
+        """Node name -> node IPv6 address, for the dual-stack nodes."""
+        return {name: n.ip6 for name, n in self._nodes.items() if n.ip6 is not None}
+
     def pod_cidr(self, node: str) -> str:
         """Pod CIDR routed to ``node``."""
         return self._node(node).pod_cidr
@@ -548,9 +644,10 @@ class Cluster:
         return self._nodes[name]
 
     def add_node_address(self, node: str, cidr: str, dev: str = "lo") -> None:
-        """Add a local address (``/32`` if no length is given) on ``dev`` of ``node``."""
+        """Add a local address of either family (a host address if no length is given) on
+        ``dev`` of ``node``."""
         self._require_running()
-        iface = ipaddress.IPv4Interface(cidr)
+        iface = ipaddress.ip_interface(cidr)
         netns.ip(
             self.ns(self._node(node).name),
             "addr",
@@ -558,22 +655,16 @@ class Cluster:
             iface.with_prefixlen,
             "dev",
             netns.check_ifname(dev),
+            *(["nodad"] if iface.version == 6 else []),
         )
 
     def route_from_client(self, cidr: str, via_node: str = "node1") -> None:
-        """Make the external client send ``cidr`` (e.g. an external or LB IP) via ``via_node``."""
+        """Make the external client send ``cidr`` (e.g. an external or LB IP, either family)
+        via ``via_node``'s address of that family."""
         self._require_running()
-        net = ipaddress.IPv4Network(cidr, strict=False)
-        netns.ip(
-            self.client_ns,
-            "route",
-            "replace",
-            str(net),
-            "via",
-            self.node_ip(via_node),
-            "dev",
-            "eth0",
-        )
+        net = ipaddress.ip_network(cidr, strict=False)
+        via = self.node_ip6(via_node) if net.version == 6 else self.node_ip(via_node)
+        netns.ip(self.client_ns, "route", "replace", str(net), "via", via, "dev", "eth0")
 
     # ------------------------------------------------------------------ pods
 
@@ -593,10 +684,22 @@ class Cluster:
         """IP of pod ``name``."""
         return self.pod(name).ip
 
+    def pod_ip6(self, name: str) -> str:
+        """IPv6 address of pod ``name`` (LabError for a pod on an IPv4-only node)."""
+        pod = self.pod(name)
+        if pod.ip6 is None:
+            raise LabError(f"pod {name} has no IPv6 address (node {pod.node} is IPv4-only)")
+        return pod.ip6
+
     @property
     def pod_ips(self) -> dict[str, str]:
         """Pod name -> pod IP."""
         return {name: p.ip for name, p in self._pods.items()}
+
+    @property
+    def pod_ips6(self) -> dict[str, str]:
+        """Pod name -> pod IPv6 address, for the pods on dual-stack nodes."""
+        return {name: p.ip6 for name, p in self._pods.items() if p.ip6 is not None}
 
     def _allocate_ip(self, node: NodeSpec, wanted: str | None) -> str:
         net = ipaddress.IPv4Network(node.pod_cidr)
@@ -612,6 +715,24 @@ class Cluster:
             if index >= 9 and str(host) not in used:
                 return str(host)
         raise LabError(f"no free pod IP left in {net}")
+
+    def _allocate_ip6(self, node: NodeSpec, ip: str, wanted: str | None) -> str | None:
+        if node.pod_cidr6 is None:
+            if wanted is not None:
+                raise ValueError(f"pod IPv6 {wanted}: node {node.name} is IPv4-only")
+            return None
+        net = ipaddress.IPv6Network(node.pod_cidr6)
+        if wanted is None:
+            offset = int(ipaddress.IPv4Address(ip)) - int(
+                ipaddress.IPv4Network(node.pod_cidr).network_address)
+            addr = net.network_address + int(str(offset), 16)
+        else:
+            addr = ipaddress.IPv6Address(wanted)
+        if addr not in net or addr == net.network_address:
+            raise ValueError(f"pod IPv6 {addr} is not a host address of {node.name}'s {net}")
+        if str(addr) in {p.ip6 for p in self._pods.values()}:
+            raise ValueError(f"pod IPv6 {addr} is already used")
+        return str(addr)
 
     def add_pod(
         self,
@@ -642,30 +763,36 @@ class Cluster:
                 raise ValueError(f"pod {spec.name!r} already exists")
             node = self._node(spec.node)
             pod_ip = self._allocate_ip(node, spec.ip)
+            pod_ip6 = self._allocate_ip6(node, pod_ip, spec.ip6)
             node_ns = self.ns(node.name)
             pod_ns = self._new_ns(f"pod:{spec.name}", f"pod-{spec.name}")
             veth = netns.check_ifname(f"vp{next(self._veth_seq)}")
             netns.add_veth(node_ns, veth, pod_ns, "eth0")
-            netns.set_sysctls(pod_ns, self._base_sysctls())
+            netns.set_sysctls(pod_ns, self._interface_sysctls("eth0"))
             netns.set_sysctls(
                 node_ns,
                 {
+                    **self._interface_sysctls(veth),
                     f"net.ipv4.conf.{veth}.proxy_arp": 1,
                     f"net.ipv4.conf.{veth}.rp_filter": 0,
                     # answer the pod's ARP at once, not after up to 0.8 s
                     f"net.ipv4.neigh.{veth}.proxy_delay": 0,
                 },
             )
-            netns.ip_batch(node_ns, [f"link set {veth} up", f"route add {pod_ip}/32 dev {veth}"])
-            netns.ip_batch(
-                pod_ns,
-                [
-                    f"addr add {pod_ip}/32 dev eth0",
-                    "link set eth0 up",
-                    f"route add {POD_GATEWAY_IP} dev eth0 scope link",
-                    f"route add default via {POD_GATEWAY_IP} dev eth0",
-                ],
-            )
+            node_side = [f"link set {veth} up", f"route add {pod_ip}/32 dev {veth}"]
+            pod_side = [
+                f"addr add {pod_ip}/32 dev eth0",
+                "link set eth0 up",
+                f"route add {POD_GATEWAY_IP} dev eth0 scope link",
+                f"route add default via {POD_GATEWAY_IP} dev eth0",
+            ]
+            if pod_ip6 is not None:
+                node_side += [f"addr add {POD_GATEWAY_IP6}/64 dev {veth} nodad",
+                              f"route add {pod_ip6}/128 dev {veth}"]
+                pod_side += [f"addr add {pod_ip6}/128 dev eth0 nodad",
+                             f"route add default via {POD_GATEWAY_IP6} dev eth0"]
+            netns.ip_batch(node_ns, node_side)
+            netns.ip_batch(pod_ns, pod_side)
             server = None
             if spec.tcp_ports or spec.udp_ports:
                 server = _spawn_echo(
@@ -676,7 +803,7 @@ class Cluster:
                     self._tmpdir / f"pod-{spec.name}.log",
                 )
                 self._servers.append(server)
-            pod = Pod(spec.name, node.name, pod_ip, pod_ns, veth, server)
+            pod = Pod(spec.name, node.name, pod_ip, pod_ns, veth, server, pod_ip6)
             self._pods[spec.name] = pod
             created.append(pod)
         wait_ready([p.server for p in created if p.server is not None])
@@ -804,7 +931,7 @@ class Cluster:
             "--proto",
             proto,
             "--to",
-            f"{ip}:{port}",
+            join_host_port(ip, port),
             "--count",
             str(count),
             "--timeout",

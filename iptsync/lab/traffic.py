@@ -2,7 +2,9 @@
 
 Why: these are the two things the lab does to its namespaces before it judges them. Each
 returns plain data (:class:`NodeSync`, :class:`Probe`) that the checks and the report read;
-nothing here decides whether what came back is right.
+nothing here decides whether what came back is right. Every service address is asked in each
+IP family the service has: an IPv6 cluster IP from the client pod's IPv6 address, a NodePort
+on each node's IPv6 address, an IPv6 load-balancer IP from the external client's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from iptsync.lab import netns
+from iptsync.lab.echo import join_host_port
 from iptsync.lab.scenario import Scenario
 from iptsync.lab.topology import Cluster, Reply
 
@@ -40,6 +43,8 @@ class Probe:
 
     section: str
     """``cluster-ip``, ``nodeport`` or ``load-balancer``."""
+    family: str
+    """``IPv4`` or ``IPv6``: the family of the address asked."""
     service: str
     source: str
     """Namespace key the requests were sent from (``pod:client1``, ``client``)."""
@@ -58,7 +63,7 @@ class Probe:
 
     @property
     def target(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
     @property
     def ok_count(self) -> int:
@@ -83,14 +88,17 @@ class Probe:
 _LOG_LINE = re.compile(r"^\S+ \S+ (?:\w+) [\w.]+: (.*)$")
 _TIMINGS = re.compile(r";?\s*(?:\w+=[\d.]+ms\s*)+$")
 """The per-phase timings at the end of a sync's log line (the report shows the wall time)."""
+_SYNCED = re.compile(r"^(?:IPv[46]: )?full sync: ")
+"""A family's sync line (``IPv6: full sync: ...``; no family named on a single-stack node)."""
 
 
 def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> NodeSync:
-    """Run ``iptsync run --once`` inside ``node``'s namespace, like the data-plane tests do."""
+    """Run ``iptsync run --once`` inside ``node``'s namespace, like the data-plane tests do:
+    one sync per IP family the node has an address of."""
     argv = netns.python_argv(
         "iptsync.cli", "run", "--once", "--iptables-backend", backend,
         "--objects", str(scenario.manifests), "--hostname-override", node,
-        "--cluster-cidr", scenario.cluster_cidr,
+        "--cluster-cidr", scenario.cluster_cidrs,
     )
     start = time.monotonic()
     try:
@@ -104,7 +112,8 @@ def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> 
     if proc.returncode != 0:
         detail = "; ".join(messages[-3:]) or f"exit status {proc.returncode}"
         return NodeSync(node, False, seconds, detail)
-    return NodeSync(node, True, seconds, messages[-1] if messages else "")
+    synced = [message for message in messages if _SYNCED.match(message)]
+    return NodeSync(node, True, seconds, "; ".join(synced or messages[-1:]))
 
 
 def probe(cluster: Cluster, *, section: str, service: str, source: str, source_ip: str,
@@ -121,7 +130,8 @@ def probe(cluster: Cluster, *, section: str, service: str, source: str, source_i
         replies += cluster.ask(source, "tcp", ip, port, count=count - first,
                                timeout=REQUEST_TIMEOUT)
     return Probe(
-        section=section, service=service, source=source, source_ip=source_ip, ip=ip,
+        section=section, family="IPv6" if ":" in ip else "IPv4", service=service,
+        source=source, source_ip=source_ip, ip=ip,
         port=port, expected=expected, sent=len(replies),
         answered=dict(Counter(r.server for r in replies if r.ok and r.server)),
         errors=dict(Counter(r.error or "unknown" for r in replies if not r.ok)),
@@ -130,21 +140,30 @@ def probe(cluster: Cluster, *, section: str, service: str, source: str, source_i
 
 
 def probe_services(cluster: Cluster, scenario: Scenario, requests: int) -> tuple[Probe, ...]:
-    """Every service address from where a user would use it: each cluster IP from the
-    in-cluster client pod, each NodePort on every node and each load-balancer IP from the
-    external client."""
+    """Every service address, in each family the service has, from where a user would use
+    it: each cluster IP from the in-cluster client pod, each NodePort on every node address
+    and each load-balancer IP from the external client."""
     client = scenario.client_pod
-    probes = [probe(cluster, section="cluster-ip", service=s.name, source=f"pod:{client.name}",
-                    source_ip=client.ip, ip=s.cluster_ip, port=s.port,
-                    expected=scenario.pods_of(s.name), count=requests)
-              for s in scenario.services if s.cluster_ip is not None and s.port is not None]
+    client_ips = {"IPv4": client.ip, "IPv6": client.ip6}
+    outside = {"IPv4": scenario.client_ip, "IPv6": scenario.client_ip6}
+    probes: list[Probe] = []
+    for s in scenario.services:
+        for family in s.families:
+            ip, source_ip = s.cluster_ip_of(family), client_ips[family]
+            if ip is not None and source_ip is not None and s.port is not None:
+                probes.append(probe(cluster, section="cluster-ip", service=s.name,
+                                    source=f"pod:{client.name}", source_ip=source_ip, ip=ip,
+                                    port=s.port, expected=scenario.pods_of(s.name),
+                                    count=requests))
     probes += [probe(cluster, section="nodeport", service=s.name, source="client",
-                     source_ip=scenario.client_ip, ip=node.ip, port=s.node_port,
+                     source_ip=outside[family], ip=node_ip, port=s.node_port,
                      expected=scenario.pods_of(s.name), count=requests)
                for s in scenario.services if s.node_port is not None
-               for node in scenario.nodes]
+               for family in s.families
+               for node_ip in scenario.node_ips_of(family).values()]
     probes += [probe(cluster, section="load-balancer", service=s.name, source="client",
-                     source_ip=scenario.client_ip, ip=s.lb_ip, port=s.port,
+                     source_ip=outside[family], ip=lb_ip, port=s.port,
                      expected=scenario.pods_of(s.name), count=requests)
-               for s in scenario.services if s.lb_ip is not None and s.port is not None]
+               for s in scenario.services for family in s.families
+               if (lb_ip := s.lb_ip_of(family)) is not None and s.port is not None]
     return tuple(probes)

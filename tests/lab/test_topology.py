@@ -71,6 +71,12 @@ def _host_snapshot() -> dict[str, str]:
         "ipv4/conf/all/rp_filter",
         "ipv4/icmp_ratelimit",
         "ipv4/icmp_ratemask",
+        "ipv6/icmp/ratelimit",
+        "ipv6/conf/all/forwarding",
+        "ipv6/conf/all/accept_dad",
+        "ipv6/conf/default/accept_dad",
+        "ipv6/conf/all/disable_ipv6",
+        "ipv6/conf/default/accept_ra",
     ):
         snap[key] = Path("/proc/sys/net", key).read_text()
     return snap
@@ -103,6 +109,9 @@ def test_reply_parsing_round_trip() -> None:
     """A server line becomes a Reply with server name and the source address it saw."""
     obj = parse_reply(b"server1 10.0.1.10:40000\n")
     assert Reply.from_json(obj) == Reply(True, "server1", "10.0.1.10", 40000, None)
+    obj6 = parse_reply(b"server1 [fd00:10:244:1::10]:40000\n")
+    assert {"ok": True, "server": "server1", "seen_as": "[fd00:10:244:1::10]:40000"} == obj6
+    assert Reply(True, "server1", "fd00:10:244:1::10", 40000, None) == Reply.from_json(obj6)
     assert Reply.from_json({"ok": False, "error": "timeout"}) == Reply(ok=False, error="timeout")
     assert parse_reply(b"garbage")["ok"] is False
 
@@ -112,6 +121,24 @@ def test_interface_names_are_limited_to_15_chars() -> None:
     assert netns.check_ifname("vp123") == "vp123"
     with pytest.raises(ValueError, match="invalid interface name"):
         netns.check_ifname("x" * 16)
+
+
+def test_default_nodes_are_dual_stack() -> None:
+    """node1 and node2 get an IPv6 address and an IPv6 pod CIDR beside their IPv4 ones."""
+    assert (NodeSpec("node1", "10.100.0.2", "10.0.1.0/24", "fd00:100::2", "fd00:10:244:1::/64"),
+            NodeSpec("node2", "10.100.0.3", "10.0.2.0/24", "fd00:100::3",
+                     "fd00:10:244:2::/64")) == default_nodes(2)
+
+
+def test_spec_rejects_half_a_second_family_and_overlapping_ipv6_pod_cidrs() -> None:
+    """A node needs both IPv6 fields or neither; IPv6 pod CIDRs may not overlap either."""
+    half = (NodeSpec("a", "10.100.0.2", "10.0.1.0/24", ip6="fd00:100::2"),)
+    with pytest.raises(ValueError, match="node a: give both an IPv6 address and an IPv6 pod"):
+        Cluster(ClusterSpec(nodes=half))
+    nodes = (NodeSpec("a", "10.100.0.2", "10.0.1.0/24", "fd00:100::2", "fd00:10:244:1::/64"),
+             NodeSpec("b", "10.100.0.3", "10.0.2.0/24", "fd00:100::3", "fd00:10:244::/60"))
+    with pytest.raises(ValueError, match=r"node b: pod CIDR fd00:10:244::/60 .* overlapping"):
+        Cluster(ClusterSpec(nodes=nodes))
 
 
 def test_spec_rejects_overlapping_pod_cidrs() -> None:
@@ -133,6 +160,40 @@ def test_pod_reaches_pod_on_other_node(cluster: Cluster, proto: str) -> None:
     assert {r.server for r in replies} == {"server1"}
     assert {r.seen_as_ip for r in replies} == {cluster.pod_ip("client1")}
     assert len({r.seen_as_port for r in replies}) == 5  # independent requests, new source ports
+
+
+@needs_netns
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_pod_reaches_pod_on_other_node_over_ipv6(cluster: Cluster, proto: str) -> None:
+    """The same over IPv6, at once after building (no duplicate address detection to wait
+    for): the server sees the client pod's own IPv6 address."""
+    replies = cluster.ask("pod:client1", proto, cluster.pod_ip6("server1"), 8080, count=3)
+    assert [(True, "server1", cluster.pod_ip6("client1"))] * 3 == [
+        (r.ok, r.server, r.seen_as_ip) for r in replies]
+
+
+@needs_netns
+def test_no_address_is_tentative_and_the_second_family_is_wired(cluster: Cluster) -> None:
+    """Every IPv6 address in every namespace is usable (none tentative, DAD off); pods have
+    PODIP6/128 behind fe80::1, nodes forward IPv6 and route each other's IPv6 pod CIDR."""
+    for key in cluster.namespaces:
+        addrs = cluster.exec(key, ["ip", "-o", "-6", "addr"]).stdout
+        assert "tentative" not in addrs, (key, addrs)
+        assert ["0", "0"] == cluster.exec(key, ["sysctl", "-n", "net.ipv6.conf.all.accept_dad",
+                                                "net.ipv6.conf.default.accept_dad"]
+                                          ).stdout.split()
+    pod = cluster.pod("client1")
+    assert "fd00:10:244:1::10" == pod.ip6  # 10.0.1.10's last number, as hex digits
+    addrs = cluster.exec(pod.ns, ["ip", "-o", "-6", "addr", "show", "dev", "eth0"]).stdout
+    assert f"inet6 {pod.ip6}/128 " in addrs
+    assert "default via fe80::1 dev eth0" in cluster.exec(pod.ns, ["ip", "-6", "route"]).stdout
+    node_routes = cluster.exec("node1", ["ip", "-6", "route"]).stdout
+    assert f"{pod.ip6} dev {pod.host_veth}" in node_routes
+    assert "fd00:10:244:2::/64 via fd00:100::3 dev eth0" in node_routes
+    assert "default via fd00:100::1 dev eth0" in node_routes
+    assert ["1", "0"] == cluster.exec("node1", [
+        "sysctl", "-n", "net.ipv6.conf.all.forwarding", f"net.ipv6.conf.{pod.host_veth}.accept_dad",
+    ]).stdout.split()
 
 
 @needs_netns
@@ -194,13 +255,18 @@ def test_pod_and_node_wiring(cluster: Cluster) -> None:
 
 @needs_netns
 def test_client_routes_and_node_addresses_on_demand(cluster: Cluster) -> None:
-    """route_from_client + add_node_address let the client reach an extra IP owned by a node."""
+    """route_from_client + add_node_address let the client reach an extra IP owned by a node,
+    of either family (the UDP answer comes from the address asked)."""
     cluster.add_node_address("node2", "198.51.100.7", dev="lo")
     cluster.route_from_client("198.51.100.7/32", via_node="node2")
+    cluster.add_node_address("node2", "2001:db8:198::7", dev="lo")
+    cluster.route_from_client("2001:db8:198::/64", via_node="node2")
     cluster.start_echo("node2", "node2-lb", tcp_ports=(9191,), udp_ports=(9191,))
-    for proto in ("tcp", "udp"):
-        (reply,) = cluster.ask("client", proto, "198.51.100.7", 9191)
-        assert (reply.ok, reply.server, reply.seen_as_ip) == (True, "node2-lb", cluster.client_ip)
+    for ip, client in (("198.51.100.7", cluster.client_ip), ("2001:db8:198::7",
+                                                             cluster.client_ip6)):
+        for proto in ("tcp", "udp"):
+            (reply,) = cluster.ask("client", proto, ip, 9191)
+            assert (True, "node2-lb", client) == (reply.ok, reply.server, reply.seen_as_ip)
 
 
 @needs_netns
@@ -263,7 +329,10 @@ def test_host_namespace_is_untouched(netns_ok: None) -> None:
     with Cluster(ClusterSpec(pods=(PodSpec("a", "node1"), PodSpec("b", "node2")))) as lab:
         lab.route_from_client("203.0.113.0/24")
         lab.add_node_address("node1", "203.0.113.9/32")
+        lab.route_from_client("2001:db8:203::/64")
+        lab.add_node_address("node1", "2001:db8:203::9")
         assert lab.ask("pod:a", "udp", lab.pod_ip("b"), 8080)[0].ok
+        assert lab.ask("pod:a", "udp", lab.pod_ip6("b"), 8080)[0].ok
         assert _host_snapshot() == before
     assert _host_snapshot() == before
 
