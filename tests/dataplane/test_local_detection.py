@@ -87,10 +87,15 @@ class DetectLab:
 
 
 @pytest.fixture(scope="module", params=["nft", "legacy"])
-def lab(request: pytest.FixtureRequest, netns_available: None) -> Iterator[DetectLab]:
+def lab(request: pytest.FixtureRequest, netns_available: None,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectLab]:
     cleanup_stale()
     spec = ClusterSpec(pods=tuple(PodSpec(name, node, ip) for name, (node, ip) in PODS.items()))
-    with Cluster(spec) as cluster:
+    workdir = tmp_path_factory.mktemp(f"detect-{request.param}")
+    with pytest.MonkeyPatch.context() as env, Cluster(spec) as cluster:
+        # These namespaces are this module's alone: an xtables lock of their own, as
+        # test_traffic's (other programs' legacy restores hold the host's for seconds).
+        env.setenv("XTABLES_LOCKFILE", str(workdir / "xtables.lock"))
         netns.ip(cluster.client_ns, "addr", "add", f"{IN_CLUSTER_CIDR}/32", "dev", "eth0")
         for node, service_ip in SERVICE_IPS.items():
             cluster.route_from_client(f"{service_ip}/32", node)
