@@ -305,6 +305,9 @@ def bind_address(flag: str | None, configured: str | None, default: str,
 
 
 def run_once(engine: Engine, paths: tuple[str, ...]) -> int:
+    # The live tables are read while the manifests load and render: on a node holding
+    # every rule (a restart), iptables-save takes about as long as all of that.
+    engine.read_ahead()
     loaded = load_checked(paths)
     report(loaded.problems)
     with bulk():
