@@ -77,7 +77,7 @@ from iptsync.core import names
 from iptsync.engine.apply import STAGE_LINES
 from iptsync.engine.desired import desired_from_objects
 from iptsync.engine.reconciler import Engine, bulk
-from iptsync.kernel.netfilter import Backend, Netfilter
+from iptsync.kernel.netfilter import Backend, Netfilter, XtablesLockError
 from iptsync.options import build_settings
 
 SYNC_PERIOD = 30.0  # kube-proxy's --iptables-sync-period, and iptsync's --sync-period
@@ -276,8 +276,11 @@ def timed_repair(netfilter: Netfilter, chain: str, timeout: float) -> float:
     netfilter.run("-t", "nat", "-F", chain)
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
-        if service_rules(netfilter, chain) == want:
-            return time.perf_counter() - started
+        try:
+            if service_rules(netfilter, chain) == want:
+                return time.perf_counter() - started
+        except XtablesLockError:
+            pass  # legacy: the agent's restore (or another program) holds the lock; ask again
         time.sleep(0.05)
     return float("nan")
 
