@@ -313,6 +313,11 @@ class RuleArgs:
     unreadable: list[str] = field(default_factory=list)  # tokens that fit nowhere
 
 
+_BASICS = ("-s", "-d", "-i", "-o", "-p", "-f")  # in the order iptables-save prints them
+# Matches with an option whose value iptables-save spells its own way (_normalise_option).
+_NORMALISED_MATCHES = frozenset({"statistic", "mark", "conntrack", "state", "tcp"})
+
+
 def canonical(args: Sequence[str]) -> str:
     """The rule's arguments as ``iptables-save`` prints them, for comparison and reuse."""
     parsed = read_args(args)
@@ -320,21 +325,27 @@ def canonical(args: Sequence[str]) -> str:
         raise RulesetError(f"cannot read rule arguments at {parsed.unreadable[0]!r}: "
                            f"{join_args(args)}")
     out: list[str] = []
-    for opt in ("-s", "-d", "-i", "-o", "-p", "-f"):
-        if opt in parsed.basics:
-            negated, value = parsed.basics[opt]
+    basics = parsed.basics
+    for opt in _BASICS if basics else ():
+        if opt in basics:
+            negated, value = basics[opt]
+            if negated:
+                out.append("!")
+            out.append(opt)
             if opt in ("-s", "-d"):
                 value = _address(value)
             elif opt == "-p":
                 value = value.lower()
-            out.extend((["!"] if negated else []) + [opt] + ([value] if value else []))
+            if value:
+                out.append(value)
     for name, options in parsed.matches:
-        out.extend(["-m", name])
-        out.extend(_match_options(name, options))
+        out += ("-m", name)
+        out += _match_options(name, options)
     if parsed.target is not None:
         flag, target = parsed.target
-        out.extend([flag, target])
-        out.extend(_target_options(target, parsed.target_opts))
+        out += (flag, target)
+        if parsed.target_opts or target == "REJECT":
+            out += _target_options(target, parsed.target_opts)
     return " ".join(out)
 
 
@@ -411,13 +422,16 @@ def _network(value: str) -> str:
         raise RulesetError(f"bad address {value!r}") from None
 
 
-def _format_options(options: Iterable[Option]) -> Iterator[str]:
+def _format_options(options: Iterable[Option]) -> list[str]:
+    out: list[str] = []
     for negated, name, values in options:
         if negated:
-            yield "!"
-        yield name
+            out.append("!")
+        out.append(name)
         for value in values:
-            yield _save_quote(value) if _NEEDS_QUOTES.search(value) or not value else value
+            out.append(_save_quote(value) if not value or _NEEDS_QUOTES.search(value)
+                       else value)
+    return out
 
 
 def _match_options(name: str, options: list[Option]) -> list[str]:
@@ -425,7 +439,8 @@ def _match_options(name: str, options: list[Option]) -> list[str]:
         return [tok for negated, opt, values in options
                 for tok in ((["!"] if negated else []) + [opt]
                             + [_save_quote(kernel_comment(v)) for v in values])]
-    normalised = [_normalise_option(name, opt) for opt in options]
+    normalised = ([_normalise_option(name, opt) for opt in options]
+                  if name in _NORMALISED_MATCHES else list(options))
     if name == "recent":
         present = {opt[1] for opt in normalised}
         if "--name" not in present:
@@ -437,7 +452,7 @@ def _match_options(name: str, options: list[Option]) -> list[str]:
     rank = _OPTION_RANK.get(name)
     if rank and len(normalised) > 1:
         normalised.sort(key=lambda opt: rank.get(opt[1], len(rank)))
-    return list(_format_options(normalised))
+    return _format_options(normalised)
 
 
 def _normalise_option(match: str, option: Option) -> Option:
@@ -458,10 +473,10 @@ def _normalise_option(match: str, option: Option) -> Option:
 
 def _target_options(target: str, options: list[Option]) -> list[str]:
     if target == "MARK":
-        return list(_format_options(_mark_target(opt) for opt in options))
+        return _format_options(_mark_target(opt) for opt in options)
     if target == "REJECT" and not options:
         return ["--reject-with", "icmp-port-unreachable"]
-    return list(_format_options(options))
+    return _format_options(options)
 
 
 def _mark_target(option: Option) -> Option:
