@@ -466,19 +466,22 @@ def targets(records: Sequence[Record], services: int) -> list[str]:
     return lines
 
 
-CURVES: tuple[tuple[str, Callable[[Record], float]], ...] = (
-    ("first sync (engine)", lambda r: r.first_sync),
-    ("bare restore (floor)", lambda r: r.bare),
-    ("restart run --once", lambda r: median(r.restart)),
-    ("iptables-save", lambda r: median(r.save)),
-    ("no-op resync (engine)", lambda r: median(r.resync)),
-    ("+1 endpoint", lambda r: median(r.partial)),
-    ("one-rule floor", lambda r: median(r.floor)),
-    ("dump", lambda r: median(r.dump)),
-    ("idle CPU per 30 s", lambda r: r.idle_per_period),
-    ("kube-proxy periodic restore (CPU)", lambda r: median(r.kube_proxy_cpu)),
-    ("flushed chain repaired", lambda r: median(r.repair)),
+# (label, value, colour): a cost and its floor (dashed) share a colour.
+CURVES: tuple[tuple[str, Callable[[Record], float], str], ...] = (
+    ("first sync (engine)", lambda r: r.first_sync, "#1f77b4"),
+    ("bare restore (floor)", lambda r: r.bare, "#1f77b4"),
+    ("restart run --once", lambda r: median(r.restart), "#d62728"),
+    ("iptables-save", lambda r: median(r.save), "#d62728"),
+    ("+1 endpoint", lambda r: median(r.partial), "#2ca02c"),
+    ("one-rule floor", lambda r: median(r.floor), "#2ca02c"),
+    ("idle CPU per 30 s", lambda r: r.idle_per_period, "#9467bd"),
+    ("kube-proxy periodic restore (CPU)", lambda r: median(r.kube_proxy_cpu), "#9467bd"),
+    ("no-op resync (engine)", lambda r: median(r.resync), "#8c564b"),
+    ("dump", lambda r: median(r.dump), "#7f7f7f"),
+    ("flushed chain repaired", lambda r: median(r.repair), "#ff7f0e"),
 )
+FLOORS = frozenset({"bare restore (floor)", "iptables-save", "one-rule floor",
+                    "kube-proxy periodic restore (CPU)"})
 
 
 def plot(records: Sequence[Record], path: Path) -> None:
@@ -495,10 +498,9 @@ def plot(records: Sequence[Record], path: Path) -> None:
     for ax, backend in zip(axes[0], backends, strict=False):
         mine = sized([r for r in records if r.backend == backend])
         xs = [r.services for r in mine]
-        for label, value in CURVES:
-            ys = [value(r) for r in mine]
-            style = "--" if "floor" in label or "save" in label or "kube-proxy" in label else "-"
-            ax.plot(xs, ys, style, marker="o", markersize=3, label=label)
+        for label, value, colour in CURVES:
+            ax.plot(xs, [value(r) for r in mine], "--" if label in FLOORS else "-", marker="o",
+                    markersize=3, color=colour, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("services (x 10 endpoints)")
