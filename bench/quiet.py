@@ -270,22 +270,31 @@ def running_agent(path: Path, netns: str, backend: Backend) -> Iterator[Agent]:
         agent.stop()
 
 
+def iptables(netfilter: Netfilter, *args: str, patience: float = 120.0) -> str:
+    """``netfilter.run(*args)``, waiting out the xtables lock (legacy: the agent's restores
+    and other programs on the machine take it) for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return netfilter.run(*args)
+        except XtablesLockError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def service_rules(netfilter: Netfilter, chain: str) -> int:
-    return sum(1 for line in netfilter.run("-t", "nat", "-S", chain).splitlines()
+    return sum(1 for line in iptables(netfilter, "-t", "nat", "-S", chain).splitlines()
                if line.startswith("-A "))
 
 
 def timed_repair(netfilter: Netfilter, chain: str, timeout: float) -> float:
     """Flush ``chain`` (nat) behind the agent's back; seconds until its rules are back."""
     want = service_rules(netfilter, chain)
-    netfilter.run("-t", "nat", "-F", chain)
+    iptables(netfilter, "-t", "nat", "-F", chain)
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
-        try:
-            if service_rules(netfilter, chain) == want:
-                return time.perf_counter() - started
-        except XtablesLockError:
-            pass  # legacy: the agent's restore (or another program) holds the lock; ask again
+        if service_rules(netfilter, chain) == want:
+            return time.perf_counter() - started
         time.sleep(0.05)
     return float("nan")
 
