@@ -737,7 +737,7 @@ def dominant_phase(phases: dict[str, float]) -> str:
 
 def source_digest() -> str:
     """A digest of the iptsync sources measured (the tree may be edited during a run)."""
-    package = Path(names.__file__).resolve().parent
+    package = Path(names.__file__).resolve().parents[1]  # iptsync/, not iptsync/core/
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())

@@ -364,6 +364,10 @@ def bind_address(text: str, what: str) -> tuple[str, int] | None:
 
 def run_once(engines: FamilyEngines, paths: tuple[str, ...]) -> int:
     """One full sync of every family; 1 when any of them failed (the others are synced)."""
+    # The live tables are read while the manifests load and render: on a node holding
+    # every rule (a restart), iptables-save takes about as long as all of that.
+    for engine in engines.engines.values():
+        engine.read_ahead()
     loaded = load_checked(paths)
     report(loaded.problems)
     with bulk():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -162,6 +163,7 @@ class Engine:
         self._top: TopChains = {}
         self.needs_full = True  # the kernel may not hold what the cache says
         self.synced_once = False
+        self._ahead: ReadAhead | None = None  # the live tables, being read for a full sync
 
     # --- input ---------------------------------------------------------------------------
 
@@ -390,6 +392,8 @@ class Engine:
         full = full or self.needs_full
         try:
             self.needs_full = True  # until the kernel is known to hold the new rules
+            if full:
+                self.read_ahead()  # iptables-save runs while the changed services render
             if full and self.stream_full:
                 with bulk():
                     report = self._stream_full(phases, progress, known_good=known_good)
@@ -414,6 +418,8 @@ class Engine:
             self._dirty |= dirty
             self.needs_full = True
             raise
+        finally:
+            self._drop_ahead()
         self.needs_full = False
         self.synced_once = True
         if self.watch is not None:
@@ -425,6 +431,31 @@ class Engine:
             phases["conntrack"] = self.clock() - mark
         phases["total"] = self.clock() - started
         return report
+
+    def read_ahead(self) -> None:
+        """Start reading the live tables for the next full sync, in a thread.
+
+        iptables-save runs in its own process, on another core, while this one goes on
+        loading and rendering: a restart (``run --once`` on a node holding every rule)
+        starts it before feeding the manifests, so reading costs little more than the
+        longer of the two. The sync that follows compares with what was read; the kernel
+        state it stands for is the one at the start of the read, as for any read.
+        """
+        if self.netfilter is not None and self._ahead is None:
+            self._ahead = ReadAhead(self.netfilter)
+
+    def _live_tables(self) -> dict[str, SavedTable]:
+        """The tables read ahead (or now, when no read was started)."""
+        assert self.netfilter is not None
+        ahead, self._ahead = self._ahead, None
+        return ahead.result() if ahead is not None else self.netfilter.save()
+
+    def _drop_ahead(self) -> None:
+        """A read not used by the sync it was started for is stale for the next: wait for
+        it (its iptables-save must not outlive the sync) and forget it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.wait()
 
     def check(self) -> EngineReport | None:
         """Ask the change watch whether other programs changed our rules; repair if so.
@@ -510,7 +541,7 @@ class Engine:
         self._apply_to_top(changes)
         desired = self._desired_tables()
         mark = self.clock()
-        live = self.netfilter.save()
+        live = self._live_tables()
         phases["read"] = self.clock() - mark
         mark = self.clock()
         plan = make_plan(desired, live, stage_lines=self.stage_lines)
@@ -534,7 +565,7 @@ class Engine:
         """
         assert self.netfilter is not None
         mark = self.clock()
-        live = self.netfilter.save()
+        live = self._live_tables()
         phases["read"] = self.clock() - mark
         started = self.clock()
         jumps = self._skeleton()
@@ -614,6 +645,34 @@ def note_problems(problems: dict[tuple[str, str, str], Problem],
 def stub(kind: str, namespace: str, name: str) -> dict[str, Any]:
     """The least manifest that names an object to delete."""
     return {"kind": kind, "metadata": {"namespace": namespace or None, "name": name}}
+
+
+class ReadAhead:
+    """``netfilter.save()`` running in a thread; :meth:`result` waits for it."""
+
+    def __init__(self, netfilter: NetfilterPort) -> None:
+        self._saved: dict[str, SavedTable] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, args=(netfilter,),
+                                        name="iptsync-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read(self, netfilter: NetfilterPort) -> None:
+        try:
+            self._saved = netfilter.save()
+        except BaseException as err:  # handed to the syncing thread, raised there
+            self._error = err
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> dict[str, SavedTable]:
+        """The tables read, or what reading them raised."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._saved is not None
+        return self._saved
 
 
 @contextlib.contextmanager

@@ -400,6 +400,10 @@ CANONICAL: list[Any] = [
                  "-s 10.1.2.3/32 -d 10.0.0.0/8 -j X", id="long-address-options"),
     pytest.param("--dst 10.0.0.5/8 -j X", "-d 10.0.0.0/8 -j X", id="host-bits-masked"),
     pytest.param("-s 10.1.2.3/255.255.0.0 -j X", "-s 10.1.0.0/16 -j X", id="netmask"),
+    pytest.param("-s 255.0.9.250/32 -d 0.0.0.0 -j X", "-s 255.0.9.250/32 -d 0.0.0.0/32 -j X",
+                 id="host-address-edges"),
+    pytest.param("-s 10.1.2.3/31 -j X", "-s 10.1.2.2/31 -j X", id="near-host-prefix"),
+    pytest.param("-d fd00::1 -j X", "-d fd00::1/128 -j X", id="ipv6-host"),
     pytest.param("-o eth1 -i eth0 -s 1.2.3.4 -j X", "-s 1.2.3.4/32 -i eth0 -o eth1 -j X",
                  id="interfaces"),
     pytest.param("-m addrtype --dst-type LOCAL --src-type LOCAL -j X",
@@ -421,6 +425,13 @@ CANONICAL: list[Any] = [
 def test_canonical_matches_iptables_save(rule: str, saved: str) -> None:
     """canonical() spells a rule exactly as iptables-save prints it."""
     assert saved == canonical(split_args(rule))
+
+
+@pytest.mark.parametrize("address", ["010.1.2.3", "256.1.2.3", "1.2.3", "1.2.3.4/33"])
+def test_canonical_refuses_a_malformed_address(address: str) -> None:
+    """An address with a leading zero, out of range or short is refused, never passed through."""
+    with pytest.raises(RulesetError, match="bad address"):
+        canonical(["-s", address, "-j", "X"])
 
 
 @pytest.mark.parametrize(("rule", "saved"), CANONICAL)
