@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 import socket
@@ -302,19 +303,19 @@ class LegacyWatch:
         return
 
 
-_libc: ctypes.CDLL | None = None
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once: getsockopt and setns have no Python binding here."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def _getinfo(fd: int, level: int, table: str) -> tuple[int, int]:
     # socket.getsockopt() caps its buffer at 1024 bytes but needs the struct passed in
     # (the table name is an input), which only the C call allows.
-    global _libc  # noqa: PLW0603  (loaded once, on first use)
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buffer = ctypes.create_string_buffer(_GETINFO.pack(table.encode(), 0, *[0] * 10, 0, 0),
                                          _GETINFO.size)
     size = ctypes.c_uint32(_GETINFO.size)
-    if _libc.getsockopt(fd, level, IPT_SO_GET_INFO, buffer, ctypes.byref(size)) != 0:
+    if _libc().getsockopt(fd, level, IPT_SO_GET_INFO, buffer, ctypes.byref(size)) != 0:
         code = ctypes.get_errno()
         if code == errno.ENOENT:
             return (0, 0)  # the table is not loaded
@@ -338,7 +339,7 @@ def in_netns(netns: str | None, action: Callable[[], T]) -> T:
     failure: list[BaseException] = []
 
     def enter() -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = _libc()
         try:
             with open(f"/run/netns/{netns}", "rb") as handle:
                 if libc.setns(handle.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
