@@ -49,6 +49,7 @@ from iptsync.core.model import IPFamily, parse_object
 from iptsync.core.policy import Settings
 from iptsync.engine.apply import STAGE_LINES
 from iptsync.engine.desired import desired_from_objects
+from iptsync.engine.families import in_turn
 from iptsync.engine.reconciler import Engine, bulk
 from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel.port import Backend
@@ -64,7 +65,9 @@ TARGET_PARTIAL_OVER_FLOOR = 0.030  # seconds
 
 
 def v6(index: int, prefix: str) -> str:
-    return f"{prefix}{index >> 16:x}:{index & 0xFFFF:x}"
+    """The ``index``-th address after ``prefix`` (which ends in ``::``), spelled as the API
+    server stores it (RFC 5952: ``fd00:96::1``, not ``fd00:96::0:1``)."""
+    return str(ipaddress.IPv6Address(f"{prefix}{index >> 16:x}:{index & 0xFFFF:x}"))
 
 
 def dual_stack_objects(index: int, endpoints: int, rng: random.Random) -> list[Manifest]:
@@ -126,7 +129,8 @@ def engines(backend: Backend, netns: str) -> dict[IPFamily, Engine]:
 
 def first_sync(backend: Backend, netns: str, objects: list[Manifest]) -> tuple[
         float, dict[IPFamily, Engine]]:
-    """Parse once, add to both engines, sync IPv4 then IPv6; wall time end to end."""
+    """Parse once, add to both engines, sync IPv4 then IPv6 (IPv6 rendered while IPv4's
+    restore runs), as ``run --once`` and the agent do; wall time end to end."""
     started = time.perf_counter()
     per_family = engines(backend, netns)
     with bulk():
@@ -135,7 +139,7 @@ def first_sync(backend: Backend, netns: str, objects: list[Manifest]) -> tuple[
             assert parsed.value is not None, parsed.problems
             for engine in per_family.values():
                 engine.add(parsed.value)
-    for engine in per_family.values():
+    for engine in in_turn(list(per_family.values())):
         engine.sync()
     return time.perf_counter() - started, per_family
 

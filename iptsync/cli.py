@@ -47,6 +47,7 @@ from iptsync.engine.families import (
     FamilyChoice,
     FamilyEngines,
     announce,
+    in_turn,
     node_families,
 )
 from iptsync.engine.reconciler import Engine, bulk
@@ -375,7 +376,8 @@ def run_once(engines: FamilyEngines, paths: tuple[str, ...]) -> int:
             engines.upsert(obj)
     del loaded  # the manifests (90 MB at 10k services) are not needed for the sync
     status = 0
-    for family, engine in engines.engines.items():
+    for engine in in_turn(list(engines.engines.values())):
+        family = engine.settings.family
         try:
             result = engine.sync(full=True)
         except (SyncError, NetfilterError, RulesetError) as err:

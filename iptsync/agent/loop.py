@@ -39,7 +39,7 @@ from iptsync.core.model import IPFamily, trigger_time
 from iptsync.core.ruleset import RulesetError
 from iptsync.core.state import ClusterState, is_local
 from iptsync.engine.apply import SyncError
-from iptsync.engine.families import FamilyEngines
+from iptsync.engine.families import FamilyEngines, in_turn
 from iptsync.engine.reconciler import Engine, EngineReport
 from iptsync.kernel.port import NetfilterError
 from iptsync.sources.base import KINDS, Change, Message, Snapshot, Source
@@ -369,8 +369,9 @@ class Agent:
         self._changed_since = None
         self._pending = {"Service": 0, "EndpointSlice": 0}
         self._update_pending_metrics()
-        for family, full in wanted.items():
-            self._sync_family(family, full=full)
+        for engine in in_turn([self.families[family].engine for family in wanted]):
+            family = engine.settings.family
+            self._sync_family(family, full=wanted[family])
         if self.service_health is not None:
             self.service_health.update(health_check_ports(self.engines))
 

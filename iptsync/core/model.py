@@ -660,28 +660,26 @@ _CONDITION_KEYS = frozenset({"ready", "serving", "terminating"})
 
 
 def _plain_endpoint(spec: Mapping[str, Any], family: IPFamily) -> Endpoint | None:
-    """The common, well-formed IPv4 endpoint, read without building error paths.
+    """The common, well-formed endpoint, read without building error paths.
 
-    Returns None for anything unusual (hints, odd types, other families), which then goes
-    through the validating reader and gets its precise error message.
+    Returns None for anything unusual (hints, odd types, an address of the other family or
+    not in its canonical spelling), which then goes through the validating reader and gets
+    its precise error message.
     """
     addresses = spec.get("addresses")
     conditions = spec.get("conditions")
     conditions = {} if conditions is None else conditions
     node = spec.get("nodeName")
     zone = spec.get("zone")
-    if (family is not IPFamily.IPV4 or not _ENDPOINT_KEYS.issuperset(spec)
+    if (not _ENDPOINT_KEYS.issuperset(spec)
             or type(addresses) is not list or not addresses or type(conditions) is not dict
             or not _CONDITION_KEYS.issuperset(conditions)
             or not (node is None or type(node) is str)
             or not (zone is None or type(zone) is str)):
         return None
     text = addresses[0]
-    quad = _CANONICAL_QUAD.fullmatch(text) if type(text) is str else None
-    if quad is None:
-        return None
-    a, b, c, d = map(int, quad.groups())
-    if a > 255 or b > 255 or c > 255 or d > 255:
+    ip = _canonical_ip(text, family) if type(text) is str else None
+    if ip is None:
         return None
     ready = conditions.get("ready")
     serving = conditions.get("serving")
@@ -690,9 +688,58 @@ def _plain_endpoint(spec: Mapping[str, Any], family: IPFamily) -> Endpoint | Non
             or (serving is not None and type(serving) is not bool)
             or (terminating is not None and type(terminating) is not bool)):
         return None
-    return Endpoint(ipaddress.IPv4Address(a << 24 | b << 16 | c << 8 | d), 0, node or None,
-                    zone or None, frozenset(), ready is not False, serving is not False,
-                    terminating is True, frozenset(), text)
+    return Endpoint(ip, 0, node or None, zone or None, frozenset(), ready is not False,
+                    serving is not False, terminating is True, frozenset(), text)
+
+
+def _canonical_ip(text: str, family: IPFamily) -> IPAddress | None:
+    """``text`` as an address of ``family`` when it is spelled as ``str()`` of that address
+    spells it (what the API server stores); None otherwise, for the validating reader.
+
+    Several times faster than :mod:`ipaddress`'s parser and printer, which dominated
+    loading 10,000 dual-stack services.
+    """
+    if family is IPFamily.IPV4:
+        quad = _CANONICAL_QUAD.fullmatch(text)
+        if quad is None:
+            return None
+        a, b, c, d = map(int, quad.groups())
+        if a > 255 or b > 255 or c > 255 or d > 255:
+            return None
+        return ipaddress.IPv4Address(a << 24 | b << 16 | c << 8 | d)
+    if _IPV6_TEXT.fullmatch(text) is None:
+        return None
+    head, double, tail = text.partition("::")
+    left = head.split(":") if head else []
+    right = tail.split(":") if tail else []
+    zeros = 8 - len(left) - len(right)
+    if (zeros < 0 if double else zeros != 0) or not all(0 < len(g) < 5 for g in left + right):
+        return None
+    hextets = [int(g, 16) for g in left] + [0] * zeros + [int(g, 16) for g in right]
+    # IPv4-mapped addresses: Python 3.13's str() spells them with a dotted quad.
+    if hextets[:6] == [0, 0, 0, 0, 0, 0xFFFF] or _ipv6_spelling(hextets) != text:
+        return None
+    value = 0
+    for hextet in hextets:
+        value = value << 16 | hextet
+    return ipaddress.IPv6Address(value)
+
+
+_IPV6_TEXT = re.compile(r"[0-9a-f:]{2,39}")
+
+
+def _ipv6_spelling(hextets: list[int]) -> str:
+    """RFC 5952, as ``str(IPv6Address)``: lowercase, no leading zeros, the first longest run
+    of two or more zero groups as ``::``."""
+    best = best_len = run_len = 0
+    for i, hextet in enumerate(hextets):
+        run_len = run_len + 1 if hextet == 0 else 0
+        if run_len > best_len:
+            best, best_len = i - run_len + 1, run_len
+    groups = [f"{hextet:x}" for hextet in hextets]
+    if best_len < 2:
+        return ":".join(groups)
+    return ":".join(groups[:best]) + "::" + ":".join(groups[best + best_len:])
 
 
 def _endpoint(spec: Mapping[str, Any], path: str, family: IPFamily | None) -> Endpoint | None:

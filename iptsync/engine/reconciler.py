@@ -164,6 +164,14 @@ class Engine:
         self.needs_full = True  # the kernel may not hold what the cache says
         self.synced_once = False
         self._ahead: ReadAhead | None = None  # the live tables, being read for a full sync
+        # Services rendered ahead of their sync (render_ahead): key -> (large-cluster mode,
+        # rendering), used when the key is still due and the mode the same; a change to a
+        # service drops its entry.
+        self._rendering: RenderAhead | None = None
+        self._prerendered: dict[ServiceKey, tuple[bool, RenderedService]] = {}
+        # Called once a sync has rendered and sent its rules, while iptables-restore works
+        # (iptsync.engine.families.in_turn: the next family renders then).
+        self.when_rendered: Callable[[], None] | None = None
 
     # --- input ---------------------------------------------------------------------------
 
@@ -175,6 +183,7 @@ class Engine:
 
     def add(self, value: ServiceInfo | EndpointSliceInfo | NodeInfo) -> set[ServiceKey]:
         """Add or replace one object already parsed (:func:`iptsync.core.model.parse_object`)."""
+        self._wait_render_ahead()
         if isinstance(value, NodeInfo):
             return self._set_node(value)
         family = self.settings.family
@@ -184,10 +193,11 @@ class Engine:
         elif any(port.family is not family for port in value.ports):
             value = replace(value, ports=tuple(p for p in value.ports if p.family is family))
         dirty = self.state.upsert(value)
-        self._dirty |= dirty
+        self._mark_dirty(dirty)
         return dirty
 
     def delete(self, manifest: Mapping[str, Any]) -> set[ServiceKey]:
+        self._wait_render_ahead()
         kind = str(manifest.get("kind") or "")
         namespace, name = object_key(manifest)
         self.problems.pop((kind, namespace, name), None)
@@ -199,7 +209,7 @@ class Engine:
         elif kind == "Node" and self.state.node is not None and name == self.state.node.name:
             self.state.node = None
             dirty = self._settings_changed()
-        self._dirty |= dirty
+        self._mark_dirty(dirty)
         return dirty
 
     def replace_kind(self, kind: str, manifests: Iterable[Mapping[str, Any]]) -> set[ServiceKey]:
@@ -232,8 +242,14 @@ class Engine:
         dirty = self.state.upsert(node)
         if old is None or (old.addresses, old.pod_cidrs) != (node.addresses, node.pod_cidrs):
             dirty |= self._settings_changed()
-        self._dirty |= dirty
+        self._mark_dirty(dirty)
         return dirty
+
+    def _mark_dirty(self, dirty: set[ServiceKey]) -> None:
+        """Due for rendering; what was rendered ahead for them no longer holds."""
+        self._dirty |= dirty
+        for key in dirty:
+            self._prerendered.pop(key, None)
 
     def _settings_changed(self) -> set[ServiceKey]:
         settings = with_node(self.base_settings, self.state.node, self.interface_ips)
@@ -242,6 +258,7 @@ class Engine:
         self.settings = settings
         self._jumps = None
         self._rendered.clear()
+        self._prerendered.clear()
         self._endpoint_total = 0
         self._top.clear()
         self.needs_full = True
@@ -286,14 +303,41 @@ class Engine:
         """Re-render the changed services; returns (before, after) for each."""
         return [self._render_one(key) for key in sorted(self._take_dirty())]
 
+    def render_ahead(self) -> None:
+        """Render the due services now, in a thread, for the next sync to use.
+
+        A node with two families syncs them in turn: while one family's sync waits for
+        iptables-restore (its own process, on another core), the other family's services
+        render here, and its sync starts with them ready. The thread only reads the engine;
+        every method that changes it, or renders, waits for the thread first. What changes
+        before the sync is rendered again then.
+        """
+        if self._rendering is None and self._dirty:
+            keys = sorted(key for key in self._dirty if key in self.state.services)
+            large = self._endpoints_after(set(self._dirty)) > self.settings.large_cluster_endpoints
+            self._rendering = RenderAhead(lambda: {
+                key: (large, render_service(self.state.services[key], self.state,
+                                            self.settings, large)) for key in keys})
+
+    def _wait_render_ahead(self) -> None:
+        rendering, self._rendering = self._rendering, None
+        if rendering is not None:
+            self._prerendered.update(rendering.result())
+
+    def _endpoints_after(self, dirty: set[ServiceKey]) -> int:
+        """The endpoints of every service once ``dirty`` is rendered (for kube-proxy's
+        large-cluster mode)."""
+        return self._endpoint_total + sum(self._endpoint_count(key) - self._rendered_count(key)
+                                          for key in dirty)
+
     def _take_dirty(self) -> set[ServiceKey]:
         """The services to render now (all of them when the large-cluster mode flips)."""
+        self._wait_render_ahead()
         self._skeleton()
         dirty, self._dirty = self._dirty, set()
         # Decide kube-proxy's large-cluster mode before rendering anything: rendering a first
         # sync in the wrong mode and again in the right one doubled its render time.
-        total = self._endpoint_total + sum(self._endpoint_count(key) - self._rendered_count(key)
-                                           for key in dirty)
+        total = self._endpoints_after(dirty)
         large = total > self.settings.large_cluster_endpoints
         if large != self._large:
             # kube-proxy drops per-endpoint comments above the threshold: every chain changes.
@@ -314,8 +358,9 @@ class Engine:
     def _render_one(self, key: ServiceKey) -> ServiceChange:
         service = self.state.services.get(key)
         old = self._rendered.get(key)
-        new = (render_service(service, self.state, self.settings, self._large)
-               if service is not None else None)
+        ahead = self._prerendered.pop(key, None)
+        new = (None if service is None else ahead[1] if ahead and ahead[0] == self._large
+               else render_service(service, self.state, self.settings, self._large))
         self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
         if new is None:
             self._rendered.pop(key, None)
@@ -412,6 +457,7 @@ class Engine:
                         phases["plan"] = self.clock() - mark
                 report.services_rendered = len(changes)
                 mark = self.clock()
+                self._rendered_all()
                 apply_plan(self.netfilter, report.plan, progress)
                 phases["apply"] = self.clock() - mark
         except Exception:
@@ -431,6 +477,10 @@ class Engine:
             phases["conntrack"] = self.clock() - mark
         phases["total"] = self.clock() - started
         return report
+
+    def _rendered_all(self) -> None:
+        if self.when_rendered is not None:
+            self.when_rendered()
 
     def read_ahead(self) -> None:
         """Start reading the live tables for the next full sync, in a thread.
@@ -587,6 +637,7 @@ class Engine:
             plan = Plan([t for t in tables if not t.empty], NO_STAGING)  # all sent already
             if not tables[1].empty:
                 stream.write(tables[1].lines())
+            self._rendered_all()
             try:
                 stream.close()
             except RestoreError as err:
@@ -626,6 +677,32 @@ class Engine:
             self._apply_to_top(changes)
             self._dirty |= dirty - done
         return rendering
+
+
+class RenderAhead:
+    """Services rendered in a thread (:meth:`Engine.render_ahead`); :meth:`result` waits."""
+
+    def __init__(self, render: Callable[[], dict[ServiceKey, tuple[bool, RenderedService]]],
+                 ) -> None:
+        self._rendered: dict[ServiceKey, tuple[bool, RenderedService]] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(render,),
+                                        name="iptsync-render-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, render: Callable[[], dict[ServiceKey, tuple[bool, RenderedService]]],
+             ) -> None:
+        try:
+            with bulk():
+                self._rendered = render()
+        except BaseException as err:  # raised where the renderings are used
+            self._error = err
+
+    def result(self) -> dict[ServiceKey, tuple[bool, RenderedService]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._rendered
 
 def note_problems(problems: dict[tuple[str, str, str], Problem],
                   manifest: Mapping[str, Any], found: Iterable[Problem]) -> None:
@@ -675,22 +752,34 @@ class ReadAhead:
         return self._saved
 
 
+class _Bulk:
+    lock = threading.Lock()
+    depth = 0  # bulk() blocks open, in any thread
+    collect = False  # whether the collector was on when the first of them opened
+
+
 @contextlib.contextmanager
 def bulk() -> Iterator[None]:
     """Build many objects without the cyclic collector rescanning the heap each time.
 
     At 10,000 services, rendering with the collector on took three times as long. Afterwards
     the surviving objects are frozen out of future collections: the render cache lives as
-    long as its services, and its objects hold no cycles.
+    long as its services, and its objects hold no cycles. The collector is process-wide: it
+    stays off until the last block open in any thread (a render ahead) closes.
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    with _Bulk.lock:
+        if _Bulk.depth == 0:
+            _Bulk.collect = gc.isenabled()
+            gc.disable()
+        _Bulk.depth += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
-            gc.freeze()
+        with _Bulk.lock:
+            _Bulk.depth -= 1
+            if _Bulk.depth == 0 and _Bulk.collect:
+                gc.enable()
+                gc.freeze()
 
 
 def _drift(plan: Plan, changes: Iterable[ServiceChange]) -> list[str]:

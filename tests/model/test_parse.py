@@ -568,6 +568,28 @@ def test_ipv6_slice_is_parsed_without_problems() -> None:
     assert [ipaddress.ip_address("fd00::1")] == [ep.ip for ep in parsed.value.endpoints]
 
 
+@pytest.mark.parametrize("text", [
+    "fd00::1", "fd00:10:1::5", "2001:db8::", "::", "::1", "1::", "1:0:0:2::3",
+    "2001:db8:0:0:1:0:0:1", "fd00:10:1::0:5", "FD00::1", "fd00:0::1", "fd00::01",
+    "::ffff:10.1.0.1", "::10.1.0.1", "::ffff:a01:1", "fe80::1%eth0", "fd00::1 ", "10.1.0.1",
+])
+def test_ipv6_endpoint_reads_as_the_validating_reader_reads_it(text: str) -> None:
+    """The fast reader of the common, canonical IPv6 endpoint agrees with the validating one
+    on every spelling: the same address, problem and text (rules and hashes use the text)."""
+    def read(spec: Manifest) -> tuple[object, ...]:
+        parsed = parse_object(endpoint_slice(addressType="IPv6", endpoints=[spec]))
+        assert isinstance(parsed.value, EndpointSliceInfo)
+        return (tuple(str(p) for p in parsed.problems),
+                tuple((ep.ip, ep.address, ep.key) for ep in parsed.value.endpoints))
+
+    plain = read({"addresses": [text]})  # the fast path's shape
+    validated = read({"addresses": [text], "hints": {}})  # hints: always the validating reader
+    assert validated == plain
+    for _ip, address, key in plain[1]:
+        assert str(ipaddress.ip_address(address)) == address
+        assert f"[{address}]:0" == key
+
+
 def test_trigger_time_annotation_is_parsed() -> None:
     """The last-change-trigger-time annotation becomes a timezone-aware datetime."""
     meta = {"name": "web-abc", "namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "web"},
