@@ -63,11 +63,12 @@ class ChainContent:
     __slots__ = ("_digest", "family", "free", "lines")
 
     def __init__(self, lines: tuple[str, ...], free: tuple[int, int] | None = None,
-                 family: IPFamily = IPFamily.IPV4) -> None:
+                 family: IPFamily = IPFamily.IPV4, digest: int | None = None) -> None:
         self.lines = lines  # "-A CHAIN args", in order
         self.free = free
         self.family = family
-        self._digest: int | None = None
+        # Given by a renderer that spells the rules as iptables-save prints them itself.
+        self._digest = digest
 
     def canonical_rules(self) -> list[str]:
         """The rules as ``iptables-save`` (or ``ip6tables-save``) prints them (without

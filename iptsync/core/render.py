@@ -25,7 +25,16 @@ from iptsync.core.policy import (
     internal_masquerade,
     port_targets,
 )
-from iptsync.core.ruleset import Jump, Rule, Ruleset
+from iptsync.core.ruleset import (
+    Jump,
+    Rule,
+    Ruleset,
+    saved_address,
+    saved_comment,
+    saved_host,
+    saved_probability,
+    saved_recent,
+)
 
 # The loopback range kube-proxy keeps NodePorts off: IPv4's when localhost NodePorts are off,
 # IPv6's always.
@@ -36,18 +45,31 @@ NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last r
 
 @dataclass
 class PortRules:
-    """What one service port contributes: its own nat chains and its top-level rules."""
+    """What one service port contributes: its own nat chains and its top-level rules.
+
+    ``saved`` holds, rule by rule, how iptables-save prints each rule of the chains (as
+    :func:`iptsync.core.ruleset.canonical` spells it) where the renderer spells it itself,
+    else None: the endpoint chains and the SVC chains' jumps, nine rules in ten at scale, so
+    a restart compares them with the kernel without canonicalising them.
+    """
 
     chains: dict[str, list[Rule]] = field(default_factory=dict)  # nat SVC/SVL/EXT/FW/SEP
     top: list[tuple[str, Rule]] = field(default_factory=list)  # (table, rule) in shared chains
     no_local_internal: bool = False
     no_local_external: bool = False
+    saved: dict[str, list[str | None]] = field(default_factory=dict)
 
     def add_top(self, table: str, chain: str, *args: str) -> None:
         self.top.append((table, Rule(chain, tuple(args))))
 
-    def add(self, chain: str, *args: str) -> None:
+    def add(self, chain: str, *args: str, saved: str | None = None) -> None:
         self.chains.setdefault(chain, []).append(Rule(chain, tuple(args)))
+        self.saved.setdefault(chain, []).append(saved)
+
+    def chain(self, chain: str) -> None:
+        """Declare ``chain``, maybe empty."""
+        self.chains.setdefault(chain, [])
+        self.saved.setdefault(chain, [])
 
 
 def probability(n: int) -> str:
@@ -154,19 +176,30 @@ def _internal_masquerade(out: PortRules, spn: str, chain: str, cluster_ip_match:
     ask for one (:func:`iptsync.core.policy.internal_masquerade`)."""
     masq_args = ("-m", "comment", "--comment", f"{spn} cluster IP", *cluster_ip_match)
     detector = settings.local_detector
+    # cluster_ip_match is (-m PROTO -p PROTO -d IP --dport PORT).
+    proto, destination, dport = cluster_ip_match[1], cluster_ip_match[5], cluster_ip_match[7]
+    saved_tail = (f"-p {proto} {saved_comment(f'{spn} cluster IP')} -m {proto} --dport {dport} "
+                  f"-j {names.KUBE_MARK_MASQ}")
+    saved_destination = f"-d {saved_host(destination, settings.family)}"
     if internal_masquerade(settings) == "all":
-        out.add(chain, *masq_args, "-j", names.KUBE_MARK_MASQ)
+        out.add(chain, *masq_args, "-j", names.KUBE_MARK_MASQ,
+                saved=f"{saved_destination} {saved_tail}")
     elif detector is not None:
         # Traffic to the service IP from elsewhere than this node's pods (e.g. via a static
         # route to a node) may bounce to another node, so it is masqueraded.
-        out.add(chain, *masq_args, *detector.if_not_local, "-j", names.KUBE_MARK_MASQ)
+        # iptables-save prints -s before -d, and -i after it.
+        saved = (f"! -s {saved_address(detector.value)} {saved_destination} {saved_tail}"
+                 if detector.option == "-s" else
+                 f"{saved_destination} ! -i {detector.value} {saved_tail}")
+        out.add(chain, *masq_args, *detector.if_not_local, "-j", names.KUBE_MARK_MASQ,
+                saved=saved)
 
 
 def _ext_chain(out: PortRules, port: ServicePort, spn: str, settings: Settings, *, ext: str,
                svc: str, svl: str, has_external: bool) -> None:
     """The EXT chain: masquerade (all of it, or under externalTrafficPolicy=Local only the
     node's own and pods' traffic, which goes cluster-wide), then the policy's chain."""
-    out.chains.setdefault(ext, [])
+    out.chain(ext)
     mark_masq = names.KUBE_MARK_MASQ
     if not port.external_policy_local:
         out.add(ext, "-m", "comment", "--comment",
@@ -195,7 +228,7 @@ def _fw_chain(out: PortRules, port: ServicePort, spn: str, fw: str, ext: str, *,
               admits_node: bool) -> None:
     """The FW chain: loadBalancerSourceRanges (and the load-balancer IPs themselves when the
     node is in a range) go on to EXT; KUBE-PROXY-FIREWALL drops the rest."""
-    out.chains.setdefault(fw, [])
+    out.chain(fw)
     comment = ("-m", "comment", "--comment", f"{spn} loadbalancer IP")
     for cidr in port.load_balancer_source_ranges:
         out.add(fw, *comment, "-s", str(cidr), "-j", ext)
@@ -223,20 +256,29 @@ def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
                        endpoints: Sequence[Endpoint], seps: dict[str, str], *,
                        large_cluster: bool) -> None:
     spn = str(port.name)
-    out.chains.setdefault(chain, [])
+    out.chain(chain)
     if port.affinity_timeout is not None:
+        check = f"--rcheck --seconds {port.affinity_timeout} --reap"
         for ep in endpoints:
             sep = seps[ep.key]
-            out.add(chain, *_comment(f"{spn} -> {ep.key}", large_cluster),
-                    "-m", "recent", "--name", sep, "--rcheck", "--seconds",
-                    str(port.affinity_timeout), "--reap", "-j", sep)
+            comment = _comment(f"{spn} -> {ep.key}", large_cluster)
+            out.add(chain, *comment, "-m", "recent", "--name", sep, "--rcheck", "--seconds",
+                    str(port.affinity_timeout), "--reap", "-j", sep,
+                    saved=f"{_saved_comment(comment)}"
+                          f"{saved_recent(check, sep, port.family)} -j {sep}")
     count = len(endpoints)
     for i, ep in enumerate(endpoints):
         sep = seps[ep.key]
         # Each rule takes 1/(remaining) of what reaches it; the last one takes the rest.
-        chance = ("-m", "statistic", "--mode", "random", "--probability",
-                  probability(count - i)) if i < count - 1 else ()
-        out.add(chain, *_comment(f"{spn} -> {ep.key}", large_cluster), *chance, "-j", sep)
+        comment = _comment(f"{spn} -> {ep.key}", large_cluster)
+        if i < count - 1:
+            chance = probability(count - i)
+            out.add(chain, *comment, "-m", "statistic", "--mode", "random", "--probability",
+                    chance, "-j", sep,
+                    saved=f"{_saved_comment(comment)}-m statistic --mode random "
+                          f"--probability {saved_probability(chance)} -j {sep}")
+        else:
+            out.add(chain, *comment, "-j", sep, saved=f"{_saved_comment(comment)}-j {sep}")
 
 
 def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endpoint],
@@ -245,15 +287,24 @@ def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endp
     endpoint is built once)."""
     proto = port.protocol.lower
     comment = _comment(str(port.name), large_cluster)
+    commented = _saved_comment(comment)
     dnat = ("-m", proto, "-p", proto, "-j", "DNAT", "--to-destination")
     for ep in endpoints:
         sep = seps[ep.key]
         affinity = ("-m", "recent", "--name", sep, "--set") if port.affinity_timeout else ()
-        out.chains[sep] = [
-            # Hairpin: a pod reaching itself through the service must be masqueraded.
-            Rule(sep, (*comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ)),
-            Rule(sep, (*comment, *affinity, *dnat, ep.key)),
-        ]
+        saved_affinity = (f"{saved_recent('--set', sep, port.family)} " if affinity else "")
+        # Hairpin: a pod reaching itself through the service must be masqueraded.
+        out.add(sep, *comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ,
+                saved=f"-s {saved_host(ep.address, port.family)} {commented}"
+                      f"-j {names.KUBE_MARK_MASQ}")
+        out.add(sep, *comment, *affinity, *dnat, ep.key,
+                saved=f"-p {proto} {commented}{saved_affinity}-m {proto} -j DNAT "
+                      f"--to-destination {ep.key}")
+
+
+def _saved_comment(comment: tuple[str, ...]) -> str:
+    """What :func:`_comment` gave, as iptables-save prints it, with a space after it."""
+    return f"{saved_comment(comment[-1])} " if comment else ""
 
 
 # --- the whole ruleset -----------------------------------------------------------------------

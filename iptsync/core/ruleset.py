@@ -365,6 +365,33 @@ def canonical(args: Sequence[str], family: IPFamily = IPFamily.IPV4) -> str:
     return " ".join(out)
 
 
+def saved_host(address: str, family: IPFamily) -> str:
+    """A host address (``str()`` of an address) as iptables-save prints it after ``-s`` or
+    ``-d``: with its /32 or /128, as :func:`canonical` spells it."""
+    return _address(address) if family is IPFamily.IPV4 else f"{address}/128"
+
+
+def saved_address(value: str) -> str:
+    """An address or CIDR as iptables-save prints it after ``-s`` or ``-d``."""
+    return _address(value)
+
+
+def saved_comment(text: str) -> str:
+    """``-m comment --comment TEXT`` as iptables-save prints it."""
+    return f"-m comment --comment {_save_quote(kernel_comment(text))}"
+
+
+def saved_probability(text: str) -> str:
+    """A statistic match's probability as iptables-save prints it."""
+    return _probability(text)
+
+
+def saved_recent(flags: str, name: str, family: IPFamily) -> str:
+    """``-m recent FLAGS --name NAME`` (FLAGS: ``--set``, or ``--rcheck --seconds N --reap``)
+    as iptables-save prints it, with the defaults it adds."""
+    return f"-m recent {flags} --name {name} --mask {_RECENT_MASK[family]} --rsource"
+
+
 def read_args(args: Sequence[str]) -> RuleArgs:
     """Sort a rule's arguments into basics, matches and target, the way iptables reads them.
 

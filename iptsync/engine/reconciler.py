@@ -33,6 +33,7 @@ from iptsync.core.flows import flow_targets
 from iptsync.core.model import (
     EndpointSliceInfo,
     IPAddress,
+    IPFamily,
     NodeInfo,
     Problem,
     ServiceInfo,
@@ -53,6 +54,7 @@ from iptsync.core.plan import (
     TopChain,
     TopChains,
     TopRule,
+    chain_digest,
     make_plan,
     partial_plan,
     plan_table,
@@ -64,7 +66,7 @@ from iptsync.core.render import (
     chain_tails,
     render_service_port,
 )
-from iptsync.core.ruleset import Jump, SavedTable, join_args, ordered_tables
+from iptsync.core.ruleset import Jump, Rule, SavedTable, canonical, join_args, ordered_tables
 from iptsync.core.state import ClusterState, ServiceKey
 from iptsync.engine.apply import STREAM_FULL, apply_plan, failed_restore
 from iptsync.engine.progress import PROGRESS_INTERVAL, Progress
@@ -90,11 +92,23 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         no_local_external += piece.no_local_external
         for chain, rules in piece.chains.items():
             chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules),
-                                         family=settings.family)
+                                         family=settings.family,
+                                         digest=_saved_digest(rules, piece.saved.get(chain),
+                                                              settings.family))
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
     return RenderedService(chains, tuple(top), endpoints, no_local_internal, no_local_external)
+
+
+def _saved_digest(rules: list[Rule], saved: list[str | None] | None,
+                  family: IPFamily) -> int | None:
+    """The digest of a chain the renderer spelled as iptables-save prints it (rules it did
+    not spell are canonicalised here); None when it spelled none of them."""
+    if not saved or len(saved) != len(rules) or all(text is None for text in saved):
+        return None
+    return chain_digest([canonical(rule.args, family) if text is None else text
+                         for rule, text in zip(rules, saved, strict=True)])
 
 
 @dataclass
