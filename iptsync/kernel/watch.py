@@ -30,6 +30,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -77,6 +78,7 @@ NFPROTO = {IPFamily.IPV4: 2, IPFamily.IPV6: 10}
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 WHOLE_TABLE = "*"  # a change to a table itself (created, flushed away, deleted)
 _RECEIVE_BUFFER = 64 << 20  # notifications of one large foreign commit, at least
+_FOLLOW_POLL = 0.5  # seconds between the reader thread's looks at whether it must stop
 _HEADER = struct.Struct("=IHHII")
 _ATTR = struct.Struct("=HH")
 
@@ -141,8 +143,16 @@ class _Commit:
 class NftWatch:
     """Follows nftables commits in this network namespace (see the module docstring).
 
-    ``own_pids`` returns the process ids of our own recent iptables-restore runs. Create it
-    before the first sync, so that every later commit is seen.
+    ``own_pids`` returns the process ids of our own recent iptables-restore runs (each
+    recorded as it starts, before it can commit). Create it before the first sync, so that
+    every later commit is seen.
+
+    A thread reads the notifications as they come: a first sync at 10,000 services announces
+    about 450,000 objects (more than 64 MB), which overran the socket's buffer when read only
+    at the next check, and made the agent compare everything once more right after its first
+    sync. Our own commits' messages are recognised by the committer's port id in their header
+    (iptables-restore's pid) and skipped unread; the ``NFT_MSG_NEWGEN`` closing each commit
+    still decides whose it was.
     """
 
     def __init__(self, family: IPFamily, own_pids: Callable[[], Collection[int]],
@@ -151,10 +161,15 @@ class NftWatch:
         self.own_pids = own_pids
         self._nfproto = NFPROTO[family]
         self._events = in_netns(netns, self._subscribe)
+        self._lock = threading.Lock()  # the state below, between the reader and changes()
         self._pending: set[tuple[str, str]] = set()  # of the commit still being announced
         self._foreign: set[tuple[str, str]] = set()
         self._lost = ""
         self.generation_seen = -1  # the last generation announced
+        self._stopping = threading.Event()
+        self._reader = threading.Thread(target=self._follow, name="iptsync-nft-watch",
+                                        daemon=True)
+        self._reader.start()
 
     def _subscribe(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -171,21 +186,41 @@ class NftWatch:
         return self._events.fileno()
 
     def changes(self) -> KernelChanges:
-        self._drain()
-        found = KernelChanges(frozenset(self._foreign), self._lost)
-        self._foreign.clear()
-        self._lost = ""
+        with self._lock:
+            self._drain()
+            found = KernelChanges(frozenset(self._foreign), self._lost)
+            self._foreign.clear()
+            self._lost = ""
         return found
 
     def mark(self) -> None:
         # Our own commits are recognised by process id; nothing to record. Notifications
-        # of our last commit still queued are drained (and dropped) on the next look.
+        # of our last commit still queued are read (and dropped) by the reader thread.
         return
 
     def close(self) -> None:
+        self._stopping.set()
+        self._reader.join(timeout=5)
         self._events.close()
 
+    def _follow(self) -> None:
+        """The reader thread: read what comes, until closed."""
+        while not self._stopping.is_set():
+            try:
+                ready, _, _ = select.select([self._events], [], [], _FOLLOW_POLL)
+            except (OSError, ValueError):  # closed under us
+                return
+            if ready:
+                with self._lock:
+                    try:
+                        self._drain()
+                    except OSError as err:
+                        log.warning("reading nftables notifications failed: %s", err)
+                        self._lost = f"reading nftables notifications failed: {err}"
+                        return
+
     def _drain(self) -> None:
+        own = self.own_pids()
         while True:
             try:
                 data = self._events.recv(1 << 20)
@@ -198,26 +233,32 @@ class NftWatch:
                 self._pending.clear()
                 self._lost = "nftables notifications were lost (receive buffer overrun)"
                 continue
-            self._parse(data)
+            self._parse(data, own)
 
-    def _parse(self, data: bytes) -> None:
+    def _parse(self, data: bytes, own: Collection[int]) -> None:
         offset = 0
         while offset + _HEADER.size <= len(data):
-            length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
+            length, kind, _flags, _seq, portid = _HEADER.unpack_from(data, offset)
             if length < _HEADER.size:
                 return
             end = offset + length
-            if kind >> 8 == NFNL_SUBSYS_NFTABLES and end - offset >= 20:
-                self._message(kind & 0xFF, data[offset + 16], data, offset + 20, end)
+            if (kind >> 8 == NFNL_SUBSYS_NFTABLES and end - offset >= 20
+                    and (portid not in own or kind & 0xFF == NFT_MSG_NEWGEN)):
+                self._message(kind & 0xFF, data[offset + 16], data, offset + 20, end,
+                              committer=portid, own=own)
             offset += (length + 3) & ~3
 
-    def _message(self, kind: int, family: int, data: bytes, start: int, end: int) -> None:
+    def _message(self, kind: int, family: int, data: bytes, start: int, end: int, *,
+                 committer: int, own: Collection[int]) -> None:
         if kind == NFT_MSG_NEWGEN:
             attrs = dict(_attributes(data, start, end))
             if 1 in attrs:
                 self.generation_seen = struct.unpack(">I", attrs[1][:4])[0]
+            # The committing process: its pid as the initial pid namespace numbers it, and
+            # the port id of its netlink socket (its pid as our namespace numbers it: what
+            # our own records hold when the agent runs in a container's pid namespace).
             pid = struct.unpack(">I", attrs[2][:4])[0] if 2 in attrs else -1
-            if self._pending and pid not in self.own_pids():
+            if self._pending and pid not in own and committer not in own:
                 self._foreign |= self._pending
             self._pending.clear()
             return

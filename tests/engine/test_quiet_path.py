@@ -15,6 +15,7 @@ from engine.world import SETTINGS, endpoint_slice, owned, service
 from iptsync.core import names
 from iptsync.engine.reconciler import Engine
 from iptsync.kernel.netfilter import Netfilter
+from iptsync.kernel import watch
 from iptsync.kernel.port import Backend
 
 pytestmark = pytest.mark.netns
@@ -88,3 +89,22 @@ def test_foreign_chains_and_tables_are_left_alone(netfilter: Netfilter) -> None:
         assert report.plan.empty  # ... and found nothing to do
     assert before == owned(netfilter)
     assert ["-j RETURN"] == netfilter.save(["nat"])["nat"].chains["CNI-TEST"]
+
+
+def test_a_first_sync_larger_than_the_watchs_buffer_is_not_taken_for_damage(
+        netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first sync announcing more than the notification socket holds (at 10,000 services,
+    more than its 64 MB) leaves nothing to report when its batches are read as they come:
+    before, the overrun was taken for lost foreign changes and a full compare followed.
+    Here the buffer is cut to 256 KB and 120 services are written in batches of 200 lines."""
+    monkeypatch.setattr(watch, "_RECEIVE_BUFFER", 128 << 10)  # the kernel doubles it
+    netfilter = Netfilter(Backend.NFT, netns=netns)
+    engine = Engine(netfilter, SETTINGS, watch=netfilter.change_watch(), stage_lines=200)
+    for index in range(120):
+        engine.upsert(service(index, "NodePort", False, 2))
+        engine.upsert(endpoint_slice(index, [(0, True, True), (1, True, False),
+                                             (2, True, False)]))
+    report = engine.sync(full=True)
+    assert len(report.plan.stages()) > 3  # each batch announced well under the buffer
+    assert sum(len(t.written) for t in report.plan.tables) > 1000
+    assert engine.check() is None
