@@ -78,7 +78,11 @@ log = logging.getLogger(__name__)
 
 
 def render_service(service: ServiceInfo, state: ClusterState, settings: Settings,
-                   large_cluster: bool) -> RenderedService:
+                   large_cluster: bool, *, compared: bool = True) -> RenderedService:
+    """One service's chains and top-level rules. With ``compared`` (an engine with a kernel),
+    the chains the renderer spelled as iptables-save prints them get their digest now, for
+    the full syncs that compare them with the kernel; ``dump`` and the other commands that
+    only render skip that."""
     zone = state.node_zone
     chains: dict[str, ChainContent] = {}
     top: list[TopRule] = []
@@ -94,7 +98,8 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
             chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules),
                                          family=settings.family,
                                          digest=_saved_digest(rules, piece.saved.get(chain),
-                                                              settings.family))
+                                                              settings.family)
+                                         if compared else None)
         for seq, (table, rule) in enumerate(piece.top):
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
@@ -331,7 +336,9 @@ class Engine:
             large = self._endpoints_after(set(self._dirty)) > self.settings.large_cluster_endpoints
             self._rendering = RenderAhead(lambda: {
                 key: (large, render_service(self.state.services[key], self.state,
-                                            self.settings, large)) for key in keys})
+                                            self.settings, large,
+                                            compared=self.netfilter is not None))
+                for key in keys})
 
     def _wait_render_ahead(self) -> None:
         rendering, self._rendering = self._rendering, None
@@ -374,7 +381,8 @@ class Engine:
         old = self._rendered.get(key)
         ahead = self._prerendered.pop(key, None)
         new = (None if service is None else ahead[1] if ahead and ahead[0] == self._large
-               else render_service(service, self.state, self.settings, self._large))
+               else render_service(service, self.state, self.settings, self._large,
+                                   compared=self.netfilter is not None))
         self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
         if new is None:
             self._rendered.pop(key, None)

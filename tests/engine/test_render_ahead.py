@@ -31,9 +31,9 @@ def renders_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     seen: list[tuple[str, str]] = []
     render = reconciler.render_service
 
-    def recorded(service: Any, *args: Any) -> RenderedService:
+    def recorded(service: Any, *args: Any, **kwargs: Any) -> RenderedService:
         seen.append((threading.current_thread().name, service.name))
-        return render(service, *args)
+        return render(service, *args, **kwargs)
 
     monkeypatch.setattr(reconciler, "render_service", recorded)
     return seen
@@ -94,10 +94,10 @@ def test_a_failed_render_ahead_fails_the_sync_and_the_next_renders_again(
     cluster(world, engine)
     render = reconciler.render_service
 
-    def failing_ahead(*args: Any) -> RenderedService:
+    def failing_ahead(*args: Any, **kwargs: Any) -> RenderedService:
         if threading.current_thread().name == "iptsync-render-ahead":
             raise RuntimeError("the test's failure")
-        return render(*args)
+        return render(*args, **kwargs)
 
     monkeypatch.setattr(reconciler, "render_service", failing_ahead)
     engine.render_ahead()
