@@ -191,6 +191,10 @@ class Engine:
         # Called once a sync has rendered and sent its rules, while iptables-restore works
         # (iptsync.engine.families.in_turn: the next family renders then).
         self.when_rendered: Callable[[], None] | None = None
+        # Whether the chains rendered now will be compared with the kernel's (see
+        # render_service): not when the engine has no kernel, nor in a first sync that found
+        # none of our chains in the kernel (nothing to compare them with).
+        self._compared = netfilter is not None
 
     # --- input ---------------------------------------------------------------------------
 
@@ -337,7 +341,7 @@ class Engine:
             self._rendering = RenderAhead(lambda: {
                 key: (large, render_service(self.state.services[key], self.state,
                                             self.settings, large,
-                                            compared=self.netfilter is not None))
+                                            compared=self._compared))
                 for key in keys})
 
     def _wait_render_ahead(self) -> None:
@@ -382,7 +386,7 @@ class Engine:
         ahead = self._prerendered.pop(key, None)
         new = (None if service is None else ahead[1] if ahead and ahead[0] == self._large
                else render_service(service, self.state, self.settings, self._large,
-                                   compared=self.netfilter is not None))
+                                   compared=self._compared))
         self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
         if new is None:
             self._rendered.pop(key, None)
@@ -490,6 +494,7 @@ class Engine:
             self._drop_ahead()
         self.needs_full = False
         self.synced_once = True
+        self._compared = True  # the kernel holds our chains now
         if self.watch is not None:
             self.watch.mark()
         if self.flows is not None:
@@ -640,6 +645,9 @@ class Engine:
         live = self._live_tables()
         phases["read"] = self.clock() - mark
         started = self.clock()
+        live_nat = live.get("nat")
+        self._compared = self.synced_once or (
+            live_nat is not None and names.KUBE_SERVICES in live_nat.chains)
         jumps = self._skeleton()
         changes: list[ServiceChange] = []
         with self.netfilter.restore_stream() as stream:
