@@ -47,11 +47,15 @@ NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last r
 class PortRules:
     """What one service port contributes: its own nat chains and its top-level rules.
 
-    ``saved`` holds, rule by rule, how iptables-save prints each rule of the chains (as
-    :func:`iptsync.core.ruleset.canonical` spells it) where the renderer spells it itself,
-    else None: the endpoint chains and the SVC chains' jumps, nine rules in ten at scale, so
-    a restart compares them with the kernel without canonicalising them.
+    With ``spell``, ``saved`` holds, rule by rule, how iptables-save prints each rule of the
+    chains (as :func:`iptsync.core.ruleset.canonical` spells it) where the renderer spells it
+    itself, else None: the endpoint chains and the SVC chains' jumps and masquerade rule,
+    nine rules in ten at scale, so a restart compares them with the kernel without
+    canonicalising them. Without it (nothing to compare with: ``dump``, a first sync into an
+    empty kernel) no spelling is built: it costs a quarter of the render.
     """
+
+    spell: bool = True
 
     chains: dict[str, list[Rule]] = field(default_factory=dict)  # nat SVC/SVL/EXT/FW/SEP
     top: list[tuple[str, Rule]] = field(default_factory=list)  # (table, rule) in shared chains
@@ -63,13 +67,15 @@ class PortRules:
         self.top.append((table, Rule(chain, tuple(args))))
 
     def add(self, chain: str, *args: str, saved: str | None = None) -> None:
-        self.chains.setdefault(chain, []).append(Rule(chain, tuple(args)))
-        self.saved.setdefault(chain, []).append(saved)
+        self.chains.setdefault(chain, []).append(Rule(chain, args))
+        if self.spell:
+            self.saved.setdefault(chain, []).append(saved)
 
     def chain(self, chain: str) -> None:
         """Declare ``chain``, maybe empty."""
         self.chains.setdefault(chain, [])
-        self.saved.setdefault(chain, [])
+        if self.spell:
+            self.saved.setdefault(chain, [])
 
 
 def probability(n: int) -> str:
@@ -78,9 +84,11 @@ def probability(n: int) -> str:
 
 
 def render_service_port(port: ServicePort, endpoints: Sequence[Endpoint], settings: Settings,
-                        zone: str | None = None, *, large_cluster: bool = False) -> PortRules:
-    """Render one service port, following kube-proxy's syncProxyRules step by step."""
-    out = PortRules()
+                        zone: str | None = None, *, large_cluster: bool = False,
+                        spell: bool = True) -> PortRules:
+    """Render one service port, following kube-proxy's syncProxyRules step by step (with
+    ``spell``, also as iptables-save prints its rules: see :class:`PortRules`)."""
+    out = PortRules(spell=spell)
     proto = port.protocol.lower
     spn = str(port.name)
     port_hash = names.port_hash(spn, proto)  # one sha256 for the four chains
@@ -176,21 +184,23 @@ def _internal_masquerade(out: PortRules, spn: str, chain: str, cluster_ip_match:
     ask for one (:func:`iptsync.core.policy.internal_masquerade`)."""
     masq_args = ("-m", "comment", "--comment", f"{spn} cluster IP", *cluster_ip_match)
     detector = settings.local_detector
-    # cluster_ip_match is (-m PROTO -p PROTO -d IP --dport PORT).
-    proto, destination, dport = cluster_ip_match[1], cluster_ip_match[5], cluster_ip_match[7]
-    saved_tail = (f"-p {proto} {saved_comment(f'{spn} cluster IP')} -m {proto} --dport {dport} "
-                  f"-j {names.KUBE_MARK_MASQ}")
-    saved_destination = f"-d {saved_host(destination, settings.family)}"
+    saved_tail = saved_destination = saved = None
+    if out.spell:
+        # cluster_ip_match is (-m PROTO -p PROTO -d IP --dport PORT).
+        proto, destination, dport = cluster_ip_match[1], cluster_ip_match[5], cluster_ip_match[7]
+        saved_tail = (f"-p {proto} {saved_comment(f'{spn} cluster IP')} -m {proto} "
+                      f"--dport {dport} -j {names.KUBE_MARK_MASQ}")
+        saved_destination = f"-d {saved_host(destination, settings.family)}"
     if internal_masquerade(settings) == "all":
         out.add(chain, *masq_args, "-j", names.KUBE_MARK_MASQ,
-                saved=f"{saved_destination} {saved_tail}")
+                saved=f"{saved_destination} {saved_tail}" if out.spell else None)
     elif detector is not None:
         # Traffic to the service IP from elsewhere than this node's pods (e.g. via a static
         # route to a node) may bounce to another node, so it is masqueraded.
-        # iptables-save prints -s before -d, and -i after it.
-        saved = (f"! -s {saved_address(detector.value)} {saved_destination} {saved_tail}"
-                 if detector.option == "-s" else
-                 f"{saved_destination} ! -i {detector.value} {saved_tail}")
+        if out.spell:  # iptables-save prints -s before -d, and -i after it
+            saved = (f"! -s {saved_address(detector.value)} {saved_destination} {saved_tail}"
+                     if detector.option == "-s" else
+                     f"{saved_destination} ! -i {detector.value} {saved_tail}")
         out.add(chain, *masq_args, *detector.if_not_local, "-j", names.KUBE_MARK_MASQ,
                 saved=saved)
 
@@ -265,7 +275,8 @@ def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
             out.add(chain, *comment, "-m", "recent", "--name", sep, "--rcheck", "--seconds",
                     str(port.affinity_timeout), "--reap", "-j", sep,
                     saved=f"{_saved_comment(comment)}"
-                          f"{saved_recent(check, sep, port.family)} -j {sep}")
+                          f"{saved_recent(check, sep, port.family)} -j {sep}"
+                    if out.spell else None)
     count = len(endpoints)
     for i, ep in enumerate(endpoints):
         sep = seps[ep.key]
@@ -276,9 +287,11 @@ def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
             out.add(chain, *comment, "-m", "statistic", "--mode", "random", "--probability",
                     chance, "-j", sep,
                     saved=f"{_saved_comment(comment)}-m statistic --mode random "
-                          f"--probability {saved_probability(chance)} -j {sep}")
+                          f"--probability {saved_probability(chance)} -j {sep}"
+                    if out.spell else None)
         else:
-            out.add(chain, *comment, "-j", sep, saved=f"{_saved_comment(comment)}-j {sep}")
+            out.add(chain, *comment, "-j", sep,
+                    saved=f"{_saved_comment(comment)}-j {sep}" if out.spell else None)
 
 
 def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endpoint],
@@ -292,14 +305,20 @@ def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endp
     for ep in endpoints:
         sep = seps[ep.key]
         affinity = ("-m", "recent", "--name", sep, "--set") if port.affinity_timeout else ()
-        saved_affinity = (f"{saved_recent('--set', sep, port.family)} " if affinity else "")
-        # Hairpin: a pod reaching itself through the service must be masqueraded.
-        out.add(sep, *comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ,
-                saved=f"-s {saved_host(ep.address, port.family)} {commented}"
-                      f"-j {names.KUBE_MARK_MASQ}")
-        out.add(sep, *comment, *affinity, *dnat, ep.key,
-                saved=f"-p {proto} {commented}{saved_affinity}-m {proto} -j DNAT "
-                      f"--to-destination {ep.key}")
+        out.chains[sep] = [
+            # Hairpin: a pod reaching itself through the service must be masqueraded.
+            Rule(sep, (*comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ)),
+            Rule(sep, (*comment, *affinity, *dnat, ep.key)),
+        ]
+        if out.spell:
+            saved_affinity = (f"{saved_recent('--set', sep, port.family)} " if affinity
+                              else "")
+            out.saved[sep] = [
+                f"-s {saved_host(ep.address, port.family)} {commented}"
+                f"-j {names.KUBE_MARK_MASQ}",
+                f"-p {proto} {commented}{saved_affinity}-m {proto} -j DNAT "
+                f"--to-destination {ep.key}",
+            ]
 
 
 def _saved_comment(comment: tuple[str, ...]) -> str:

@@ -91,7 +91,7 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         eps = state.endpoints(port)
         endpoints += len(eps)
         piece: PortRules = render_service_port(port, eps, settings, zone,
-                                               large_cluster=large_cluster)
+                                               large_cluster=large_cluster, spell=compared)
         no_local_internal += piece.no_local_internal
         no_local_external += piece.no_local_external
         for chain, rules in piece.chains.items():
@@ -336,6 +336,8 @@ class Engine:
         before the sync is rendered again then.
         """
         if self._rendering is None and self._dirty:
+            self.read_ahead()  # this sync's read, started now: it tells whether to spell
+            self._compared = self._will_compare()
             keys = sorted(key for key in self._dirty if key in self.state.services)
             large = self._endpoints_after(set(self._dirty)) > self.settings.large_cluster_endpoints
             self._rendering = RenderAhead(lambda: {
@@ -355,9 +357,27 @@ class Engine:
         return self._endpoint_total + sum(self._endpoint_count(key) - self._rendered_count(key)
                                           for key in dirty)
 
+    def _will_compare(self) -> bool:
+        """Whether what renders now will be compared with the kernel's rules (see
+        :func:`render_service`): always after our first sync; before it, when the live
+        tables being read hold our chains (a restart). A read of an empty kernel is over in
+        milliseconds; one still running after 0.1 s is of a loaded kernel."""
+        if self.netfilter is None:
+            return False
+        if self.synced_once:
+            return True
+        if self._ahead is None:
+            return self._compared  # as the last read said (a streamed sync reads first)
+        tables = self._ahead.peek(0.1)
+        if tables is None:
+            return True
+        nat = tables.get("nat")
+        return nat is not None and names.KUBE_SERVICES in nat.chains
+
     def _take_dirty(self) -> set[ServiceKey]:
         """The services to render now (all of them when the large-cluster mode flips)."""
         self._wait_render_ahead()
+        self._compared = self._will_compare()
         self._skeleton()
         dirty, self._dirty = self._dirty, set()
         # Decide kube-proxy's large-cluster mode before rendering anything: rendering a first
@@ -772,6 +792,13 @@ class ReadAhead:
 
     def wait(self) -> None:
         self._thread.join()
+
+    def peek(self, timeout: float) -> dict[str, SavedTable] | None:
+        """The tables, if read within ``timeout`` seconds; else (or on failure) None."""
+        self._thread.join(timeout)
+        if self._thread.is_alive() or self._error is not None:
+            return None
+        return self._saved
 
     def result(self) -> dict[str, SavedTable]:
         """The tables read, or what reading them raised."""
