@@ -916,9 +916,10 @@ def _protocol(value: Any, path: str) -> Protocol:
         raise InvalidField(path, f"must be TCP, UDP or SCTP, not {value!r}") from None
 
 
-_DOTTED_QUAD = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
+# ASCII digits only: int() also reads other scripts' digits ("1\u0660" is 10).
+_DOTTED_QUAD = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})", re.ASCII)
 _CANONICAL_QUAD = re.compile(r"(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\."
-                             r"(0|[1-9]\d{0,2})")  # no leading zeros: str(ip) == text
+                             r"(0|[1-9]\d{0,2})", re.ASCII)  # no leading zeros: str(ip) == text
 
 
 def _ip(value: Any, path: str) -> IPAddress:

@@ -336,20 +336,28 @@ class Engine:
         before the sync is rendered again then.
         """
         if self._rendering is None and self._dirty:
-            self.read_ahead()  # this sync's read, started now: it tells whether to spell
-            self._compared = self._will_compare()
-            keys = sorted(key for key in self._dirty if key in self.state.services)
-            large = self._endpoints_after(set(self._dirty)) > self.settings.large_cluster_endpoints
+            if self.needs_full:
+                self.read_ahead()  # the full sync's read, started now: it tells whether to spell
+            self._compared = compared = self._will_compare()
+            state, settings = self.state, self.settings
+            services = [(key, state.services[key]) for key in sorted(self._dirty)
+                        if key in state.services]
+            large = self._endpoints_after(set(self._dirty)) > settings.large_cluster_endpoints
             self._rendering = RenderAhead(lambda: {
-                key: (large, render_service(self.state.services[key], self.state,
-                                            self.settings, large,
-                                            compared=self._compared))
-                for key in keys})
+                key: (large, render_service(service, state, settings, large, compared=compared))
+                for key, service in services})
 
     def _wait_render_ahead(self) -> None:
+        """Wait for a render ahead and keep what it rendered. Should it have failed, the
+        services are rendered again when due (they still are): said, never raised here,
+        where an object being fed in would be lost with the error."""
         rendering, self._rendering = self._rendering, None
-        if rendering is not None:
+        if rendering is None:
+            return
+        try:
             self._prerendered.update(rendering.result())
+        except Exception:
+            log.exception("rendering ahead failed; the services are rendered at their sync")
 
     def _endpoints_after(self, dirty: set[ServiceKey]) -> int:
         """The endpoints of every service once ``dirty`` is rendered (for kube-proxy's

@@ -201,23 +201,28 @@ class NftWatch:
     def close(self) -> None:
         self._stopping.set()
         self._reader.join(timeout=5)
-        self._events.close()
+        with self._lock:
+            self._events.close()
 
     def _follow(self) -> None:
-        """The reader thread: read what comes, until closed."""
+        """The reader thread: read what comes, until closed. A failure is said, and makes
+        the next check compare everything (what it missed is unknown)."""
+        poller = select.poll()
+        poller.register(self._events.fileno(), select.POLLIN)
         while not self._stopping.is_set():
             try:
-                ready, _, _ = select.select([self._events], [], [], _FOLLOW_POLL)
-            except (OSError, ValueError):  # closed under us
-                return
-            if ready:
+                if not poller.poll(_FOLLOW_POLL * 1000):
+                    continue
                 with self._lock:
-                    try:
-                        self._drain()
-                    except OSError as err:
-                        log.warning("reading nftables notifications failed: %s", err)
-                        self._lost = f"reading nftables notifications failed: {err}"
+                    if self._stopping.is_set():
                         return
+                    self._drain()
+            except Exception as err:
+                log.warning("reading nftables notifications failed: %s; the next check "
+                            "compares every rule", err)
+                with self._lock:
+                    self._lost = f"reading nftables notifications failed: {err}"
+                return
 
     def _drain(self) -> None:
         own = self.own_pids()
@@ -233,20 +238,26 @@ class NftWatch:
                 self._pending.clear()
                 self._lost = "nftables notifications were lost (receive buffer overrun)"
                 continue
-            self._parse(data, own)
+            own = self._parse(data, own)
 
-    def _parse(self, data: bytes, own: Collection[int]) -> None:
+    def _parse(self, data: bytes, own: Collection[int]) -> Collection[int]:
+        """Take in one read's messages; returns ``own``, looked at again if it had to be."""
         offset = 0
         while offset + _HEADER.size <= len(data):
             length, kind, _flags, _seq, portid = _HEADER.unpack_from(data, offset)
             if length < _HEADER.size:
-                return
+                return own
             end = offset + length
+            if portid not in own:
+                # A restore of ours may have started since the snapshot (a staged sync's
+                # next batch, while a large commit's backlog was read): look again.
+                own = self.own_pids()
             if (kind >> 8 == NFNL_SUBSYS_NFTABLES and end - offset >= 20
                     and (portid not in own or kind & 0xFF == NFT_MSG_NEWGEN)):
                 self._message(kind & 0xFF, data[offset + 16], data, offset + 20, end,
                               committer=portid, own=own)
             offset += (length + 3) & ~3
+        return own
 
     def _message(self, kind: int, family: int, data: bytes, start: int, end: int, *,
                  committer: int, own: Collection[int]) -> None:

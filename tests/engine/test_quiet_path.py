@@ -14,8 +14,8 @@ import pytest
 from engine.world import SETTINGS, endpoint_slice, owned, service
 from iptsync.core import names
 from iptsync.engine.reconciler import Engine
-from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel import watch
+from iptsync.kernel.netfilter import Netfilter
 from iptsync.kernel.port import Backend
 
 pytestmark = pytest.mark.netns

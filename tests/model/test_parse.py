@@ -590,6 +590,16 @@ def test_ipv6_endpoint_reads_as_the_validating_reader_reads_it(text: str) -> Non
         assert f"[{address}]:0" == key
 
 
+def test_an_address_in_other_scripts_digits_is_refused() -> None:
+    """int() reads Arabic-Indic digits too: "1\u0660.0.0.1" must not pass for 10.0.0.1 (its
+    text would reach a rule and fail the whole restore); the endpoint is dropped, named."""
+    parsed = parse_object(endpoint_slice(endpoints=[{"addresses": ["1\u0660.0.0.1"]},
+                                                    {"addresses": ["10.0.0.2"]}]))
+    assert isinstance(parsed.value, EndpointSliceInfo)
+    assert ["10.0.0.2"] == [ep.address for ep in parsed.value.endpoints]
+    assert ["endpoints[0].addresses[0]"] == [p.field for p in parsed.problems]
+
+
 def test_trigger_time_annotation_is_parsed() -> None:
     """The last-change-trigger-time annotation becomes a timezone-aware datetime."""
     meta = {"name": "web-abc", "namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "web"},
