@@ -11,9 +11,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from iptsync.core.policy import Settings
+from iptsync.core.policy import Decision, Settings
 from iptsync.engine.desired import desired_from_objects
 from iptsync.inspection.explain import ServiceExplanation, ServiceRef, explain
+from iptsync.inspection.trace import TraceResult
 
 CLUSTER_CIDR = "10.0.0.0/14"
 SETTINGS = Settings(node_name="node1",
@@ -137,3 +138,13 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "external-ip": [service("external-ip", "10.96.0.21", external_ips=("198.51.100.8",)),
                     endpoint_slice("external-ip", _n1("10.0.1.2"), _n2("10.0.2.2"))],
 }
+
+
+def assert_trace_agrees(outcome: Decision, result: TraceResult, where: str) -> None:
+    """``explain``'s ``outcome`` and the tracer's ``result`` for the same packet agree: the
+    verdict, each endpoint's share and, where the packet goes on, the masquerade."""
+    assert outcome.verdict == result.verdict, where
+    assert ({k: round(p, 6) for k, p in outcome.probabilities.items()}
+            == {k: round(p, 6) for k, p in result.endpoints.items()}), where
+    if outcome.verdict in ("DNAT", "ACCEPT"):
+        assert outcome.masquerade == result.masquerade, where

@@ -18,7 +18,7 @@ from iptsync.engine.desired import desired_from_objects
 from iptsync.inspection.explain import ServiceRef, explain
 from iptsync.inspection.trace import from_desired, make_packet, trace
 
-from .objects import CASES, NODES, SETTINGS
+from .objects import CASES, NODES, SETTINGS, assert_trace_agrees
 
 NODE_IP = "10.100.0.2"
 POD_IP = "10.0.1.250"  # inside the cluster CIDR and node1's pod CIDR, not an endpoint
@@ -64,11 +64,7 @@ def test_explain_agrees_with_the_tracer_on_this_node(case: str, mode: str) -> No
             result = trace(tables, packet, origin=outcome.origin,
                            node_ips=desired.settings.node_ips,
                            pod_interface=detector.interface if detector else None)
-            where = f"{entry.kind} from {outcome.origin} {outcome.sources}"
-            assert outcome.verdict == result.verdict, where
-            assert ({k: round(p, 6) for k, p in outcome.probabilities.items()}
-                    == {k: round(p, 6) for k, p in result.endpoints.items()}), where
-            if outcome.verdict in ("DNAT", "ACCEPT"):
-                assert outcome.masquerade == result.masquerade, where
+            assert_trace_agrees(outcome, result,
+                                f"{entry.kind} from {outcome.origin} {outcome.sources}")
             checked += 1
     assert checked >= 3

@@ -32,6 +32,8 @@ from iptsync.inspection.explain import (
 from iptsync.inspection.trace import from_desired, make_packet, trace
 from iptsync.sources.files import load_objects
 
+from .objects import assert_trace_agrees
+
 OBJECTS = Path(__file__).resolve().parents[1] / "tracer" / "dual-stack.yaml"
 CLUSTER_CIDRS = "10.0.0.0/14,fd00:10:244::/56"
 SETTINGS = Settings(node_name="node1",
@@ -193,12 +195,8 @@ def test_explain_agrees_with_the_tracer_in_each_family(family: IPFamily, name: s
                 result = trace(tables, make_packet(source_ip(family, outcome), dst,
                                                    port.port.protocol.lower),
                                origin=outcome.origin, node_ips=desired.settings.node_ips)
-                where = f"{entry.kind} {dst} from {outcome.origin} {outcome.sources}"
-                assert outcome.verdict == result.verdict, where
-                assert ({k: round(p, 6) for k, p in outcome.probabilities.items()}
-                        == {k: round(p, 6) for k, p in result.endpoints.items()}), where
-                if outcome.verdict in ("DNAT", "ACCEPT"):
-                    assert outcome.masquerade == result.masquerade, where
+                assert_trace_agrees(outcome, result,
+                                    f"{entry.kind} {dst} from {outcome.origin} {outcome.sources}")
                 checked += 1
     expected_empty = family is IPFamily.IPV4 and name == "v6-only"
     assert (checked == 0) == expected_empty

@@ -20,7 +20,6 @@ from click.testing import CliRunner
 
 from iptsync.cli import main
 from iptsync.core.model import IPAddress, IPFamily, host_port
-from iptsync.core.names import is_service_chain
 from iptsync.core.policy import Settings
 from iptsync.engine.desired import desired_from_objects
 from iptsync.inspection.trace import (
@@ -35,6 +34,7 @@ from iptsync.inspection.trace import (
     trace,
 )
 from iptsync.sources.files import load_objects
+from tracer.outcomes import chains, shares
 
 OBJECTS = Path(__file__).parent / "dual-stack.yaml"
 SETTINGS = Settings(node_name="node1",
@@ -84,17 +84,6 @@ def rules(family: IPFamily) -> tuple[Tables, tuple[IPAddress, ...]]:
 def run(family: IPFamily, src: str, dst: str, origin: str, proto: str = "tcp") -> TraceResult:
     tables, node_ips = rules(family)
     return trace(tables, make_packet(src, dst, proto), origin=origin, node_ips=node_ips)
-
-
-def shares(result: TraceResult) -> dict[str, float]:
-    """Endpoints with their probabilities rounded, for exact comparison."""
-    return {endpoint: round(p, 6) for endpoint, p in result.endpoints.items()}
-
-
-def chains(result: TraceResult) -> list[str]:
-    """The chains of the most likely outcome's path, without the service hashes."""
-    return [step.chain.rsplit("-", 1)[0] if is_service_chain(step.chain) else step.chain
-            for step in result.most_likely.path]
 
 
 def node_port(plan: Plan, port: int) -> str:

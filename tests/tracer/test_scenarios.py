@@ -13,11 +13,11 @@ import pytest
 from render.golden import SCENARIO_NAMES, SCENARIOS, expected_warnings
 
 from iptsync.core.model import IPAddress
-from iptsync.core.names import is_service_chain
 from iptsync.core.policy import Settings
 from iptsync.engine.desired import desired_from_objects
 from iptsync.inspection.trace import Tables, TraceResult, from_desired, make_packet, trace
 from iptsync.sources.files import load_objects
+from tracer.outcomes import chains, shares
 
 SETTINGS = Settings(node_name="node1", cluster_cidrs=(ipaddress.ip_network("10.0.0.0/14"),),
                     node_ips=(ipaddress.ip_address("10.100.0.2"),))
@@ -38,17 +38,6 @@ def rules(scenario: str) -> tuple[Tables, tuple[IPAddress, ...]]:
 def run(scenario: str, src: str, dst: str, origin: str, proto: str = "tcp") -> TraceResult:
     tables, node_ips = rules(scenario)
     return trace(tables, make_packet(src, dst, proto), origin=origin, node_ips=node_ips)
-
-
-def shares(result: TraceResult) -> dict[str, float]:
-    """Endpoints with their probabilities rounded, for exact comparison."""
-    return {endpoint: round(p, 6) for endpoint, p in result.endpoints.items()}
-
-
-def chains(result: TraceResult) -> list[str]:
-    """The chains of the most likely outcome's path, without the service hashes."""
-    return [step.chain.rsplit("-", 1)[0] if is_service_chain(step.chain) else step.chain
-            for step in result.most_likely.path]
 
 
 def test_cluster_ip_from_a_pod_spreads_evenly_without_masquerade() -> None:
