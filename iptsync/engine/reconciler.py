@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from iptsync.core import names
 from iptsync.core.flows import flow_targets
@@ -75,6 +75,7 @@ from iptsync.kernel.watch import WHOLE_TABLE, ChangeWatch
 from iptsync.options import with_node
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def render_service(service: ServiceInfo, state: ClusterState, settings: Settings,
@@ -182,11 +183,12 @@ class Engine:
         self._top: TopChains = {}
         self.needs_full = True  # the kernel may not hold what the cache says
         self.synced_once = False
-        self._ahead: ReadAhead | None = None  # the live tables, being read for a full sync
+        # The live tables, being read for a full sync.
+        self._ahead: InThread[dict[str, SavedTable]] | None = None
         # Services rendered ahead of their sync (render_ahead): key -> (large-cluster mode,
         # rendering), used when the key is still due and the mode the same; a change to a
         # service drops its entry.
-        self._rendering: RenderAhead | None = None
+        self._rendering: InThread[dict[ServiceKey, tuple[bool, RenderedService]]] | None = None
         self._prerendered: dict[ServiceKey, tuple[bool, RenderedService]] = {}
         # Called once a sync has rendered and sent its rules, while iptables-restore works
         # (iptsync.engine.families.in_turn: the next family renders then).
@@ -343,9 +345,13 @@ class Engine:
             services = [(key, state.services[key]) for key in sorted(self._dirty)
                         if key in state.services]
             large = self._endpoints_after(set(self._dirty)) > settings.large_cluster_endpoints
-            self._rendering = RenderAhead(lambda: {
-                key: (large, render_service(service, state, settings, large, compared=compared))
-                for key, service in services})
+            def render() -> dict[ServiceKey, tuple[bool, RenderedService]]:
+                with bulk():
+                    return {key: (large, render_service(service, state, settings, large,
+                                                        compared=compared))
+                            for key, service in services}
+
+            self._rendering = InThread(render, "iptsync-render-ahead")
 
     def _wait_render_ahead(self) -> None:
         """Wait for a render ahead and keep what it rendered. Should it have failed, the
@@ -522,7 +528,6 @@ class Engine:
             self._drop_ahead()
         self.needs_full = False
         self.synced_once = True
-        self._compared = True  # the kernel holds our chains now
         if self.watch is not None:
             self.watch.mark()
         if self.flows is not None:
@@ -547,7 +552,7 @@ class Engine:
         state it stands for is the one at the start of the read, as for any read.
         """
         if self.netfilter is not None and self._ahead is None:
-            self._ahead = ReadAhead(self.netfilter)
+            self._ahead = InThread(self.netfilter.save, "iptsync-read-ahead")
 
     def _live_tables(self) -> dict[str, SavedTable]:
         """The tables read ahead (or now, when no read was started)."""
@@ -737,31 +742,6 @@ class Engine:
         return rendering
 
 
-class RenderAhead:
-    """Services rendered in a thread (:meth:`Engine.render_ahead`); :meth:`result` waits."""
-
-    def __init__(self, render: Callable[[], dict[ServiceKey, tuple[bool, RenderedService]]],
-                 ) -> None:
-        self._rendered: dict[ServiceKey, tuple[bool, RenderedService]] = {}
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(render,),
-                                        name="iptsync-render-ahead", daemon=True)
-        self._thread.start()
-
-    def _run(self, render: Callable[[], dict[ServiceKey, tuple[bool, RenderedService]]],
-             ) -> None:
-        try:
-            with bulk():
-                self._rendered = render()
-        except BaseException as err:  # raised where the renderings are used
-            self._error = err
-
-    def result(self) -> dict[ServiceKey, tuple[bool, RenderedService]]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._rendered
-
 def note_problems(problems: dict[tuple[str, str, str], Problem],
                   manifest: Mapping[str, Any], found: Iterable[Problem]) -> None:
     """Keep the first of an object's ``found`` problems in ``problems`` (keyed by kind,
@@ -782,39 +762,39 @@ def stub(kind: str, namespace: str, name: str) -> dict[str, Any]:
     return {"kind": kind, "metadata": {"namespace": namespace or None, "name": name}}
 
 
-class ReadAhead:
-    """``netfilter.save()`` running in a thread; :meth:`result` waits for it."""
+class InThread(Generic[T]):
+    """``work()`` running in a thread of its own; :meth:`result` waits for it and returns
+    what it returned, or raises what it raised. The engine's read ahead (iptables-save) and
+    render ahead run this way."""
 
-    def __init__(self, netfilter: NetfilterPort) -> None:
-        self._saved: dict[str, SavedTable] | None = None
+    def __init__(self, work: Callable[[], T], name: str) -> None:
+        self._value: T | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, args=(netfilter,),
-                                        name="iptsync-read-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
         self._thread.start()
 
-    def _read(self, netfilter: NetfilterPort) -> None:
+    def _run(self, work: Callable[[], T]) -> None:
         try:
-            self._saved = netfilter.save()
-        except BaseException as err:  # handed to the syncing thread, raised there
+            self._value = work()
+        except BaseException as err:  # handed to the thread that asks, raised there
             self._error = err
 
     def wait(self) -> None:
         self._thread.join()
 
-    def peek(self, timeout: float) -> dict[str, SavedTable] | None:
-        """The tables, if read within ``timeout`` seconds; else (or on failure) None."""
+    def peek(self, timeout: float) -> T | None:
+        """The value, if ready within ``timeout`` seconds; else (or on failure) None."""
         self._thread.join(timeout)
         if self._thread.is_alive() or self._error is not None:
             return None
-        return self._saved
+        return self._value
 
-    def result(self) -> dict[str, SavedTable]:
-        """The tables read, or what reading them raised."""
+    def result(self) -> T:
         self.wait()
         if self._error is not None:
             raise self._error
-        assert self._saved is not None
-        return self._saved
+        assert self._value is not None
+        return self._value
 
 
 class _Bulk:
