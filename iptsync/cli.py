@@ -51,6 +51,8 @@ from iptsync.engine.families import (
     node_families,
 )
 from iptsync.engine.reconciler import Engine, bulk
+from iptsync.engine.rendercache import DEFAULT_DIR as DEFAULT_RENDER_CACHE_DIR
+from iptsync.engine.rendercache import RenderCache
 from iptsync.kernel.conntrack import clear_stale_flows
 from iptsync.kernel.netfilter import Netfilter, detect_backend
 from iptsync.kernel.nodeinfo import interface_addresses
@@ -261,8 +263,12 @@ def resolve_backend(choice: str) -> Backend:
               show_default=True, help="Plain text or one JSON object per line.")
 @click.option("--no-conntrack-cleanup", is_flag=True,
               help="Do not delete stale UDP conntrack entries after syncs.")
+@click.option("--render-cache-dir", default=DEFAULT_RENDER_CACHE_DIR, show_default=True,
+              envvar="IPTSYNC_RENDER_CACHE_DIR",
+              help="Where to keep the rendered rules for the next start, which then renders "
+                   "only what changed (docs/operations.md); empty: keep nothing.")
 def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
-        **params: Any) -> None:
+        render_cache_dir: str, **params: Any) -> None:
     """Keep the node's iptables rules in sync with the Services and EndpointSlices.
 
     Watches the API (in-cluster config, or --kubeconfig) or --objects files. With --once,
@@ -297,7 +303,8 @@ def run(backend: str, once: bool, log_format: str, no_conntrack_cleanup: bool,
         Engine(netfilter, settings.for_family(family), interface_ips=interface_ips,
                flows=None if no_conntrack_cleanup else clear_stale_flows,
                stage_lines=STAGE_LINES[chosen], progress_interval=progress_interval,
-               watch=None if once else open_change_watch(netfilter))
+               watch=None if once else open_change_watch(netfilter),
+               render_cache=RenderCache(render_cache_dir, family) if render_cache_dir else None)
         for family in choice.families
         for netfilter in [Netfilter(chosen, family=family)])
     ipv4 = engines.engines.get(IPFamily.IPV4)
@@ -385,6 +392,8 @@ def run_once(engines: FamilyEngines, paths: tuple[str, ...]) -> int:
             status = 1
             continue
         logging.getLogger("iptsync").info("%s%s", engines.tag(family), result.line())
+    for engine in engines.engines.values():
+        engine.keep_renderings()  # renderings are worth keeping whether their sync went well
     return status
 
 

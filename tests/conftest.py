@@ -9,9 +9,12 @@ one on both backends (marked ``netns``).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,12 @@ from iptsync.lab.netns import netns_required, netns_unavailable_reason, temporar
 from iptsync.testing import FakeNetfilter
 
 _counter = itertools.count()
+
+# `iptsync run` keeps its renderings for the next start (iptsync.engine.rendercache): the
+# tests' runs keep them in a directory of this session's, not in the node's /run/iptsync.
+if "IPTSYNC_RENDER_CACHE_DIR" not in os.environ:
+    os.environ["IPTSYNC_RENDER_CACHE_DIR"] = tempfile.mkdtemp(prefix="iptsync-test-renderings-")
+    atexit.register(shutil.rmtree, os.environ["IPTSYNC_RENDER_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

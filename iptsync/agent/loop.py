@@ -107,6 +107,7 @@ class FamilySync:
     last_full: float = float("-inf")
     last_check: float = float("-inf")  # the change watch last asked
     triggers: list[datetime] = field(default_factory=list)  # slice changes awaiting a sync
+    keeping: threading.Thread | None = None  # writing the renderings for the next start
 
 
 class Agent:
@@ -165,6 +166,7 @@ class Agent:
                 source.stop()
             if self.service_health is not None:
                 self.service_health.close()
+            self._keep_renderings_now()
             log.info("stopped; the rules stay in place")
 
     def _turn(self) -> None:
@@ -394,6 +396,31 @@ class Agent:
         sync.failed = False
         self.health.updated(family.value)
         self._record(family, report, first=first)
+        if report.full:
+            self._keep_renderings(sync)
+
+    def _keep_renderings(self, sync: FamilySync) -> None:
+        """Write the engine's renderings for the next start, in a thread, after a full sync
+        (the first one, then at most one per full-sync period: what changes in between is
+        written when the agent stops). One write at a time."""
+        if sync.keeping is not None and sync.keeping.is_alive():
+            return
+        snapshot = sync.engine.renderings()
+        cache = sync.engine.render_cache
+        if snapshot is not None and cache is not None:
+            sync.keeping = threading.Thread(target=cache.save, args=(snapshot,),
+                                            name="iptsync-keep-renderings", daemon=True)
+            sync.keeping.start()
+
+    def _keep_renderings_now(self) -> None:
+        """At stop: wait for a write under way, then write what changed since."""
+        for sync in self.families.values():
+            if sync.keeping is not None:
+                sync.keeping.join()
+            try:
+                sync.engine.keep_renderings()
+            except Exception:  # never in the way of stopping
+                log.exception("could not keep the renderings for the next start")
 
     def _failed_sync(self, family: IPFamily, kind: str,
                      err: SyncError | NetfilterError | RulesetError, what: str) -> None:

@@ -26,6 +26,7 @@ atomic batch rewrites the existing chains that make them reachable.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,8 +105,11 @@ def comparable(rules: list[str], free: tuple[int, int] | None) -> list[str]:
 
 
 def chain_digest(canonical_rules: Iterable[str]) -> int:
-    """A digest of a chain's canonical rules (stable within one process)."""
-    return hash(tuple(canonical_rules))
+    """A digest of a chain's canonical rules, the same in every process (a restart compares
+    the kernel with renderings kept from the run before: :mod:`iptsync.engine.rendercache`).
+    Rules never hold a newline, so joined by one they read back one way only."""
+    text = "\n".join(canonical_rules).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
 @dataclass

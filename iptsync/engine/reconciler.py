@@ -68,8 +68,10 @@ from iptsync.core.render import (
 )
 from iptsync.core.ruleset import Jump, Rule, SavedTable, canonical, join_args, ordered_tables
 from iptsync.core.state import ClusterState, ServiceKey
+from iptsync.engine import rendercache
 from iptsync.engine.apply import STREAM_FULL, apply_plan, failed_restore
 from iptsync.engine.progress import PROGRESS_INTERVAL, Progress
+from iptsync.engine.rendercache import RenderCache, Reusable, Snapshot
 from iptsync.kernel.port import FlowCleaner, NetfilterPort, RestoreError
 from iptsync.kernel.watch import WHOLE_TABLE, ChangeWatch
 from iptsync.options import with_node
@@ -155,7 +157,8 @@ class Engine:
                  stage_lines: int = DEFAULT_STAGE_LINES, stream_full: bool | None = None,
                  progress_interval: float = PROGRESS_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
-                 watch: ChangeWatch | None = None) -> None:
+                 watch: ChangeWatch | None = None,
+                 render_cache: RenderCache | None = None) -> None:
         self.netfilter = netfilter
         # Tells, cheaply, whether other programs changed our rules (iptsync.kernel.watch);
         # None: only a full compare can tell.
@@ -188,8 +191,10 @@ class Engine:
         # Services rendered ahead of their sync (render_ahead): key -> (large-cluster mode,
         # rendering), used when the key is still due and the mode the same; a change to a
         # service drops its entry.
-        self._rendering: InThread[dict[ServiceKey, tuple[bool, RenderedService]]] | None = None
-        self._prerendered: dict[ServiceKey, tuple[bool, RenderedService]] = {}
+        # The third item says whether the rendering was a kept one.
+        self._rendering: InThread[dict[ServiceKey, tuple[bool, RenderedService, bool]]] | None = (
+            None)
+        self._prerendered: dict[ServiceKey, tuple[bool, RenderedService, bool]] = {}
         # Called once a sync has rendered and sent its rules, while iptables-restore works
         # (iptsync.engine.families.in_turn: the next family renders then).
         self.when_rendered: Callable[[], None] | None = None
@@ -197,6 +202,14 @@ class Engine:
         # render_service): not when the engine has no kernel, nor in a first sync that found
         # none of our chains in the kernel (nothing to compare them with).
         self._compared = netfilter is not None
+        # Renderings kept by the process before this one (iptsync.engine.rendercache): read
+        # at the first render, reused while their inputs are the same, dropped after the
+        # first sync. ``_kept_stale``: renderings changed since they were last written.
+        self.render_cache = render_cache
+        self._kept: Reusable | None = None
+        self._kept_header = ""
+        self._kept_checked: dict[ServiceKey, RenderedService | None] = {}  # key -> match
+        self._kept_stale = False
 
     # --- input ---------------------------------------------------------------------------
 
@@ -275,6 +288,7 @@ class Engine:
         self._dirty |= dirty
         for key in dirty:
             self._prerendered.pop(key, None)
+            self._kept_checked.pop(key, None)
 
     def _settings_changed(self) -> set[ServiceKey]:
         settings = with_node(self.base_settings, self.state.node, self.interface_ips)
@@ -326,7 +340,62 @@ class Engine:
 
     def _render_dirty(self) -> list[ServiceChange]:
         """Re-render the changed services; returns (before, after) for each."""
-        return [self._render_one(key) for key in sorted(self._take_dirty())]
+        dirty = self._take_dirty()
+        reuse = self._kept_mode() == self._large
+        return [self._render_one(key, reuse) for key in sorted(dirty)]
+
+    def _kept_mode(self) -> bool | None:
+        """The large-cluster mode the kept renderings were rendered in, if for this node's
+        settings and zone as they are now; None: nothing to reuse (none kept, or after the
+        first sync). The file is read at the first call."""
+        if self.render_cache is None or self.synced_once:
+            return None
+        headers = {rendercache.header(self.settings, self.state.node_zone, large): large
+                   for large in (False, True)}
+        if self._kept is None:
+            self._kept_header, self._kept = self.render_cache.load(headers)
+        return headers.get(self._kept_header) if self._kept else None
+
+    def _kept_rendering(self, key: ServiceKey, service: ServiceInfo) -> RenderedService | None:
+        """The kept rendering of ``key`` if its inputs are the ones it has now (asked only
+        while :meth:`_kept_mode` is not None; the answer holds until ``key`` changes)."""
+        if key in self._kept_checked:
+            return self._kept_checked[key]
+        entry = self._kept.get(key) if self._kept else None
+        found = (entry[1] if entry is not None and entry[0] == rendercache.fingerprint(
+            service, self.state.slices_of(key)) else None)
+        self._kept_checked[key] = found
+        return found
+
+    def _render_or_reuse(self, key: ServiceKey, service: ServiceInfo, settings: Settings,
+                         large: bool, *, compared: bool,
+                         reuse: bool) -> tuple[RenderedService, bool]:
+        """:func:`render_service`, or (``reuse``) the kept rendering of the same inputs; says
+        which."""
+        kept = self._kept_rendering(key, service) if reuse else None
+        if kept is not None:
+            return kept, True
+        return render_service(service, self.state, settings, large, compared=compared), False
+
+    def renderings(self) -> Snapshot | None:
+        """The renderings to keep for the next process (see
+        :mod:`iptsync.engine.rendercache`), taken now: None when there is no file to keep
+        them in or it holds them already. Services due for rendering are left out."""
+        if self.render_cache is None or not self._kept_stale:
+            return None
+        state = self.state
+        services = [(state.services[key], state.slices_of(key), rendered)
+                    for key, rendered in self._rendered.items()
+                    if key not in self._dirty and key in state.services]
+        self._kept_stale = False
+        return Snapshot(rendercache.header(self.settings, state.node_zone, self._large),
+                        self.settings.family, services)
+
+    def keep_renderings(self) -> None:
+        """Write :meth:`renderings` now (nothing when there is nothing new)."""
+        snapshot = self.renderings()
+        if snapshot is not None and self.render_cache is not None:
+            self.render_cache.save(snapshot)
 
     def render_ahead(self) -> None:
         """Render the due services now, in a thread, for the next sync to use.
@@ -345,10 +414,12 @@ class Engine:
             services = [(key, state.services[key]) for key in sorted(self._dirty)
                         if key in state.services]
             large = self._endpoints_after(set(self._dirty)) > settings.large_cluster_endpoints
-            def render() -> dict[ServiceKey, tuple[bool, RenderedService]]:
+            def render() -> dict[ServiceKey, tuple[bool, RenderedService, bool]]:
+                reuse = self._kept_mode() == large  # read here, in the thread, on a restart
                 with bulk():
-                    return {key: (large, render_service(service, state, settings, large,
-                                                        compared=compared))
+                    return {key: (large, *self._render_or_reuse(key, service, settings, large,
+                                                                compared=compared,
+                                                                reuse=reuse))
                             for key, service in services}
 
             self._rendering = InThread(render, "iptsync-render-ahead")
@@ -368,17 +439,20 @@ class Engine:
     def _endpoints_after(self, dirty: set[ServiceKey]) -> int:
         """The endpoints of every service once ``dirty`` is rendered (for kube-proxy's
         large-cluster mode)."""
-        return self._endpoint_total + sum(self._endpoint_count(key) - self._rendered_count(key)
-                                          for key in dirty)
+        kept = self._kept_mode() is not None
+        return self._endpoint_total + sum(self._endpoint_count(key, kept=kept)
+                                          - self._rendered_count(key) for key in dirty)
 
     def _will_compare(self) -> bool:
         """Whether what renders now will be compared with the kernel's rules (see
-        :func:`render_service`): always after our first sync; before it, when the live
-        tables being read hold our chains (a restart). A read of an empty kernel is over in
-        milliseconds; one still running after 0.1 s is of a loaded kernel."""
+        :func:`render_service`): always after our first sync, or with renderings to keep for
+        the next process; else, when the live tables being read hold our chains (a
+        restart). A read of an empty kernel is over in milliseconds; one still running after
+        0.1 s is of a loaded kernel."""
         if self.netfilter is None:
             return False
-        if self.synced_once:
+        if self.synced_once or self.render_cache is not None:
+            # Kept renderings carry their digests, for the next process to compare.
             return True
         if self._ahead is None:
             return self._compared  # as the last read said (a streamed sync reads first)
@@ -406,24 +480,34 @@ class Engine:
             dirty |= set(self._rendered)
         return dirty
 
-    def _endpoint_count(self, key: ServiceKey) -> int:
+    def _endpoint_count(self, key: ServiceKey, *, kept: bool = False) -> int:
+        """``key``'s endpoints (``kept``: as its kept rendering counted them, if it matches,
+        which saves merging its slices before anything needs them)."""
         service = self.state.services.get(key)
-        return sum(len(self.state.endpoints(port)) for port in service.ports) if service else 0
+        if service is None:
+            return 0
+        rendered = self._kept_rendering(key, service) if kept else None
+        if rendered is not None:
+            return rendered.endpoints
+        return sum(len(self.state.endpoints(port)) for port in service.ports)
 
     def _rendered_count(self, key: ServiceKey) -> int:
         rendered = self._rendered.get(key)
         return rendered.endpoints if rendered else 0
 
-    def _render_one(self, key: ServiceKey) -> ServiceChange:
+    def _render_one(self, key: ServiceKey, reuse: bool) -> ServiceChange:
         service = self.state.services.get(key)
         old = self._rendered.get(key)
         ahead = self._prerendered.pop(key, None)
-        new = (None if service is None else ahead[1] if ahead and ahead[0] == self._large
-               else render_service(service, self.state, self.settings, self._large,
-                                   compared=self._compared))
+        new: RenderedService | None = None
+        if service is not None:
+            new, reused = (ahead[1:] if ahead and ahead[0] == self._large else
+                           self._render_or_reuse(key, service, self.settings, self._large,
+                                                 compared=self._compared, reuse=reuse))
+            self._kept_stale |= not reused
         self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
         if new is None:
-            self._rendered.pop(key, None)
+            self._kept_stale |= self._rendered.pop(key, None) is not None
         else:
             self._rendered[key] = new
         return (old, new)
@@ -528,6 +612,8 @@ class Engine:
             self._drop_ahead()
         self.needs_full = False
         self.synced_once = True
+        self._kept = {}  # what the first sync did not reuse serves nothing more
+        self._kept_checked.clear()
         if self.watch is not None:
             self.watch.mark()
         if self.flows is not None:
@@ -719,6 +805,7 @@ class Engine:
         rendering = 0.0
         done: set[ServiceKey] = set()  # rendered into changes
         dirty = self._take_dirty()
+        reuse = self._kept_mode() == self._large
         keys = sorted(dirty | self._rendered.keys())
         try:
             for index, key in enumerate(keys):
@@ -727,7 +814,7 @@ class Engine:
                                 len(nat.plan.written))
                 if key in dirty:
                     mark = self.clock()
-                    changes.append(self._render_one(key))
+                    changes.append(self._render_one(key, reuse))
                     done.add(key)
                     rendering += self.clock() - mark
                 rendered = self._rendered.get(key)

@@ -99,6 +99,8 @@ def sync_node(cluster: Cluster, node: str, backend: str, scenario: Scenario) -> 
         "iptsync.cli", "run", "--once", "--iptables-backend", backend,
         "--objects", str(scenario.manifests), "--hostname-override", node,
         "--cluster-cidr", scenario.cluster_cidrs,
+        # The lab's nodes share one host's /run: each syncs from scratch instead.
+        "--render-cache-dir", "",
     )
     start = time.monotonic()
     try:
