@@ -111,6 +111,7 @@ class Record:
     restart: list[float] = dataclasses.field(default_factory=list)
     restart_sync: list[float] = dataclasses.field(default_factory=list)
     restart_rss: float = 0.0
+    restart_cold: float = float("nan")  # a restart without kept renderings
     kube_proxy: list[float] = dataclasses.field(default_factory=list)  # wall
     kube_proxy_cpu: list[float] = dataclasses.field(default_factory=list)
     resync: list[float] = dataclasses.field(default_factory=list)  # engine, no-op, digests kept
@@ -193,14 +194,14 @@ def sync_total(text: str) -> float:
     return float(found[-1]) / 1000 if found else float("nan")
 
 
-def run_once(backend: Backend, path: Path, netns: str, *,
-             detect: bool = False) -> tuple[float, float, float]:
+def run_once(backend: Backend, path: Path, netns: str, *, detect: bool = False,
+             extra: Sequence[str] = ()) -> tuple[float, float, float]:
     """``iptsync run --once`` in ``netns``: wall, sync alone, peak RSS. With ``detect``, the
     default flags (the backend detected: a restart); else ``--iptables-backend`` (an empty
     namespace gives detection nothing to go by)."""
     chosen = [] if detect else ["--iptables-backend", backend.value]
     argv = ["ip", "netns", "exec", netns, *iptsync_command(), "run", "--once",
-            *node_flags(path), *chosen]
+            *node_flags(path), *chosen, *extra]
     measured = run_measured(argv)
     for _ in range(3):
         # Other programs on a shared machine hold the (global) xtables lock at times; the
@@ -318,6 +319,9 @@ def measure(backend: Backend, work: Cluster, record: Record, *, repetitions: int
         netfilter = Netfilter(backend, netns=ns)
         log(f"{name}: first sync, run --once")
         record.first, record.first_sync, record.first_rss = run_once(backend, work.path, ns)
+        log(f"{name}: restart run --once without the renderings kept")
+        record.restart_cold = run_once(backend, work.path, ns, detect=True,
+                                       extra=["--render-cache-dir", ""])[0]
         for _ in range(repetitions):
             log(f"{name}: iptables-save, then restart run --once")
             record.save.append(timed_save(backend, ns))
@@ -463,7 +467,8 @@ def targets(records: Sequence[Record], services: int) -> list[str]:
                      f"≤ {TARGET_RESTART_RATIO:.0f}x"
                      + (f": {verdict(restart <= TARGET_RESTART_RATIO)}" if b == "nft"
                         else " (set for nft)")
-                     + f"; the engine's sync alone {seconds(median(r.restart_sync))}.")
+                     + f"; the engine's sync alone {seconds(median(r.restart_sync))}; without "
+                     f"the renderings kept by the run before, {seconds(r.restart_cold)}.")
         full = r.first_sync / r.bare
         margin = median(r.partial) - median(r.floor)
         peak = max(r.agent_hwm, r.first_rss, r.restart_rss)
