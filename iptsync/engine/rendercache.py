@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
 
@@ -60,6 +61,7 @@ _RENDER_MODULES = ("core/model.py", "core/names.py", "core/plan.py", "core/polic
 # the slice: tests/engine/test_render_cache.py changes each and expects another fingerprint.
 _ENDPOINT_FIELDS = attrgetter("key", "node_name", "zone", "zone_hints", "ready", "serving",
                               "terminating", "node_hints")
+_ZONE_HINTS, _NODE_HINTS = attrgetter("zone_hints"), attrgetter("node_hints")
 _SLICE_FIELDS = attrgetter("namespace", "name", "service", "family", "ports", "trigger_time")
 
 Reusable = dict[ServiceKey, tuple[str, RenderedService]]
@@ -92,9 +94,8 @@ def fingerprint(service: ServiceInfo, slices: Sequence[EndpointSliceInfo]) -> st
     parts: list[object] = [service]
     for info in slices:
         rows = list(map(_ENDPOINT_FIELDS, info.endpoints))
-        for i, row in enumerate(rows):
-            if row[3] or row[7]:
-                rows[i] = (*row[:3], sorted(row[3]), *row[4:7], sorted(row[7]))
+        if any(map(_ZONE_HINTS, info.endpoints)) or any(map(_NODE_HINTS, info.endpoints)):
+            rows = [(*row[:3], sorted(row[3]), *row[4:7], sorted(row[7])) for row in rows]
         parts.append((_SLICE_FIELDS(info), rows))
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
@@ -167,7 +168,8 @@ class RenderCache:
             contents = {}
             for chain, rules, chain_digest in chains:
                 prefix = f"-A {checked_chain(chain)} "
-                if not all(type(rule) is str and rule.startswith(prefix) for rule in rules):
+                # (str.startswith refuses what is not a string: a TypeError, caught above.)
+                if not all(map(str.startswith, rules, repeat(prefix))):
                     raise ValueError(f"chain {chain}: a line that is not one of its rules")
                 contents[chain] = ChainContent(tuple(rules), family=family,
                                                digest=None if chain_digest is None
