@@ -158,13 +158,16 @@ def test_node_paths_are_mounted(container: dict[str, Any], pod: dict[str, Any]) 
 
 def test_only_the_lock_and_tmp_are_writable(container: dict[str, Any],
                                             pod: dict[str, Any]) -> None:
-    """Besides the read-only root: the lock file and a size-limited emptyDir at /tmp."""
+    """Besides the read-only root: the lock file and a size-limited emptyDir at /tmp, which
+    also holds the renderings kept for the next start."""
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     writable = {mount["mountPath"] for mount in container["volumeMounts"]
                 if not mount.get("readOnly", False)}
     assert {"/run/xtables.lock", "/tmp"} == writable
     tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
-    assert {"sizeLimit": "64Mi"} == volumes[tmp["name"]]["emptyDir"]
+    assert {"sizeLimit": "320Mi"} == volumes[tmp["name"]]["emptyDir"]
+    environment = {item["name"]: item.get("value") for item in container["env"]}
+    assert environment["IPTSYNC_RENDER_CACHE_DIR"].startswith("/tmp/")
 
 
 def test_config_file_comes_from_the_configmap(container: dict[str, Any], pod: dict[str, Any],
