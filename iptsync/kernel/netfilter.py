@@ -20,11 +20,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
@@ -403,6 +404,27 @@ def legacy_chain_names(table: str) -> list[str]:
 
     python-iptables only sees the legacy backend, so it is used only there.
     """
-    import iptc  # noqa: PLC0415  (libiptc loads at import; only legacy nodes need it)
-
+    iptc = _import_iptc()
     return [chain.name for chain in iptc.Table(table).chains]
+
+
+def _import_iptc() -> Any:
+    """python-iptables, imported without distutils.
+
+    It asks distutils for a path it can also get from sysconfig (and does, when distutils is
+    missing). Where setuptools is installed, asking imports all of setuptools through its
+    distutils shim: half a second of every start with ``--iptables-backend auto``, which
+    looks for kube chains in the legacy backend first. So distutils reads as missing while
+    python-iptables loads (unless something imported it already).
+    """
+    if "iptc" in sys.modules:
+        return sys.modules["iptc"]
+    hide = "distutils" not in sys.modules
+    if hide:
+        sys.modules["distutils"] = None  # type: ignore[assignment]  # import raises
+    try:
+        import iptc  # noqa: PLC0415  (libiptc loads at import; only legacy nodes need it)
+    finally:
+        if hide:
+            del sys.modules["distutils"]
+    return iptc
