@@ -26,10 +26,10 @@ atomic batch rewrites the existing chains that make them reachable.
 from __future__ import annotations
 
 import bisect
-import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b as _blake2b
 from typing import NamedTuple
 
 from iptsync.core import names
@@ -76,6 +76,11 @@ class ChainContent:
         ``-A CHAIN``)."""
         return [canonical(split_args(line)[2:], self.family) for line in self.lines]
 
+    def give_digest(self, digest: int) -> None:
+        """The digest, known from elsewhere (the same lines' digest, kept by the process
+        before: iptsync.engine.rendercache)."""
+        self._digest = digest
+
     def digest(self) -> int:
         if self._digest is None:
             self._digest = chain_digest(comparable(self.canonical_rules(), self.free))
@@ -108,8 +113,8 @@ def chain_digest(canonical_rules: Iterable[str]) -> int:
     """A digest of a chain's canonical rules, the same in every process (a restart compares
     the kernel with renderings kept from the run before: :mod:`iptsync.engine.rendercache`).
     Rules never hold a newline, so joined by one they read back one way only."""
-    text = "\n".join(canonical_rules).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+    return int.from_bytes(_blake2b("\n".join(canonical_rules).encode(), digest_size=8).digest(),
+                          "little")
 
 
 @dataclass
@@ -400,10 +405,14 @@ class TableBuilder:
         live = self.live.chains
         declarations: list[str] = []
         rules: list[str] = []
+        self.wanted.update(chains)
         for chain, content in chains.items():
-            self.wanted.add(chain)
             current = live.get(chain)
-            if current is not None and content.matches(current):
+            # content.matches(current), inline: this runs for every chain of a full sync.
+            if (current is not None and len(current) == len(content.lines)
+                    and chain_digest(current if content.free is None
+                                     else comparable(current, content.free))
+                    == content.digest()):
                 continue
             self.plan.write_chain(chain, content.lines,
                                   None if current is None else live_lines(chain, current))

@@ -71,7 +71,7 @@ from iptsync.core.state import ClusterState, ServiceKey
 from iptsync.engine import rendercache
 from iptsync.engine.apply import STREAM_FULL, apply_plan, failed_restore
 from iptsync.engine.progress import PROGRESS_INTERVAL, Progress
-from iptsync.engine.rendercache import RenderCache, Reusable, Snapshot
+from iptsync.engine.rendercache import RenderCache, Reusable, Snapshot, TopDigests
 from iptsync.kernel.port import FlowCleaner, NetfilterPort, RestoreError
 from iptsync.kernel.watch import WHOLE_TABLE, ChangeWatch
 from iptsync.options import with_node
@@ -208,6 +208,7 @@ class Engine:
         self.render_cache = render_cache
         self._kept: Reusable | None = None
         self._kept_header = ""
+        self._kept_top: TopDigests = {}
         self._kept_checked: dict[ServiceKey, RenderedService | None] = {}  # key -> match
         self._kept_stale = False
 
@@ -353,7 +354,7 @@ class Engine:
         headers = {rendercache.header(self.settings, self.state.node_zone, large): large
                    for large in (False, True)}
         if self._kept is None:
-            self._kept_header, self._kept = self.render_cache.load(headers)
+            self._kept_header, self._kept, self._kept_top = self.render_cache.load(headers)
         return headers.get(self._kept_header) if self._kept else None
 
     def _kept_rendering(self, key: ServiceKey, service: ServiceInfo) -> RenderedService | None:
@@ -388,8 +389,10 @@ class Engine:
                     for key, rendered in self._rendered.items()
                     if key not in self._dirty and key in state.services]
         self._kept_stale = False
+        self._skeleton()
         return Snapshot(rendercache.header(self.settings, state.node_zone, self._large),
-                        self.settings.family, services)
+                        self.settings.family, services,
+                        {key: top.content() for key, top in self._top.items()})
 
     def keep_renderings(self) -> None:
         """Write :meth:`renderings` now (nothing when there is nothing new)."""
@@ -532,13 +535,26 @@ class Engine:
                 self._top[(rule.table, rule.chain)].insert(rule)
 
     def _top_chains(self, table: str) -> dict[str, ChainContent]:
-        return {chain: top.content() for (name, chain), top in self._top.items() if name == table}
+        return {chain: content for (name, chain), content in self._top_contents().items()
+                if name == table}
+
+    def _top_contents(self) -> dict[tuple[str, str], ChainContent]:
+        """The top-level chains; before the first sync, with the digests the process before
+        kept for the same lines (the renderer does not spell these chains' rules)."""
+        reuse = bool(self._kept_top) and self._kept_mode() is not None
+        contents = {}
+        for key, top in self._top.items():
+            content = contents[key] = top.content()
+            kept = self._kept_top.get(key) if reuse else None
+            if kept is not None and kept[0] == rendercache.lines_key(content):
+                content.give_digest(kept[1])
+        return contents
 
     def _desired_tables(self) -> DesiredTables:
         jumps = self._skeleton()
         tables: dict[str, dict[str, ChainContent]] = {}
-        for (table, chain), top in self._top.items():
-            tables.setdefault(table, {})[chain] = top.content()
+        for (table, chain), content in self._top_contents().items():
+            tables.setdefault(table, {})[chain] = content
         nat = tables.setdefault("nat", {})
         for key in sorted(self._rendered):
             nat.update(self._rendered[key].chains)
@@ -612,7 +628,7 @@ class Engine:
             self._drop_ahead()
         self.needs_full = False
         self.synced_once = True
-        self._kept = {}  # what the first sync did not reuse serves nothing more
+        self._kept, self._kept_top = {}, {}  # what the first sync did not use serves no more
         self._kept_checked.clear()
         if self.watch is not None:
             self.watch.mark()
@@ -765,9 +781,10 @@ class Engine:
         phases["read"] = self.clock() - mark
         started = self.clock()
         live_nat = live.get("nat")
-        self._compared = self.synced_once or (
+        self._compared = self.synced_once or self.render_cache is not None or (
             live_nat is not None and names.KUBE_SERVICES in live_nat.chains)
         jumps = self._skeleton()
+        self._kept_mode()  # the kept renderings, read before the first chains are compared
         changes: list[ServiceChange] = []
         with self.netfilter.restore_stream() as stream:
             family = self.settings.family

@@ -65,6 +65,16 @@ _ZONE_HINTS, _NODE_HINTS = attrgetter("zone_hints"), attrgetter("node_hints")
 _SLICE_FIELDS = attrgetter("namespace", "name", "service", "family", "ports", "trigger_time")
 
 Reusable = dict[ServiceKey, tuple[str, RenderedService]]
+# The top-level chains' digests: (table, chain) -> (their lines' key, digest). Rules in those
+# chains are not spelled by the renderer; when a restart assembles the same lines, it takes
+# the digest instead of canonicalising 20,000 rules.
+TopDigests = dict[tuple[str, str], tuple[str, int]]
+
+
+def lines_key(content: ChainContent) -> str:
+    """What a chain's digest follows from (its lines, which slice is unordered, family)."""
+    text = f"{content.free}\n{content.family.value}\n" + "\n".join(content.lines)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @functools.cache
@@ -107,6 +117,7 @@ class Snapshot:
     header: str
     family: IPFamily
     services: list[tuple[ServiceInfo, list[EndpointSliceInfo], RenderedService]]
+    top: dict[tuple[str, str], ChainContent]
 
 
 class RenderCache:
@@ -116,9 +127,10 @@ class RenderCache:
         self.path = Path(directory) / f"renderings-{family.value.lower()}.json"
         self.family = family
 
-    def load(self, headers: Collection[str]) -> tuple[str, Reusable]:
-        """The renderings kept and the header they were kept for, one of ``headers``; no
-        renderings (and said why) when there are none or the file cannot be used."""
+    def load(self, headers: Collection[str]) -> tuple[str, Reusable, TopDigests]:
+        """The header the renderings were kept for (one of ``headers``), the renderings and
+        the top-level chains' digests; nothing (and said why) when there are none or the file
+        cannot be used."""
         started = time.monotonic()
         try:
             with open(self.path, "rb") as file:
@@ -127,28 +139,28 @@ class RenderCache:
                     log.warning("render cache %s: not used: it must belong to uid %d and be "
                                 "writable by nobody else (it is uid %d, mode %o)", self.path,
                                 os.geteuid(), info.st_uid, stat.S_IMODE(info.st_mode))
-                    return "", {}
+                    return "", {}, {}
                 text = file.read().decode()
         except FileNotFoundError:
             log.info("render cache %s: none yet; rendering every service", self.path)
-            return "", {}
+            return "", {}, {}
         except (OSError, UnicodeDecodeError) as err:
             log.warning("render cache %s: not used: %s", self.path, err)
-            return "", {}
+            return "", {}, {}
         try:
-            found, reusable = self._parse(text, headers)
+            found, reusable, top = self._parse(text, headers)
         except (ValueError, TypeError, KeyError, UnsafeRestoreText) as err:
             log.warning("render cache %s: not used: %s", self.path, err)
-            return "", {}
+            return "", {}, {}
         if not found:
             log.info("render cache %s: written for another configuration, node zone or "
                      "version; rendering every service", self.path)
-            return "", {}
+            return "", {}, {}
         log.info("render cache %s: %d services' renderings read in %.2fs", self.path,
                  len(reusable), time.monotonic() - started)
-        return found, reusable
+        return found, reusable, top
 
-    def _parse(self, text: str, headers: Collection[str]) -> tuple[str, Reusable]:
+    def _parse(self, text: str, headers: Collection[str]) -> tuple[str, Reusable, TopDigests]:
         if _ESCAPED_CONTROL.search(text):
             raise ValueError("it holds an escaped control character")
         lines = text.split("\n")
@@ -157,13 +169,15 @@ class RenderCache:
             raise ValueError(f"format {head.get('format')!r}, expected {FORMAT!r}")
         found = head.get("header")
         if found not in headers:
-            return "", {}
+            return "", {}, {}
+        top = {(str(table), str(chain)): (str(key), int(digest))
+               for table, chain, key, digest in head.get("top", [])}
         reusable: Reusable = {}
         family = self.family
         for line in lines[1:]:
             if not line:
                 continue
-            namespace, name, digest, chains, top, endpoints, no_internal, no_external = (
+            namespace, name, digest, chains, top_rules, endpoints, no_internal, no_external = (
                 json.loads(line))
             contents = {}
             for chain, rules, chain_digest in chains:
@@ -176,10 +190,10 @@ class RenderCache:
                                                else int(chain_digest))
             rules = tuple(TopRule((str(ns), str(svc), int(port), int(seq)), str(table),
                                   checked_chain(chain), str(rule))
-                          for (ns, svc, port, seq), table, chain, rule in top)
+                          for (ns, svc, port, seq), table, chain, rule in top_rules)
             reusable[(str(namespace), str(name))] = (str(digest), RenderedService(
                 contents, rules, int(endpoints), int(no_internal), int(no_external)))
-        return found, reusable
+        return found, reusable, top
 
     def save(self, snapshot: Snapshot) -> None:
         """Write ``snapshot`` in place of the file (a reader sees the old or the new one);
@@ -190,7 +204,10 @@ class RenderCache:
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".renderings-")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as file:
-                    file.write(json.dumps({"format": FORMAT, "header": snapshot.header}))
+                    file.write(json.dumps({
+                        "format": FORMAT, "header": snapshot.header,
+                        "top": [[table, chain, lines_key(content), content.digest()]
+                                for (table, chain), content in snapshot.top.items()]}))
                     file.write("\n")
                     file.writelines(_entries(snapshot.services))
                 os.replace(temporary, self.path)
