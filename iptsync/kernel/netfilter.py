@@ -12,6 +12,7 @@ which is how the tests and the lab drive a node namespace from outside.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import logging
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn
 
@@ -115,16 +116,19 @@ class Netfilter:
     def _parse_output(self, argv: Sequence[str]) -> dict[str, SavedTable]:
         """Parse iptables-save's output line by line as it arrives on the pipe."""
         with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) as proc:
+                              bufsize=0) as proc:
             assert proc.stdout is not None
             assert proc.stderr is not None
+            _widen_pipe(proc.stdout.fileno())
+            lines = _pipe_lines(proc.stdout.fileno())
             failure: RulesetError | None = None
             try:
-                saved = parse_save(proc.stdout, verbatim=True)
+                saved = parse_save(lines, verbatim=True)
             except RulesetError as err:
                 failure, saved = err, {}
-                proc.stdout.read()  # let the command finish
-            error = proc.stderr.read()
+                for _ in lines:  # let the command finish
+                    pass
+            error = proc.stderr.read().decode(errors="replace")
             proc.wait()
         if proc.returncode != 0:
             self._raise(argv, error, proc.returncode)
@@ -428,3 +432,34 @@ def _import_iptc() -> Any:
         if hide:
             del sys.modules["distutils"]
     return iptc
+
+
+# A read ahead parses iptables-save's output in a thread while the main thread works. Each
+# read from the pipe gives the GIL up, and the thread waits up to the interpreter's switch
+# interval (5 ms) to get it back: read 8 KB at a time (a text pipe's way), then every 64 KB
+# (the pipe's default size, where iptables-save stops until it is read), reading 10,000
+# services' rules took 7.9 s instead of 4.7 s. So the pipe holds 1 MB and is read 1 MB at a
+# time.
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Give the pipe ``fd`` reads from a 1 MB buffer (Linux allows that much to anyone);
+    kept as it is where it cannot grow."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+
+
+def _pipe_lines(fd: int) -> Iterator[str]:
+    """The lines (without their newline) of what arrives on the pipe ``fd``, read a
+    megabyte at a time; UTF-8, as iptables-save writes."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    tail = ""
+    while chunk := os.read(fd, _PIPE_BYTES):
+        lines = (tail + decoder.decode(chunk)).split("\n")
+        tail = lines.pop()
+        yield from lines
+    tail += decoder.decode(b"", final=True)
+    if tail:
+        yield tail
