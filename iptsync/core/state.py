@@ -21,6 +21,7 @@ from iptsync.core.model import (
     ServiceInfo,
     ServicePort,
     ServicePortName,
+    endpoint_of,
 )
 
 ServiceKey = tuple[str, str]
@@ -140,9 +141,10 @@ class ClusterState:
 
 def with_port(endpoint: Endpoint, port: int) -> Endpoint:
     """``dataclasses.replace(endpoint, port=port)``, without its per-call introspection."""
-    return Endpoint(endpoint.ip, port, endpoint.node_name, endpoint.zone, endpoint.zone_hints,
-                    endpoint.ready, endpoint.serving, endpoint.terminating, endpoint.node_hints,
-                    endpoint.address)
+    return endpoint_of(endpoint.ip, port, node_name=endpoint.node_name, zone=endpoint.zone,
+                       ready=endpoint.ready, serving=endpoint.serving,
+                       terminating=endpoint.terminating, address=endpoint.address,
+                       zone_hints=endpoint.zone_hints, node_hints=endpoint.node_hints)
 
 
 def is_local(endpoint: Endpoint, node_name: str) -> bool:

@@ -9,6 +9,7 @@ services (headless, ExternalName, IPv6) parse to no ports with a reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import ipaddress
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from iptsync.core.model import (
     ServiceInfo,
     ServicePortName,
     SlicePort,
+    endpoint_of,
     other_proxy_label,
     parse_all,
     parse_endpoint_slice,
@@ -1084,3 +1086,22 @@ def test_leading_zero_addresses_are_read_as_decimal() -> None:
         [str(net) for net in port.load_balancer_source_ranges])
     endpoints = slice_info(endpoint_slice(endpoints=[{"addresses": ["10.0.1.010"]}])).endpoints
     assert ["10.0.1.10:0"] == [ep.key for ep in endpoints]
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1", "fd00:10:1::5"])
+@pytest.mark.parametrize("port", [0, 8080])
+def test_the_fast_endpoint_constructor_builds_what_endpoint_builds(text: str, port: int) -> None:
+    """endpoint_of skips the dataclass's __init__: every field, the derived ones (address,
+    key) included, equality and hashing must come out as from Endpoint(...)."""
+    ip = ipaddress.ip_address(text)
+    hints = frozenset({"zone-a", "zone-b"})
+    built = Endpoint(ip, port, "node-1", "zone-a", hints, False, True, True, frozenset({"n"}))
+    fast = endpoint_of(ip, port, node_name="node-1", zone="zone-a", ready=False, serving=True,
+                       terminating=True, address=text, zone_hints=hints,
+                       node_hints=frozenset({"n"}))
+    assert [getattr(fast, name) for name in Endpoint.__slots__ if name != "__weakref__"] == [
+        getattr(built, name) for name in Endpoint.__slots__ if name != "__weakref__"]
+    assert (fast, hash(fast)) == (built, hash(built))
+    assert fast.key == (f"[{text}]:{port}" if ip.version == 6 else f"{text}:{port}")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.port = 1  # type: ignore[misc]
