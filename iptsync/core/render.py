@@ -29,6 +29,7 @@ from iptsync.core.ruleset import (
     Jump,
     Rule,
     Ruleset,
+    quote,
     saved_address,
     saved_comment,
     saved_host,
@@ -53,6 +54,12 @@ class PortRules:
     nine rules in ten at scale, so a restart compares them with the kernel without
     canonicalising them. Without it (nothing to compare with: ``dump``, a first sync into an
     empty kernel) no spelling is built: it costs a quarter of the render.
+
+    ``lines`` holds, the same way, the restore line (``-A CHAIN args``) of the rules the
+    renderer writes out itself, the endpoint chains' and the SVC chains' jumps (two rules in
+    three at scale), so they are not joined and quoted argument by argument again; the
+    others are None. tests/render/test_saved_spelling.py holds each equal to the joined
+    arguments.
     """
 
     spell: bool = True
@@ -62,18 +69,22 @@ class PortRules:
     no_local_internal: bool = False
     no_local_external: bool = False
     saved: dict[str, list[str | None]] = field(default_factory=dict)
+    lines: dict[str, list[str | None]] = field(default_factory=dict)
 
     def add_top(self, table: str, chain: str, *args: str) -> None:
         self.top.append((table, Rule(chain, tuple(args))))
 
-    def add(self, chain: str, *args: str, saved: str | None = None) -> None:
+    def add(self, chain: str, *args: str, saved: str | None = None,
+            line: str | None = None) -> None:
         self.chains.setdefault(chain, []).append(Rule(chain, args))
+        self.lines.setdefault(chain, []).append(line)
         if self.spell:
             self.saved.setdefault(chain, []).append(saved)
 
     def chain(self, chain: str) -> None:
         """Declare ``chain``, maybe empty."""
         self.chains.setdefault(chain, [])
+        self.lines.setdefault(chain, [])
         if self.spell:
             self.saved.setdefault(chain, [])
 
@@ -276,7 +287,9 @@ def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
                     str(port.affinity_timeout), "--reap", "-j", sep,
                     saved=f"{_saved_comment(comment)}"
                           f"{saved_recent(check, sep, port.family)} -j {sep}"
-                    if out.spell else None)
+                    if out.spell else None,
+                    line=f"-A {chain} {_restore_comment(comment)}-m recent --name {sep} "
+                         f"{check} -j {sep}")
     count = len(endpoints)
     for i, ep in enumerate(endpoints):
         sep = seps[ep.key]
@@ -288,10 +301,13 @@ def _endpoint_dispatch(out: PortRules, port: ServicePort, chain: str,
                     chance, "-j", sep,
                     saved=f"{_saved_comment(comment)}-m statistic --mode random "
                           f"--probability {saved_probability(chance)} -j {sep}"
-                    if out.spell else None)
+                    if out.spell else None,
+                    line=f"-A {chain} {_restore_comment(comment)}-m statistic --mode random "
+                         f"--probability {chance} -j {sep}")
         else:
             out.add(chain, *comment, "-j", sep,
-                    saved=f"{_saved_comment(comment)}-j {sep}" if out.spell else None)
+                    saved=f"{_saved_comment(comment)}-j {sep}" if out.spell else None,
+                    line=f"-A {chain} {_restore_comment(comment)}-j {sep}")
 
 
 def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endpoint],
@@ -301,6 +317,7 @@ def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endp
     proto = port.protocol.lower
     comment = _comment(str(port.name), large_cluster)
     commented = _saved_comment(comment)
+    restore_comment = _restore_comment(comment)
     dnat = ("-m", proto, "-p", proto, "-j", "DNAT", "--to-destination")
     for ep in endpoints:
         sep = seps[ep.key]
@@ -309,6 +326,12 @@ def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endp
             # Hairpin: a pod reaching itself through the service must be masqueraded.
             Rule(sep, (*comment, "-s", ep.address, "-j", names.KUBE_MARK_MASQ)),
             Rule(sep, (*comment, *affinity, *dnat, ep.key)),
+        ]
+        restore_affinity = f"-m recent --name {sep} --set " if affinity else ""
+        out.lines[sep] = [
+            f"-A {sep} {restore_comment}-s {ep.address} -j {names.KUBE_MARK_MASQ}",
+            f"-A {sep} {restore_comment}{restore_affinity}-m {proto} -p {proto} -j DNAT "
+            f"--to-destination {ep.key}",
         ]
         if out.spell:
             saved_affinity = (f"{saved_recent('--set', sep, port.family)} " if affinity
@@ -319,6 +342,11 @@ def _endpoint_chains(out: PortRules, port: ServicePort, endpoints: Sequence[Endp
                 f"-p {proto} {commented}{saved_affinity}-m {proto} -j DNAT "
                 f"--to-destination {ep.key}",
             ]
+
+
+def _restore_comment(comment: tuple[str, ...]) -> str:
+    """What :func:`_comment` gave, as a restore line holds it, with a space after it."""
+    return f"-m comment --comment {quote(comment[-1])} " if comment else ""
 
 
 def _saved_comment(comment: tuple[str, ...]) -> str:

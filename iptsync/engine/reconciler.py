@@ -98,7 +98,7 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
         no_local_internal += piece.no_local_internal
         no_local_external += piece.no_local_external
         for chain, rules in piece.chains.items():
-            chains[chain] = ChainContent(tuple(f"-A {chain} {join_args(r.args)}" for r in rules),
+            chains[chain] = ChainContent(_restore_lines(chain, rules, piece.lines.get(chain)),
                                          family=settings.family,
                                          digest=_saved_digest(rules, piece.saved.get(chain),
                                                               settings.family)
@@ -107,6 +107,18 @@ def render_service(service: ServiceInfo, state: ClusterState, settings: Settings
             top.append(TopRule((service.namespace, service.name, index, seq), table,
                                rule.chain, join_args(rule.args)))
     return RenderedService(chains, tuple(top), endpoints, no_local_internal, no_local_external)
+
+
+def _restore_lines(chain: str, rules: list[Rule],
+                   written: list[str | None] | None) -> tuple[str, ...]:
+    """The chain's restore lines: those the renderer wrote out (``written``, see
+    :class:`PortRules`), the other rules' arguments joined here."""
+    if written is None or len(written) != len(rules):
+        return tuple(f"-A {chain} {join_args(rule.args)}" for rule in rules)
+    if None not in written:
+        return tuple(written)  # type: ignore[arg-type]  # (None is not in it)
+    return tuple(f"-A {chain} {join_args(rule.args)}" if line is None else line
+                 for rule, line in zip(rules, written, strict=True))
 
 
 def _saved_digest(rules: list[Rule], saved: list[str | None] | None,

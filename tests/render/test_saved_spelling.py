@@ -13,7 +13,7 @@ import pytest
 
 from iptsync.core.model import IPFamily
 from iptsync.core.render import render_service_port
-from iptsync.core.ruleset import canonical
+from iptsync.core.ruleset import canonical, join_args
 from iptsync.engine.reconciler import Engine
 from iptsync.sources.files import load_objects
 
@@ -62,3 +62,30 @@ def test_the_renderer_spells_the_endpoint_and_service_chains() -> None:
         kinds = set().union(*(found for (_name, f), found in spelled.items() if f is family))
         assert {"SEP", "SVC"} <= kinds, family
         assert {"SEP", "SVC"} <= spelled[("dualstack-clusterip-affinity", family)]
+
+
+@pytest.mark.parametrize("large_cluster", [False, True], ids=["comments", "large-cluster"])
+@pytest.mark.parametrize(("name", "family"), FAMILY_SCENARIOS,
+                         ids=[f"{n}-{f.value}" for n, f in FAMILY_SCENARIOS])
+def test_the_lines_the_renderer_writes_out_are_its_rules_joined(
+        name: str, family: IPFamily, large_cluster: bool) -> None:
+    """Each restore line the renderer writes out itself (PortRules.lines) is the line of its
+    rule's arguments, joined and quoted as join_args does; and it writes most of them."""
+    engine = Engine(None, scenario_settings(name, family))
+    for obj in load_objects([SCENARIOS / f"{name}.yaml"]).objects:
+        engine.upsert(obj)
+    written = endpoint_chains = 0
+    for service in engine.state.services.values():
+        for port in service.ports:
+            rules = render_service_port(port, engine.state.endpoints(port), engine.settings,
+                                        engine.state.node_zone, large_cluster=large_cluster)
+            assert rules.chains.keys() == rules.lines.keys()
+            for chain, chain_rules in rules.chains.items():
+                endpoint_chains += chain.startswith("KUBE-SEP-")
+                lines = rules.lines[chain]
+                assert len(chain_rules) == len(lines)
+                for rule, line in zip(chain_rules, lines, strict=True):
+                    if line is not None:
+                        written += 1
+                        assert f"-A {chain} {join_args(rule.args)}" == line
+    assert written >= 2 * endpoint_chains
