@@ -349,6 +349,7 @@ class Measured:
     max_rss_mb: float
     returncode: int
     last_log: str = ""
+    log: list[str] = field(default_factory=list)  # every line it logged
 
 
 # Forks the command from a small process and reports its peak RSS and wall time. Measuring
@@ -383,7 +384,7 @@ def run_measured(argv: Sequence[str], stdout: Any = subprocess.DEVNULL) -> Measu
     _tag, rss_kb, elapsed = marks[-1].split()
     logged = [line for line in lines if line.strip() and not line.startswith("@measured ")]
     return Measured(float(elapsed), int(rss_kb) / 1024, proc.returncode,
-                    logged[-1] if logged else "")
+                    logged[-1] if logged else "", logged)
 
 
 def iptsync_command() -> list[str]:
