@@ -403,9 +403,15 @@ def loadavg() -> str:
 # --- reporting ------------------------------------------------------------------------------------
 
 def load(path: Path) -> list[Record]:
+    """The records of ``path``; of several for one size and backend, the last one (the file
+    keeps the history, the report the latest measurement)."""
     fields = {f.name for f in dataclasses.fields(Record)}
-    return [Record(**{k: v for k, v in json.loads(line).items() if k in fields})
-            for line in path.read_text().splitlines() if line.strip()]
+    latest: dict[tuple[int, int, str], Record] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = Record(**{k: v for k, v in json.loads(line).items() if k in fields})
+            latest[(record.services, record.endpoints, record.backend)] = record
+    return list(latest.values())
 
 
 def ratio(a: float, b: float) -> str:
