@@ -406,10 +406,10 @@ class Agent:
         if sync.keeping is not None and sync.keeping.is_alive():
             return
         snapshot = sync.engine.renderings()
-        cache = sync.engine.render_cache
-        if snapshot is not None and cache is not None:
-            sync.keeping = threading.Thread(target=cache.save, args=(snapshot,),
-                                            name="iptsync-keep-renderings", daemon=True)
+        if snapshot is not None:
+            sync.keeping = threading.Thread(target=sync.engine.write_renderings,
+                                            args=(snapshot,), name="iptsync-keep-renderings",
+                                            daemon=True)
             sync.keeping.start()
 
     def _keep_renderings_now(self) -> None:

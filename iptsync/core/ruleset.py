@@ -182,7 +182,7 @@ def parse_save(text: str | Iterable[str], *, verbatim: bool = False,
     current: SavedTable | None = None
     lines = text.splitlines() if isinstance(text, str) else text
     rules: list[str] = []  # the last rule's chain's (a save lists each chain's rules together)
-    last = ""
+    last: str | None = None
     # The kernel keeps whatever bytes a comment was given, newlines included, and
     # iptables-save prints them as they are: another program's ``--comment $'a\nb'`` arrives
     # as two lines, the first with an open quote. Read as two rules it would stop every sync
@@ -216,7 +216,7 @@ def parse_save(text: str | Iterable[str], *, verbatim: bool = False,
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
-            current, last = tables.setdefault(line[1:], SavedTable(line[1:])), ""
+            current, last = tables.setdefault(line[1:], SavedTable(line[1:])), None
         elif current is None:
             raise RulesetError(f"line {number}: {line!r} outside a table")
         elif line == "COMMIT":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -216,13 +217,18 @@ class Engine:
         self._compared = netfilter is not None
         # Renderings kept by the process before this one (iptsync.engine.rendercache): read
         # at the first render, reused while their inputs are the same, dropped after the
-        # first sync. ``_kept_stale``: renderings changed since they were last written.
+        # first sync.
         self.render_cache = render_cache
         self._kept: Reusable | None = None
         self._kept_header = ""
         self._kept_top: TopDigests = {}
         self._kept_checked: dict[ServiceKey, RenderedService | None] = {}  # key -> match
-        self._kept_stale = False
+        # What each rendering was made from (service, slices, zone, large-cluster mode): a
+        # rendering is written for the next process only while these are still the inputs.
+        self._rendered_from: dict[ServiceKey, tuple[ServiceInfo, tuple[EndpointSliceInfo, ...],
+                                                    str | None, bool]] = {}
+        # Renderings made or dropped (not taken as kept) so far, and as many as last written.
+        self._render_count = self._written_count = 0
 
     # --- input ---------------------------------------------------------------------------
 
@@ -258,8 +264,11 @@ class Engine:
         elif kind == "EndpointSlice":
             dirty = self.state.delete_slice((namespace, name))
         elif kind == "Node" and self.state.node is not None and name == self.state.node.name:
+            zone = self.state.node_zone
             self.state.node = None
             dirty = self._settings_changed()
+            if zone is not None:  # topology hints were read for this node's zone
+                dirty |= set(self.state.services)
         self._mark_dirty(dirty)
         return dirty
 
@@ -310,6 +319,7 @@ class Engine:
         self.settings = settings
         self._jumps = None
         self._rendered.clear()
+        self._rendered_from.clear()
         self._prerendered.clear()
         self._endpoint_total = 0
         self._top.clear()
@@ -361,12 +371,19 @@ class Engine:
         """The large-cluster mode the kept renderings were rendered in, if for this node's
         settings and zone as they are now; None: nothing to reuse (none kept, or after the
         first sync). The file is read at the first call."""
-        if self.render_cache is None or self.synced_once:
+        if self.render_cache is None or self.synced_once or self._kept == {}:
             return None
-        headers = {rendercache.header(self.settings, self.state.node_zone, large): large
-                   for large in (False, True)}
+        try:
+            headers = {rendercache.header(self.settings, self.state.node_zone, large): large
+                       for large in (False, True)}
+        except Exception:  # (the renderer's sources unreadable: never in a sync's way)
+            log.exception("render cache: cannot tell what the kept renderings are for")
+            self._kept = {}
+            return None
         if self._kept is None:
-            self._kept_header, self._kept, self._kept_top = self.render_cache.load(headers)
+            with bulk():  # (hundreds of thousands of objects, none of them cyclic)
+                self._kept_header, self._kept, self._kept_top = self.render_cache.load(
+                    headers, self.settings.family)
         return headers.get(self._kept_header) if self._kept else None
 
     def _kept_rendering(self, key: ServiceKey, service: ServiceInfo) -> RenderedService | None:
@@ -392,25 +409,39 @@ class Engine:
 
     def renderings(self) -> Snapshot | None:
         """The renderings to keep for the next process (see
-        :mod:`iptsync.engine.rendercache`), taken now: None when there is no file to keep
-        them in or it holds them already. Services due for rendering are left out."""
-        if self.render_cache is None or not self._kept_stale:
+        :mod:`iptsync.engine.rendercache`), taken now. None when there is no file to keep
+        them in, it holds them already, or some service's rendering is not of its current
+        inputs (a change not rendered yet, a failed render): the file is written whole or
+        left as it is, never with services missing."""
+        if self.render_cache is None or self._render_count == self._written_count:
             return None
-        state = self.state
-        services = [(state.services[key], state.slices_of(key), rendered)
-                    for key, rendered in self._rendered.items()
-                    if key not in self._dirty and key in state.services]
-        self._kept_stale = False
+        state, zone, large = self.state, self.state.node_zone, self._large
+        services = []
+        for key, service in state.services.items():
+            made, rendered = self._rendered_from.get(key), self._rendered.get(key)
+            if made is None or rendered is None:
+                return None
+            slices = state.slices_of(key)
+            if (made[0] is not service or made[2:] != (zone, large)
+                    or len(made[1]) != len(slices)
+                    or not all(map(operator.is_, made[1], slices))):
+                return None
+            services.append((service, slices, rendered))
         self._skeleton()
-        return Snapshot(rendercache.header(self.settings, state.node_zone, self._large),
-                        self.settings.family, services,
-                        {key: top.content() for key, top in self._top.items()})
+        return Snapshot(rendercache.header(self.settings, zone, large), services,
+                        {key: top.content() for key, top in self._top.items()},
+                        self._render_count)
 
     def keep_renderings(self) -> None:
         """Write :meth:`renderings` now (nothing when there is nothing new)."""
         snapshot = self.renderings()
-        if snapshot is not None and self.render_cache is not None:
-            self.render_cache.save(snapshot)
+        if snapshot is not None:
+            self.write_renderings(snapshot)
+
+    def write_renderings(self, snapshot: Snapshot) -> None:
+        """Write ``snapshot`` (also from another thread: it only reads what it holds)."""
+        if self.render_cache is not None and self.render_cache.save(snapshot):
+            self._written_count = max(self._written_count, snapshot.count)
 
     def render_ahead(self) -> None:
         """Render the due services now, in a thread, for the next sync to use.
@@ -519,10 +550,14 @@ class Engine:
             new, reused = (ahead[1:] if ahead and ahead[0] == self._large else
                            self._render_or_reuse(key, service, self.settings, self._large,
                                                  compared=self._compared, reuse=reuse))
-            self._kept_stale |= not reused
+            self._render_count += not reused
+            # (Rendered ahead: dropped since had its inputs changed.)
+            self._rendered_from[key] = (service, tuple(self.state.slices_of(key)),
+                                        self.state.node_zone, self._large)
         self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
         if new is None:
-            self._kept_stale |= self._rendered.pop(key, None) is not None
+            self._render_count += self._rendered.pop(key, None) is not None
+            self._rendered_from.pop(key, None)
         else:
             self._rendered[key] = new
         return (old, new)

@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
+from typing import IO
 
 import iptsync
 from iptsync.core.model import EndpointSliceInfo, IPFamily, ServiceInfo
 from iptsync.core.plan import ChainContent, RenderedService, TopRule
 from iptsync.core.policy import Settings
-from iptsync.core.ruleset import UnsafeRestoreText, checked_chain
+from iptsync.core.ruleset import checked_chain
 from iptsync.core.state import ServiceKey
 
 log = logging.getLogger(__name__)
@@ -112,45 +113,45 @@ def fingerprint(service: ServiceInfo, slices: Sequence[EndpointSliceInfo]) -> st
 
 @dataclass
 class Snapshot:
-    """What to write, taken in the engine's thread (its inputs are immutable)."""
+    """What to write, taken in the engine's thread (its inputs are immutable); ``count``
+    says which renderings it holds (see :meth:`iptsync.engine.reconciler.Engine.renderings`)."""
 
     header: str
-    family: IPFamily
     services: list[tuple[ServiceInfo, list[EndpointSliceInfo], RenderedService]]
     top: dict[tuple[str, str], ChainContent]
+    count: int = 0
 
 
 class RenderCache:
     """One engine's renderings file: :meth:`load` at the first sync, :meth:`save` after."""
 
     def __init__(self, directory: str | os.PathLike[str], family: IPFamily) -> None:
-        self.path = Path(directory) / f"renderings-{family.value.lower()}.json"
-        self.family = family
+        name = f"renderings-{family.value.lower()}"
+        self.path = Path(directory) / f"{name}.json"
+        self._temporary_prefix = f".{name}-"  # a write under way (one per family at a time)
 
-    def load(self, headers: Collection[str]) -> tuple[str, Reusable, TopDigests]:
+    def load(self, headers: Collection[str],
+             family: IPFamily) -> tuple[str, Reusable, TopDigests]:
         """The header the renderings were kept for (one of ``headers``), the renderings and
         the top-level chains' digests; nothing (and said why) when there are none or the file
-        cannot be used."""
+        cannot be used. Never raises: whatever is wrong with the file, everything is
+        rendered, as without it."""
         started = time.monotonic()
         try:
-            with open(self.path, "rb") as file:
+            with open(self.path, encoding="utf-8") as file:
                 info = os.fstat(file.fileno())
                 if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                     log.warning("render cache %s: not used: it must belong to uid %d and be "
                                 "writable by nobody else (it is uid %d, mode %o)", self.path,
                                 os.geteuid(), info.st_uid, stat.S_IMODE(info.st_mode))
                     return "", {}, {}
-                text = file.read().decode()
+                found, reusable, top = _read(file, headers, family)
         except FileNotFoundError:
             log.info("render cache %s: none yet; rendering every service", self.path)
             return "", {}, {}
-        except (OSError, UnicodeDecodeError) as err:
-            log.warning("render cache %s: not used: %s", self.path, err)
-            return "", {}, {}
-        try:
-            found, reusable, top = self._parse(text, headers)
-        except (ValueError, TypeError, KeyError, UnsafeRestoreText) as err:
-            log.warning("render cache %s: not used: %s", self.path, err)
+        except Exception as err:
+            log.warning("render cache %s: not used: %s", self.path,
+                        f"{type(err).__name__}: {err}"[:300])
             return "", {}, {}
         if not found:
             log.info("render cache %s: written for another configuration, node zone or "
@@ -160,48 +161,16 @@ class RenderCache:
                  len(reusable), time.monotonic() - started)
         return found, reusable, top
 
-    def _parse(self, text: str, headers: Collection[str]) -> tuple[str, Reusable, TopDigests]:
-        if _ESCAPED_CONTROL.search(text):
-            raise ValueError("it holds an escaped control character")
-        lines = text.split("\n")
-        head = json.loads(lines[0])
-        if head.get("format") != FORMAT:
-            raise ValueError(f"format {head.get('format')!r}, expected {FORMAT!r}")
-        found = head.get("header")
-        if found not in headers:
-            return "", {}, {}
-        top = {(str(table), str(chain)): (str(key), int(digest))
-               for table, chain, key, digest in head.get("top", [])}
-        reusable: Reusable = {}
-        family = self.family
-        for line in lines[1:]:
-            if not line:
-                continue
-            namespace, name, digest, chains, top_rules, endpoints, no_internal, no_external = (
-                json.loads(line))
-            contents = {}
-            for chain, rules, chain_digest in chains:
-                prefix = f"-A {checked_chain(chain)} "
-                # (str.startswith refuses what is not a string: a TypeError, caught above.)
-                if not all(map(str.startswith, rules, repeat(prefix))):
-                    raise ValueError(f"chain {chain}: a line that is not one of its rules")
-                contents[chain] = ChainContent(tuple(rules), family=family,
-                                               digest=None if chain_digest is None
-                                               else int(chain_digest))
-            rules = tuple(TopRule((str(ns), str(svc), int(port), int(seq)), str(table),
-                                  checked_chain(chain), str(rule))
-                          for (ns, svc, port, seq), table, chain, rule in top_rules)
-            reusable[(str(namespace), str(name))] = (str(digest), RenderedService(
-                contents, rules, int(endpoints), int(no_internal), int(no_external)))
-        return found, reusable, top
-
-    def save(self, snapshot: Snapshot) -> None:
+    def save(self, snapshot: Snapshot) -> bool:
         """Write ``snapshot`` in place of the file (a reader sees the old or the new one);
-        a failure is said, never raised: the file only saves time."""
+        whether it was written. A failure is said, never raised: the file only saves time."""
         started = time.monotonic()
+        directory = self.path.parent
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".renderings-")
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for stale in directory.glob(f"{self._temporary_prefix}*"):
+                stale.unlink(missing_ok=True)  # left by a process killed while writing
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=self._temporary_prefix)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as file:
                     file.write(json.dumps({
@@ -214,11 +183,54 @@ class RenderCache:
             except BaseException:
                 os.unlink(temporary)
                 raise
-        except OSError as err:
+        except Exception as err:
             log.warning("render cache %s: not written: %s", self.path, err)
-            return
+            return False
         log.info("render cache %s: %d services' renderings written in %.2fs", self.path,
                  len(snapshot.services), time.monotonic() - started)
+        return True
+
+
+def _read(file: IO[str], headers: Collection[str],
+          family: IPFamily) -> tuple[str, Reusable, TopDigests]:
+    """The file's renderings, line by line (never the whole file in memory at once)."""
+    head = json.loads(_checked(file.readline()))
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file")
+    found = str(head.get("header"))
+    if found not in headers:
+        return "", {}, {}
+    top = {(str(table), str(chain)): (str(key), int(digest))
+           for table, chain, key, digest in head.get("top", [])}
+    reusable: Reusable = {}
+    for line in file:
+        if line == "\n":
+            continue
+        namespace, name, digest, chains, top_rules, endpoints, no_internal, no_external = (
+            json.loads(_checked(line)))
+        contents = {}
+        for chain, rules, chain_digest in chains:
+            prefix = f"-A {checked_chain(chain)} "
+            # (str.startswith refuses what is not a string: a TypeError, caught by load.)
+            if not all(map(str.startswith, rules, repeat(prefix))):
+                raise ValueError(f"chain {chain}: a line that is not one of its rules")
+            contents[chain] = ChainContent(tuple(rules), family=family,
+                                           digest=int(chain_digest))
+        rules = tuple(TopRule((str(ns), str(svc), int(port), int(seq)), str(table),
+                              checked_chain(chain), str(rule))
+                      for (ns, svc, port, seq), table, chain, rule in top_rules)
+        reusable[(str(namespace), str(name))] = (str(digest), RenderedService(
+            contents, rules, int(endpoints), int(no_internal), int(no_external)))
+    return found, reusable, top
+
+
+def _checked(line: str) -> str:
+    """``line``, refused if a control character is escaped in it, or it was cut off."""
+    if _ESCAPED_CONTROL.search(line):
+        raise ValueError("it holds an escaped control character")
+    if not line.endswith("\n"):
+        raise ValueError("it was cut off")
+    return line
 
 
 def _entries(services: Iterable[tuple[ServiceInfo, list[EndpointSliceInfo], RenderedService]],

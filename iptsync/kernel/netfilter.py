@@ -430,7 +430,7 @@ def _import_iptc() -> Any:
         import iptc  # noqa: PLC0415  (libiptc loads at import; only legacy nodes need it)
     finally:
         if hide:
-            del sys.modules["distutils"]
+            sys.modules.pop("distutils", None)
     return iptc
 
 
@@ -453,8 +453,10 @@ def _widen_pipe(fd: int) -> None:
 
 def _pipe_lines(fd: int) -> Iterator[str]:
     """The lines (without their newline) of what arrives on the pipe ``fd``, read a
-    megabyte at a time; UTF-8, as iptables-save writes."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    megabyte at a time; UTF-8, as iptables-save writes (for what we write)."""
+    # Another program's comment may hold any bytes: such a rule reads with U+FFFD in place
+    # of them (only our own chains are ever compared or written back).
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tail = ""
     while chunk := os.read(fd, _PIPE_BYTES):
         lines = (tail + decoder.decode(chunk)).split("\n")

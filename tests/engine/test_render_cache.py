@@ -28,6 +28,7 @@ from iptsync.core.model import Endpoint, EndpointSliceInfo, IPFamily, Protocol, 
 from iptsync.core.plan import ChainContent
 from iptsync.engine import reconciler, rendercache
 from iptsync.engine.reconciler import Engine, RenderedService
+from iptsync.engine.rendercache import FORMAT as FORMAT_OF_THE_FILE
 from iptsync.engine.rendercache import RenderCache
 from iptsync.kernel.port import NetfilterPort
 from iptsync.testing import FakeNetfilter
@@ -150,13 +151,15 @@ def test_renderings_kept_for_other_settings_are_not_used(
 
 
 @pytest.mark.parametrize("damage", ["group-writable", "newline", "foreign-line", "truncated",
-                                    "format"])
+                                    "format", "not-an-object", "infinite-digest", "not-utf-8"])
 def test_a_file_that_cannot_be_trusted_is_not_used(
         cache: RenderCache, damage: str, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """Writable by others, a rule with a newline in it (a second line of the writer's
     choosing in a restore payload), a line that is not a rule of its chain, a cut-off file,
-    another format: said, and every service rendered; the sync is as without the file."""
+    another format, JSON of the wrong shape, a digest JSON reads as infinite, bytes that are
+    not UTF-8: said, and every service rendered; the sync is as without the file (never an
+    error: a file left in place would fail every start the same way)."""
     world = World()
     first_run(FakeNetfilter(), cache, world)
     text = cache.path.read_text()
@@ -171,11 +174,17 @@ def test_a_file_that_cannot_be_trusted_is_not_used(
         entry[3][0] = [chain, ["-A KUBE-SERVICES -j ACCEPT", *rules[1:]], digest]
     elif damage == "truncated":
         first = first[: len(first) // 2]
-    else:
+    elif damage == "format":
         head = json.dumps({"format": "iptsync-render-cache/0", "header": "x"})
-    if damage in ("newline", "foreign-line"):
+    elif damage == "not-an-object":
+        head = json.dumps([FORMAT_OF_THE_FILE])
+    elif damage == "infinite-digest":
+        entry[3][0] = [chain, rules, float("inf")]
+    if damage in ("newline", "foreign-line", "infinite-digest"):
         first = json.dumps(entry)
-    if damage != "group-writable":
+    if damage == "not-utf-8":
+        cache.path.write_bytes("\n".join([head, first, *rest]).encode() + b"\xff\xfe\n")
+    elif damage != "group-writable":
         cache.path.write_text("\n".join([head, first, *rest]))
     seen = counting_renders(monkeypatch)
     kernel = FakeNetfilter()
@@ -185,6 +194,36 @@ def test_a_file_that_cannot_be_trusted_is_not_used(
     assert f"render cache {cache.path}: not used" in caplog.text
     assert_holds_full_sync(list(world.objects.values()), kernel)
     assert "-j ACCEPT" not in kernel.save_text("nat")
+
+
+def test_renderings_not_of_the_current_inputs_are_not_written(cache: RenderCache) -> None:
+    """A change not rendered yet, at stop or after a failed sync: the file is left as it
+    was (written whole or not at all, never with services missing or out of date)."""
+    world = World()
+    engine = first_run(FakeNetfilter(), cache, world)
+    kept = cache.path.read_text()
+    world.apply(engine, endpoint_slice(0, [(0, True, True), (3, True, False)]))
+    engine.keep_renderings()  # s0's change is not rendered yet
+    assert kept == cache.path.read_text()
+    engine.sync()
+    engine.keep_renderings()
+    assert kept != cache.path.read_text()
+
+
+def test_deleting_the_node_renders_the_services_again_when_its_zone_mattered() -> None:
+    """Topology hints are read for this node's zone: the Node object deleted, the services
+    render again (without the zone), and no rendering for the old zone is kept."""
+    engine = Engine(FakeNetfilter(), SETTINGS)
+    world = World()
+    cluster(world, engine)
+    engine.upsert({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": "node1",
+                                "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+                   "status": {"addresses": [{"type": "InternalIP", "address": "10.100.0.2"}]}})
+    engine.sync(full=True)
+    assert not engine.pending
+    engine.delete({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}})
+    assert engine.pending
 
 
 def test_the_renderings_are_written_again_only_when_something_changed(
