@@ -9,10 +9,12 @@ with and without kube-proxy's large-cluster mode (which drops the endpoint comme
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from iptsync.core.model import IPFamily
-from iptsync.core.render import render_service_port
+from iptsync.core.render import PortRules, render_service_port
 from iptsync.core.ruleset import canonical, join_args
 from iptsync.engine.reconciler import Engine
 from iptsync.sources.files import load_objects
@@ -20,22 +22,27 @@ from iptsync.sources.files import load_objects
 from .golden import FAMILY_SCENARIOS, SCENARIOS, scenario_settings
 
 
-def spellings(name: str, family: IPFamily, large_cluster: bool) -> list[tuple[str, str, str]]:
-    """(chain, the renderer's spelling, canonical()) of each rule the renderer spelled."""
+def port_renderings(name: str, family: IPFamily, large_cluster: bool) -> Iterator[PortRules]:
+    """What the renderer makes of each service port of a golden scenario (spelled)."""
     engine = Engine(None, scenario_settings(name, family))
     for obj in load_objects([SCENARIOS / f"{name}.yaml"]).objects:
         engine.upsert(obj)
-    found = []
     for service in engine.state.services.values():
         for port in service.ports:
-            rules = render_service_port(port, engine.state.endpoints(port), engine.settings,
-                                        engine.state.node_zone, large_cluster=large_cluster)
-            assert rules.chains.keys() == rules.saved.keys()
-            for chain, chain_rules in rules.chains.items():
-                assert len(chain_rules) == len(rules.saved[chain])
-                found += [(chain, saved, canonical(rule.args, family))
-                          for rule, saved in zip(chain_rules, rules.saved[chain], strict=True)
-                          if saved is not None]
+            yield render_service_port(port, engine.state.endpoints(port), engine.settings,
+                                      engine.state.node_zone, large_cluster=large_cluster)
+
+
+def spellings(name: str, family: IPFamily, large_cluster: bool) -> list[tuple[str, str, str]]:
+    """(chain, the renderer's spelling, canonical()) of each rule the renderer spelled."""
+    found = []
+    for rules in port_renderings(name, family, large_cluster):
+        assert rules.chains.keys() == rules.saved.keys()
+        for chain, chain_rules in rules.chains.items():
+            assert len(chain_rules) == len(rules.saved[chain])
+            found += [(chain, saved, canonical(rule.args, family))
+                      for rule, saved in zip(chain_rules, rules.saved[chain], strict=True)
+                      if saved is not None]
     return found
 
 
@@ -71,21 +78,15 @@ def test_the_lines_the_renderer_writes_out_are_its_rules_joined(
         name: str, family: IPFamily, large_cluster: bool) -> None:
     """Each restore line the renderer writes out itself (PortRules.lines) is the line of its
     rule's arguments, joined and quoted as join_args does; and it writes most of them."""
-    engine = Engine(None, scenario_settings(name, family))
-    for obj in load_objects([SCENARIOS / f"{name}.yaml"]).objects:
-        engine.upsert(obj)
     written = endpoint_chains = 0
-    for service in engine.state.services.values():
-        for port in service.ports:
-            rules = render_service_port(port, engine.state.endpoints(port), engine.settings,
-                                        engine.state.node_zone, large_cluster=large_cluster)
-            assert rules.chains.keys() == rules.lines.keys()
-            for chain, chain_rules in rules.chains.items():
-                endpoint_chains += chain.startswith("KUBE-SEP-")
-                lines = rules.lines[chain]
-                assert len(chain_rules) == len(lines)
-                for rule, line in zip(chain_rules, lines, strict=True):
-                    if line is not None:
-                        written += 1
-                        assert f"-A {chain} {join_args(rule.args)}" == line
+    for rules in port_renderings(name, family, large_cluster):
+        assert rules.chains.keys() == rules.lines.keys()
+        for chain, chain_rules in rules.chains.items():
+            endpoint_chains += chain.startswith("KUBE-SEP-")
+            lines = rules.lines[chain]
+            assert len(chain_rules) == len(lines)
+            for rule, line in zip(chain_rules, lines, strict=True):
+                if line is not None:
+                    written += 1
+                    assert f"-A {chain} {join_args(rule.args)}" == line
     assert written >= 2 * endpoint_chains
