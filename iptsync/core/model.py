@@ -166,10 +166,6 @@ class Endpoint:
         object.__setattr__(self, "key", f"{host}:{self.port}")
 
 
-_FIELD_SETTERS = {name: getattr(Endpoint, name).__set__
-                  for name in Endpoint.__slots__ if name != "__weakref__"}
-
-
 def endpoint_of(ip: IPAddress, port: int, *, node_name: str | None, zone: str | None,
                 ready: bool, serving: bool, terminating: bool, address: str,
                 zone_hints: frozenset[str] = frozenset(),
@@ -194,10 +190,12 @@ def endpoint_of(ip: IPAddress, port: int, *, node_name: str | None, zone: str | 
 
 
 _new_object = object.__new__
+# Each field's slot, set directly.
 (_SET_IP, _SET_PORT, _SET_NODE_NAME, _SET_ZONE, _SET_ZONE_HINTS, _SET_READY, _SET_SERVING,
  _SET_TERMINATING, _SET_NODE_HINTS, _SET_ADDRESS, _SET_KEY) = (
-    _FIELD_SETTERS[name] for name in ("ip", "port", "node_name", "zone", "zone_hints", "ready",
-                                      "serving", "terminating", "node_hints", "address", "key"))
+    getattr(Endpoint, name).__set__
+    for name in ("ip", "port", "node_name", "zone", "zone_hints", "ready", "serving",
+                 "terminating", "node_hints", "address", "key"))
 
 
 def host_port(ip: IPAddress, port: int) -> str:

@@ -74,8 +74,7 @@ TopDigests = dict[tuple[str, str], tuple[str, int]]
 
 def lines_key(content: ChainContent) -> str:
     """What a chain's digest follows from (its lines, which slice is unordered, family)."""
-    text = f"{content.free}\n{content.family.value}\n" + "\n".join(content.lines)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return _digest(f"{content.free}\n{content.family.value}\n" + "\n".join(content.lines))
 
 
 @functools.cache
@@ -90,8 +89,7 @@ def code_digest() -> str:
 
 def header(settings: Settings, zone: str | None, large_cluster: bool) -> str:
     """What every rendering of one engine depends on, as one digest."""
-    text = repr((FORMAT, code_digest(), settings, zone, large_cluster))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return _digest(repr((FORMAT, code_digest(), settings, zone, large_cluster)))
 
 
 def fingerprint(service: ServiceInfo, slices: Sequence[EndpointSliceInfo]) -> str:
@@ -108,7 +106,11 @@ def fingerprint(service: ServiceInfo, slices: Sequence[EndpointSliceInfo]) -> st
         if any(map(_ZONE_HINTS, info.endpoints)) or any(map(_NODE_HINTS, info.endpoints)):
             rows = [(*row[:3], sorted(row[3]), *row[4:7], sorted(row[7])) for row in rows]
         parts.append((_SLICE_FIELDS(info), rows))
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+    return _digest(repr(parts))
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass
