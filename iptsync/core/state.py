@@ -73,6 +73,12 @@ class ClusterState:
         # Topology hints depend on this node's zone: every service may change.
         return set(self._services) if obj.zone != old_zone else set()
 
+    def delete_node(self) -> set[ServiceKey]:
+        """Forget this node's Node object; like a change of it, a change of zone concerns
+        every service."""
+        old_zone, self.node = self.node_zone, None
+        return set(self._services) if old_zone is not None else set()
+
     def delete_service(self, key: ServiceKey) -> set[ServiceKey]:
         return {key} if self._services.pop(key, None) is not None else set()
 

@@ -264,11 +264,7 @@ class Engine:
         elif kind == "EndpointSlice":
             dirty = self.state.delete_slice((namespace, name))
         elif kind == "Node" and self.state.node is not None and name == self.state.node.name:
-            zone = self.state.node_zone
-            self.state.node = None
-            dirty = self._settings_changed()
-            if zone is not None:  # topology hints were read for this node's zone
-                dirty |= set(self.state.services)
+            dirty = self.state.delete_node() | self._settings_changed()
         self._mark_dirty(dirty)
         return dirty
 
@@ -551,7 +547,7 @@ class Engine:
                            self._render_or_reuse(key, service, self.settings, self._large,
                                                  compared=self._compared, reuse=reuse))
             self._render_count += not reused
-            # (Rendered ahead: dropped since had its inputs changed.)
+            # Its current inputs (a rendering made ahead is dropped when they change).
             self._rendered_from[key] = (service, tuple(self.state.slices_of(key)),
                                         self.state.node_zone, self._large)
         self._endpoint_total += (new.endpoints if new else 0) - (old.endpoints if old else 0)
